@@ -1,1 +1,28 @@
-//! placeholder
+//! The splitter: serves a protected disk over NBD, and (with the ring, a
+//! later piece of work) duplicates every write into the ring before the
+//! client hears it succeeded.
+//!
+//! The splitter is in the I/O path of the disk it protects: its job is to be
+//! correct with every NBD client and fast. It is *not* the replication: it
+//! never talks to the network beyond its NBD clients; the shipper does that.
+//!
+//! # Layout
+//! - [`disk`]: the protected disk (file or block device), size, lock, allocation map.
+//! - [`capture`]: the write-capture filter shared by every front end (tee to ring).
+//! - [`server`]: listeners, accept loop, handshake, shutdown.
+//! - `connection`: one connection's request loop over io_uring (the hot path).
+//! - `uring`, `buffers`: the io_uring owner and the request buffer pool.
+
+mod buffers;
+pub mod capture;
+mod connection;
+pub mod disk;
+mod error;
+pub mod server;
+mod uring;
+
+pub use capture::{NoCapture, WriteCapture};
+pub use connection::{MAX_INFLIGHT_BYTES, MAX_OPS};
+pub use disk::{Disk, DiskKind};
+pub use error::{Error, Result};
+pub use server::{ListenAddr, ServeConfig, Server, ShutdownHandle, MAX_PAYLOAD};

@@ -1,0 +1,846 @@
+//! One NBD connection in transmission phase: the request loop.
+//!
+//! A single thread per connection drives one io_uring that carries both the
+//! socket receive and the disk I/O. Requests are decoded as they arrive and
+//! submitted at once (pipelining); replies are queued as completions arrive,
+//! in completion order, and sent with one `sendmsg` per batch. Request
+//! buffers come from a per-connection pool; a READ's buffer moves into its
+//! reply without a copy.
+//!
+//! Memory is bounded: at most [`MAX_OPS`] requests and about
+//! [`MAX_INFLIGHT_BYTES`] of payload are in flight per connection; beyond
+//! that the loop stops reading from the socket until something completes.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::RawFd;
+use std::time::{Duration, Instant};
+
+use io_uring::{opcode, types};
+use nbd::protocol::{REQUEST_HEADER_LEN, SIMPLE_REPLY_LEN, STRUCTURED_REPLY_LEN};
+use nbd::reply::{self, Extent, ERROR_CHUNK_MAX};
+use nbd::{Command, Errno, ExportLimits, RequestHeader};
+
+use crate::buffers::BufferPool;
+use crate::capture::WriteCapture;
+use crate::disk::Disk;
+use crate::uring::Uring;
+
+/// Most requests in flight on one connection.
+pub const MAX_OPS: usize = 128;
+/// Payload bytes in flight on one connection before reading pauses.
+pub const MAX_INFLIGHT_BYTES: usize = 64 << 20;
+/// Receive buffer for request headers and small payloads.
+const INBUF_LEN: usize = 256 << 10;
+/// Buffers kept in the pool at rest, per connection.
+const POOL_KEEP: usize = 8 << 20;
+/// Most descriptors in one BLOCK_STATUS reply.
+const MAX_EXTENTS: usize = 30;
+/// Room for the largest reply header we build inline.
+const HEAD_MAX: usize = 288;
+const _: () = assert!(HEAD_MAX >= ERROR_CHUNK_MAX);
+const _: () = assert!(HEAD_MAX >= STRUCTURED_REPLY_LEN + 4 + 8 * MAX_EXTENTS);
+/// How long a shutting-down connection waits for its client to take replies.
+const CLOSE_GRACE: Duration = Duration::from_secs(10);
+
+/// Zeroes written where the disk cannot zero a range by itself.
+static ZEROES: [u8; 1 << 20] = [0u8; 1 << 20];
+
+const UD_RECV: u64 = (1 << 63) | 1;
+const UD_POLLOUT: u64 = (1 << 63) | 2;
+const UD_SHUTDOWN: u64 = (1 << 63) | 3;
+const UD_CANCEL: u64 = (1 << 63) | 4;
+
+/// What a connection serves and how.
+pub(crate) struct ConnConfig<'a> {
+    pub disk: &'a Disk,
+    pub capture: &'a dyn WriteCapture,
+    pub limits: ExportLimits,
+    /// Readable once the server shuts down.
+    pub shutdown_fd: RawFd,
+    /// For log lines.
+    pub peer: &'a str,
+}
+
+/// Counters reported when a connection ends.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Stats {
+    pub requests: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub errors: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// The command's main operation.
+    Main,
+    /// fallocate was refused; zeroes are being written instead.
+    ZeroWrite,
+    /// PUNCH_HOLE was refused; trying ZERO_RANGE.
+    ZeroRange,
+    /// The data is done; an fdatasync for FUA is running.
+    FuaSync,
+    /// The disk cannot discard: the trim changed nothing and is not captured.
+    TrimIgnored,
+}
+
+struct Slot {
+    cookie: u64,
+    cmd: Command,
+    buf: Vec<u8>,
+    /// Bytes of the current phase done so far.
+    done: u32,
+    phase: Phase,
+    /// Payload bytes this request holds against MAX_INFLIGHT_BYTES.
+    held: usize,
+}
+
+enum Input {
+    Header,
+    /// Receiving the payload of the WRITE in this slot.
+    Payload(usize),
+    /// Skipping the payload of a refused WRITE.
+    Discard(u64),
+}
+
+struct Out {
+    head: [u8; HEAD_MAX],
+    head_len: usize,
+    /// READ data (empty for other replies); `data_len` bytes of it are sent.
+    data: Vec<u8>,
+    data_len: usize,
+    sent: usize,
+    /// Bytes to release from the in-flight budget when sent.
+    held: usize,
+}
+
+impl Out {
+    fn total(&self) -> usize {
+        self.head_len + self.data_len
+    }
+}
+
+pub(crate) struct Connection<'a> {
+    cfg: ConnConfig<'a>,
+    sock: RawFd,
+    ring: Uring,
+    slots: Vec<Slot>,
+    free_slots: Vec<usize>,
+    pool: BufferPool,
+    inbuf: Box<[u8]>,
+    in_start: usize,
+    in_end: usize,
+    input: Input,
+    recv_pending: bool,
+    recv_into: Option<usize>,
+    pollout_pending: bool,
+    shutdown_armed: bool,
+    reading: bool,
+    closing_since: Option<Instant>,
+    dead: bool,
+    inflight_bytes: usize,
+    out: VecDeque<Out>,
+    cqes: Vec<(u64, i32)>,
+    extents: Vec<Extent>,
+    scratch: Vec<u8>,
+    stats: Stats,
+}
+
+fn os_err(res: i32) -> Errno {
+    Errno::from_os(-res)
+}
+
+impl<'a> Connection<'a> {
+    pub(crate) fn new(sock: RawFd, cfg: ConnConfig<'a>) -> io::Result<Connection<'a>> {
+        let slots = (0..MAX_OPS)
+            .map(|_| Slot {
+                cookie: 0,
+                cmd: Command::Flush,
+                buf: Vec::new(),
+                done: 0,
+                phase: Phase::Main,
+                held: 0,
+            })
+            .collect();
+        Ok(Connection {
+            cfg,
+            sock,
+            ring: Uring::new(256)?,
+            slots,
+            free_slots: (0..MAX_OPS).rev().collect(),
+            pool: BufferPool::new(POOL_KEEP),
+            inbuf: vec![0u8; INBUF_LEN].into_boxed_slice(),
+            in_start: 0,
+            in_end: 0,
+            input: Input::Header,
+            recv_pending: false,
+            recv_into: None,
+            pollout_pending: false,
+            shutdown_armed: false,
+            reading: true,
+            closing_since: None,
+            dead: false,
+            inflight_bytes: 0,
+            out: VecDeque::with_capacity(MAX_OPS),
+            cqes: Vec::with_capacity(512),
+            extents: Vec::with_capacity(MAX_EXTENTS),
+            scratch: Vec::with_capacity(HEAD_MAX),
+            stats: Stats::default(),
+        })
+    }
+
+    /// Serve until the client disconnects, the server shuts down, or the
+    /// connection fails. Every submitted operation has completed on return.
+    pub(crate) fn run(mut self) -> io::Result<Stats> {
+        let r = self.serve();
+        let drained = self.drain();
+        r.and(drained).map(|()| self.stats)
+    }
+
+    fn serve(&mut self) -> io::Result<()> {
+        let e = opcode::PollAdd::new(types::Fd(self.cfg.shutdown_fd), libc::POLLIN as u32)
+            .build()
+            .user_data(UD_SHUTDOWN);
+        // SAFETY: a poll entry points at no memory.
+        unsafe { self.ring.push(&e)? };
+        self.shutdown_armed = true;
+        loop {
+            self.parse_input();
+            self.post_recv()?;
+            self.send_output()?;
+            if self.finished() {
+                return Ok(());
+            }
+            let timeout = self.closing_since.map(|_| Duration::from_millis(200));
+            self.ring.submit_and_wait(timeout)?;
+            self.handle_completions()?;
+            if let Some(t) = self.closing_since {
+                if t.elapsed() > CLOSE_GRACE && !self.out.is_empty() {
+                    log::warn!("{}: client does not take its replies; dropping them", self.cfg.peer);
+                    self.dead = true;
+                }
+            }
+        }
+    }
+
+    fn handle_completions(&mut self) -> io::Result<()> {
+        let mut cqes = std::mem::take(&mut self.cqes);
+        self.ring.reap(&mut cqes);
+        for &(ud, res) in &cqes {
+            self.complete(ud, res)?;
+        }
+        self.cqes = cqes;
+        Ok(())
+    }
+
+    fn finished(&self) -> bool {
+        !self.reading && self.ops_in_flight() == 0 && (self.out.is_empty() || self.dead)
+    }
+
+    fn ops_in_flight(&self) -> usize {
+        MAX_OPS - self.free_slots.len()
+    }
+
+    fn can_admit(&self) -> bool {
+        !self.free_slots.is_empty() && self.inflight_bytes < MAX_INFLIGHT_BYTES
+    }
+
+    /// Cancel what is outstanding on the socket and wait for every entry.
+    fn drain(&mut self) -> io::Result<()> {
+        self.stop_reading();
+        for (armed, ud) in [
+            (self.recv_pending, UD_RECV),
+            (self.pollout_pending, UD_POLLOUT),
+            (self.shutdown_armed, UD_SHUTDOWN),
+        ] {
+            if armed {
+                let e = opcode::AsyncCancel::new(ud).build().user_data(UD_CANCEL);
+                // SAFETY: a cancel entry points at no memory.
+                unsafe { self.ring.push(&e)? };
+            }
+        }
+        while self.ring.pending() > 0 {
+            self.ring.submit_and_wait(Some(Duration::from_millis(100)))?;
+            self.handle_completions()?;
+        }
+        Ok(())
+    }
+
+    fn stop_reading(&mut self) {
+        if !self.reading {
+            return;
+        }
+        self.reading = false;
+        if self.recv_pending {
+            let e = opcode::AsyncCancel::new(UD_RECV).build().user_data(UD_CANCEL);
+            // SAFETY: a cancel entry points at no memory. If the push fails
+            // the receive completes on its own when the socket closes.
+            let _ = unsafe { self.ring.push(&e) };
+        } else {
+            self.abandon_payload();
+        }
+    }
+
+    /// Drop a WRITE whose payload will never arrive (no receive is pending
+    /// into its buffer when this is called).
+    fn abandon_payload(&mut self) {
+        if let Input::Payload(i) = self.input {
+            self.input = Input::Header;
+            self.release(i);
+        }
+    }
+
+    // ---- input ---------------------------------------------------------
+
+    fn parse_input(&mut self) {
+        while self.reading {
+            let avail = self.in_end - self.in_start;
+            match self.input {
+                Input::Header => {
+                    if !self.can_admit() {
+                        return;
+                    }
+                    match RequestHeader::decode(&self.inbuf[self.in_start..self.in_end]) {
+                        Ok(None) => return,
+                        Ok(Some(h)) => {
+                            self.in_start += REQUEST_HEADER_LEN;
+                            self.handle_request(h);
+                        }
+                        Err(e) => {
+                            log::warn!("{}: {e}; closing the connection", self.cfg.peer);
+                            self.stop_reading();
+                        }
+                    }
+                }
+                Input::Payload(i) => {
+                    let s = &mut self.slots[i];
+                    let len = payload_len(&s.cmd);
+                    let need = len - s.done as usize;
+                    let n = need.min(avail);
+                    let at = s.done as usize;
+                    s.buf[at..at + n].copy_from_slice(&self.inbuf[self.in_start..self.in_start + n]);
+                    self.in_start += n;
+                    // n <= need <= len <= max payload, a u32.
+                    s.done += u32::try_from(n).unwrap_or(0);
+                    if n < need {
+                        return;
+                    }
+                    s.done = 0;
+                    self.input = Input::Header;
+                    self.submit(i);
+                }
+                Input::Discard(rem) => {
+                    let n = rem.min(avail as u64);
+                    // n <= avail, a usize.
+                    self.in_start += usize::try_from(n).unwrap_or(avail);
+                    if n < rem {
+                        self.input = Input::Discard(rem - n);
+                        return;
+                    }
+                    self.input = Input::Header;
+                }
+            }
+        }
+    }
+
+    fn post_recv(&mut self) -> io::Result<()> {
+        if !self.reading || self.recv_pending {
+            return Ok(());
+        }
+        let (ptr, len, into) = match self.input {
+            Input::Payload(i) => {
+                let s = &mut self.slots[i];
+                let at = s.done as usize;
+                let len = payload_len(&s.cmd) - at;
+                // SAFETY: at <= len <= buf.len(), so the pointer stays inside the buffer.
+                (unsafe { s.buf.as_mut_ptr().add(at) }, len, Some(i))
+            }
+            Input::Header if !self.can_admit() => return Ok(()),
+            Input::Header | Input::Discard(_) => {
+                if self.in_start > 0 {
+                    self.inbuf.copy_within(self.in_start..self.in_end, 0);
+                    self.in_end -= self.in_start;
+                    self.in_start = 0;
+                }
+                let len = INBUF_LEN - self.in_end;
+                if len == 0 {
+                    return Ok(());
+                }
+                // SAFETY: in_end < INBUF_LEN, so the pointer stays inside inbuf.
+                (unsafe { self.inbuf.as_mut_ptr().add(self.in_end) }, len, None)
+            }
+        };
+        // The buffers are at most 32 MiB (max payload) or INBUF_LEN.
+        let len = u32::try_from(len).unwrap_or(u32::MAX);
+        let e = opcode::Recv::new(types::Fd(self.sock), ptr, len)
+            .build()
+            .user_data(UD_RECV);
+        // SAFETY: the target is either inbuf (owned by self, never resized)
+        // or the payload buffer of an active slot, which is not released or
+        // reused while recv_pending is set (see complete_recv/stop_reading).
+        unsafe { self.ring.push(&e)? };
+        self.recv_pending = true;
+        self.recv_into = into;
+        Ok(())
+    }
+
+    fn complete_recv(&mut self, res: i32) {
+        self.recv_pending = false;
+        let into = self.recv_into.take();
+        if res < 0 {
+            if !matches!(-res, libc::ECANCELED | libc::EINTR | libc::EAGAIN) {
+                log::debug!("{}: receive failed: {}", self.cfg.peer, io::Error::from_raw_os_error(-res));
+                self.stop_reading();
+            }
+        } else if res == 0 {
+            log::debug!("{}: client closed its side", self.cfg.peer);
+            self.stop_reading();
+        } else if self.reading {
+            let n = res.unsigned_abs();
+            match into {
+                Some(i) => {
+                    let s = &mut self.slots[i];
+                    s.done += n;
+                    if s.done as usize == payload_len(&s.cmd) {
+                        s.done = 0;
+                        self.input = Input::Header;
+                        self.submit(i);
+                    }
+                }
+                None => self.in_end += n as usize,
+            }
+        }
+        if !self.reading {
+            self.abandon_payload();
+        }
+    }
+
+    fn handle_request(&mut self, h: RequestHeader) {
+        self.stats.requests += 1;
+        let cmd = match nbd::validate(&h, &self.cfg.limits) {
+            Ok(c) => c,
+            Err(rej) => {
+                log::debug!(
+                    "{}: refused command {} at {} len {}: {} ({})",
+                    self.cfg.peer,
+                    h.command,
+                    h.offset,
+                    h.length,
+                    rej.reason,
+                    rej.errno
+                );
+                self.reply_error(h.cookie, rej.errno, rej.reason);
+                if rej.skip_payload > 0 {
+                    self.input = Input::Discard(u64::from(rej.skip_payload));
+                }
+                return;
+            }
+        };
+        match cmd {
+            Command::Disconnect => {
+                log::debug!("{}: client sent NBD_CMD_DISC", self.cfg.peer);
+                self.stop_reading();
+            }
+            Command::BlockStatus { offset, len, req_one } => {
+                let max = if req_one { 1 } else { MAX_EXTENTS };
+                let mut ex = std::mem::take(&mut self.extents);
+                self.cfg.disk.extents(offset, len, max, &mut ex);
+                reply::block_status_done(h.cookie, nbd::handshake::BASE_ALLOCATION_ID, &ex, &mut self.scratch);
+                self.extents = ex;
+                let mut o = new_out();
+                o.head_len = self.scratch.len().min(HEAD_MAX);
+                o.head[..o.head_len].copy_from_slice(&self.scratch[..o.head_len]);
+                self.out.push_back(o);
+            }
+            _ => {
+                // can_admit() was checked before decoding, so a slot is free.
+                let Some(i) = self.free_slots.pop() else {
+                    self.reply_error(h.cookie, Errno::Io, "no request slot");
+                    return;
+                };
+                let len = payload_len(&cmd);
+                let s = &mut self.slots[i];
+                s.cookie = h.cookie;
+                s.cmd = cmd;
+                s.done = 0;
+                s.phase = Phase::Main;
+                s.held = len;
+                if len > 0 {
+                    s.buf = self.pool.get(len);
+                }
+                self.inflight_bytes += len;
+                if matches!(cmd, Command::Write { .. }) {
+                    self.input = Input::Payload(i);
+                } else {
+                    self.submit(i);
+                }
+            }
+        }
+    }
+
+    // ---- disk operations -------------------------------------------------
+
+    /// Submit the current phase of slot `i`.
+    fn submit(&mut self, i: usize) {
+        let fd = types::Fd(self.cfg.disk.fd());
+        let s = &mut self.slots[i];
+        let done = s.done;
+        let entry = match (s.cmd, s.phase) {
+            (_, Phase::FuaSync) | (Command::Flush, _) => opcode::Fsync::new(fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build(),
+            (Command::Read { offset, len }, _) => {
+                // SAFETY: done < len <= buf.len().
+                let p = unsafe { s.buf.as_mut_ptr().add(done as usize) };
+                opcode::Read::new(fd, p, len - done)
+                    .offset(offset + u64::from(done))
+                    .build()
+            }
+            (Command::Write { offset, len, fua }, _) => {
+                // SAFETY: done < len <= buf.len().
+                let p = unsafe { s.buf.as_ptr().add(done as usize) };
+                let flags = if fua { libc::RWF_DSYNC } else { 0 };
+                opcode::Write::new(fd, p, len - done)
+                    .offset(offset + u64::from(done))
+                    .rw_flags(flags)
+                    .build()
+            }
+            (Command::WriteZeroes { offset, len, fua, .. }, Phase::ZeroWrite) => {
+                let n = (len - done).min(ZEROES.len() as u32);
+                let flags = if fua { libc::RWF_DSYNC } else { 0 };
+                opcode::Write::new(fd, ZEROES.as_ptr(), n)
+                    .offset(offset + u64::from(done))
+                    .rw_flags(flags)
+                    .build()
+            }
+            (Command::Trim { offset, len, .. }, _) => {
+                opcode::Fallocate::new(fd, u64::from(len))
+                    .offset(offset)
+                    .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
+                    .build()
+            }
+            (Command::WriteZeroes { offset, len, may_trim, .. }, phase) => {
+                let mode = if may_trim && phase == Phase::Main {
+                    libc::FALLOC_FL_PUNCH_HOLE
+                } else {
+                    libc::FALLOC_FL_ZERO_RANGE
+                };
+                opcode::Fallocate::new(fd, u64::from(len))
+                    .offset(offset)
+                    .mode(mode | libc::FALLOC_FL_KEEP_SIZE)
+                    .build()
+            }
+            (Command::Cache { offset, len }, _) => {
+                // Lengths are u32, which always fit off_t.
+                opcode::Fadvise::new(fd, libc::off_t::from(len), libc::POSIX_FADV_WILLNEED)
+                    .offset(offset)
+                    .build()
+            }
+            (Command::BlockStatus { .. } | Command::Disconnect, _) => {
+                // Answered without the disk queue; never submitted.
+                self.finish(i, Err((Errno::Io, "internal: unexpected command")));
+                return;
+            }
+        };
+        let entry = entry.user_data(i as u64);
+        // SAFETY: the entry points into slot i's buffer (or the static ZEROES);
+        // the slot stays active, and its buffer untouched, until complete()
+        // handles this entry's completion.
+        if let Err(e) = unsafe { self.ring.push(&entry) } {
+            log::error!("{}: io_uring submission failed: {e}", self.cfg.peer);
+            self.finish(i, Err((Errno::Io, "io_uring submission failed")));
+        }
+    }
+
+    fn complete(&mut self, ud: u64, res: i32) -> io::Result<()> {
+        match ud {
+            UD_RECV => self.complete_recv(res),
+            UD_POLLOUT => self.pollout_pending = false,
+            UD_SHUTDOWN => {
+                self.shutdown_armed = false;
+                if res >= 0 && self.closing_since.is_none() {
+                    log::debug!("{}: server shutting down; finishing in-flight requests", self.cfg.peer);
+                    self.closing_since = Some(Instant::now());
+                    self.stop_reading();
+                }
+            }
+            UD_CANCEL => {}
+            i if (i as usize) < MAX_OPS => self.complete_op(i as usize, res),
+            other => log::error!("{}: completion with unknown tag {other:#x}", self.cfg.peer),
+        }
+        Ok(())
+    }
+
+    fn complete_op(&mut self, i: usize, res: i32) {
+        let s = &mut self.slots[i];
+        let (cmd, phase) = (s.cmd, s.phase);
+        if phase == Phase::FuaSync || matches!(cmd, Command::Flush) {
+            let r = if res < 0 {
+                Err((os_err(res), "fdatasync failed"))
+            } else if matches!(cmd, Command::Flush) {
+                self.cfg.capture.flush().map_err(|_| (Errno::Io, "capture flush failed"))
+            } else {
+                Ok(())
+            };
+            return self.finish(i, r);
+        }
+        match cmd {
+            Command::Read { len, .. } | Command::Write { len, .. } => {
+                if res <= 0 {
+                    let e = if res == 0 { Errno::Io } else { os_err(res) };
+                    return self.finish(i, Err((e, "disk I/O failed")));
+                }
+                s.done += res.unsigned_abs();
+                if s.done < len {
+                    return self.submit(i);
+                }
+                self.finish(i, Ok(()));
+            }
+            Command::WriteZeroes { len, fast_only, .. } => {
+                if phase == Phase::ZeroWrite {
+                    if res <= 0 {
+                        let e = if res == 0 { Errno::Io } else { os_err(res) };
+                        return self.finish(i, Err((e, "writing zeroes failed")));
+                    }
+                    s.done += res.unsigned_abs();
+                    if s.done < len {
+                        return self.submit(i);
+                    }
+                    return self.after_change(i);
+                }
+                if res == -libc::EOPNOTSUPP || res == -libc::EINVAL {
+                    s.phase = match phase {
+                        Phase::Main if matches!(cmd, Command::WriteZeroes { may_trim: true, .. }) => Phase::ZeroRange,
+                        _ if fast_only => {
+                            return self.finish(i, Err((Errno::NotSup, "the disk cannot zero quickly")));
+                        }
+                        _ => Phase::ZeroWrite,
+                    };
+                    s.done = 0;
+                    return self.submit(i);
+                }
+                if res < 0 {
+                    return self.finish(i, Err((os_err(res), "zeroing failed")));
+                }
+                self.after_change(i);
+            }
+            Command::Trim { .. } => {
+                // A trim is a hint: a disk that cannot punch holes ignores it.
+                if res == -libc::EOPNOTSUPP {
+                    s.phase = Phase::TrimIgnored;
+                    return self.finish(i, Ok(()));
+                }
+                if res < 0 {
+                    return self.finish(i, Err((os_err(res), "discard failed")));
+                }
+                self.after_change(i);
+            }
+            Command::Cache { .. } => {
+                let r = if res < 0 { Err((os_err(res), "cache failed")) } else { Ok(()) };
+                self.finish(i, r);
+            }
+            Command::Flush | Command::BlockStatus { .. } | Command::Disconnect => {
+                self.finish(i, Err((Errno::Io, "internal: unexpected completion")));
+            }
+        }
+    }
+
+    /// A trim or zero reached the disk: sync for FUA, or finish.
+    fn after_change(&mut self, i: usize) {
+        let s = &mut self.slots[i];
+        let fua = matches!(s.cmd, Command::Trim { fua: true, .. } | Command::WriteZeroes { fua: true, .. });
+        // A zero written with RWF_DSYNC is already durable.
+        if fua && s.phase != Phase::ZeroWrite {
+            s.phase = Phase::FuaSync;
+            return self.submit(i);
+        }
+        self.finish(i, Ok(()));
+    }
+
+    /// The request in slot `i` is done: capture the change, queue the reply,
+    /// free the slot.
+    fn finish(&mut self, i: usize, r: Result<(), (Errno, &'static str)>) {
+        let cookie = self.slots[i].cookie;
+        let cmd = self.slots[i].cmd;
+        let r = r.and_then(|()| {
+            let cap = self.cfg.capture;
+            let c = match cmd {
+                Command::Write { offset, len, .. } => {
+                    self.stats.bytes_written += u64::from(len);
+                    cap.write(offset, &self.slots[i].buf[..len as usize])
+                }
+                Command::Trim { .. } if self.slots[i].phase == Phase::TrimIgnored => Ok(()),
+                Command::Trim { offset, len, .. } => cap.trim(offset, u64::from(len)),
+                Command::WriteZeroes { offset, len, .. } => cap.zero(offset, u64::from(len)),
+                _ => Ok(()),
+            };
+            c.map_err(|e| {
+                log::error!("{}: capturing a change failed: {e}", self.cfg.peer);
+                (Errno::Io, "capturing the write failed")
+            })
+        });
+        match (r, cmd) {
+            (Ok(()), Command::Read { offset, len }) => {
+                self.stats.bytes_read += u64::from(len);
+                let s = &mut self.slots[i];
+                let mut o = new_out();
+                if self.cfg.limits.structured_replies {
+                    let h = reply::offset_data(cookie, offset, len);
+                    o.head[..h.len()].copy_from_slice(&h);
+                    o.head_len = h.len();
+                } else {
+                    o.head[..SIMPLE_REPLY_LEN].copy_from_slice(&reply::simple(cookie, 0));
+                    o.head_len = SIMPLE_REPLY_LEN;
+                }
+                o.data = std::mem::take(&mut s.buf);
+                o.data_len = len as usize;
+                o.held = std::mem::take(&mut s.held);
+                self.out.push_back(o);
+            }
+            (Ok(()), _) => {
+                let mut o = new_out();
+                o.head[..SIMPLE_REPLY_LEN].copy_from_slice(&reply::simple(cookie, 0));
+                o.head_len = SIMPLE_REPLY_LEN;
+                self.out.push_back(o);
+            }
+            (Err((errno, why)), _) => {
+                log::warn!("{}: {cmd:?} failed: {why} ({errno})", self.cfg.peer);
+                self.reply_error(cookie, errno, why);
+            }
+        }
+        self.release(i);
+    }
+
+    /// Free slot `i` and whatever it still holds.
+    fn release(&mut self, i: usize) {
+        let s = &mut self.slots[i];
+        self.inflight_bytes -= std::mem::take(&mut s.held);
+        if !s.buf.is_empty() {
+            self.pool.put(std::mem::take(&mut s.buf));
+        }
+        self.free_slots.push(i);
+    }
+
+    // ---- output ----------------------------------------------------------
+
+    fn reply_error(&mut self, cookie: u64, errno: Errno, why: &str) {
+        self.stats.errors += 1;
+        let mut o = new_out();
+        if self.cfg.limits.structured_replies {
+            let mut b = [0u8; ERROR_CHUNK_MAX];
+            let n = reply::error_done(cookie, errno, why, &mut b);
+            o.head[..n].copy_from_slice(&b[..n]);
+            o.head_len = n;
+        } else {
+            o.head[..SIMPLE_REPLY_LEN].copy_from_slice(&reply::simple(cookie, errno.code()));
+            o.head_len = SIMPLE_REPLY_LEN;
+        }
+        self.out.push_back(o);
+    }
+
+    fn send_output(&mut self) -> io::Result<()> {
+        while !self.out.is_empty() && !self.pollout_pending && !self.dead {
+            let mut iov = [libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            }; 64];
+            let mut n_iov = 0;
+            for o in self.out.iter() {
+                if n_iov + 2 > iov.len() {
+                    break;
+                }
+                if o.sent < o.head_len {
+                    iov[n_iov] = libc::iovec {
+                        iov_base: o.head[o.sent..].as_ptr() as *mut libc::c_void,
+                        iov_len: o.head_len - o.sent,
+                    };
+                    n_iov += 1;
+                }
+                let data_sent = o.sent.saturating_sub(o.head_len);
+                if data_sent < o.data_len {
+                    iov[n_iov] = libc::iovec {
+                        iov_base: o.data[data_sent..].as_ptr() as *mut libc::c_void,
+                        iov_len: o.data_len - data_sent,
+                    };
+                    n_iov += 1;
+                }
+            }
+            match sendmsg(self.sock, &iov[..n_iov]) {
+                Ok(mut n) => {
+                    while n > 0 {
+                        let Some(front) = self.out.front_mut() else { break };
+                        let left = front.total() - front.sent;
+                        if n < left {
+                            front.sent += n;
+                            break;
+                        }
+                        n -= left;
+                        self.pop_sent();
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let e = opcode::PollAdd::new(types::Fd(self.sock), libc::POLLOUT as u32)
+                        .build()
+                        .user_data(UD_POLLOUT);
+                    // SAFETY: a poll entry points at no memory.
+                    unsafe { self.ring.push(&e)? };
+                    self.pollout_pending = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::debug!("{}: sending replies failed: {e}", self.cfg.peer);
+                    self.dead = true;
+                    self.stop_reading();
+                    while !self.out.is_empty() {
+                        self.pop_sent();
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn pop_sent(&mut self) {
+        if let Some(o) = self.out.pop_front() {
+            self.inflight_bytes -= o.held;
+            if !o.data.is_empty() {
+                self.pool.put(o.data);
+            }
+        }
+    }
+}
+
+fn new_out() -> Out {
+    Out {
+        head: [0u8; HEAD_MAX],
+        head_len: 0,
+        data: Vec::new(),
+        data_len: 0,
+        sent: 0,
+        held: 0,
+    }
+}
+
+/// Payload bytes a command carries in its buffer (READ data or WRITE data).
+fn payload_len(cmd: &Command) -> usize {
+    match *cmd {
+        Command::Read { len, .. } | Command::Write { len, .. } => len as usize,
+        _ => 0,
+    }
+}
+
+/// Send `iov` without blocking and without SIGPIPE.
+fn sendmsg(fd: RawFd, iov: &[libc::iovec]) -> io::Result<usize> {
+    // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
+    msg.msg_iovlen = iov.len();
+    // SAFETY: every iovec points into a buffer owned by an `Out` in the
+    // queue, which is neither freed nor modified during the call.
+    let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n.unsigned_abs())
+}

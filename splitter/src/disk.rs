@@ -1,0 +1,232 @@
+//! The protected disk: a regular file or a block device, its size, its
+//! lock, and its allocation map (SEEK_DATA / SEEK_HOLE).
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use nbd::protocol::{STATE_HOLE, STATE_ZERO};
+use nbd::reply::Extent;
+
+use crate::error::{Error, Result};
+
+/// What kind of thing the disk is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskKind {
+    /// A regular file (holes are reported and punched).
+    File,
+    /// A block device (size from BLKGETSIZE64).
+    BlockDevice,
+}
+
+/// An open disk. One `Disk` is shared by every connection: they all write
+/// through the same inode, so one fdatasync covers writes completed on any
+/// of them (what makes `NBD_FLAG_CAN_MULTI_CONN` true).
+#[derive(Debug)]
+pub struct Disk {
+    file: File,
+    path: PathBuf,
+    size: u64,
+    kind: DiskKind,
+    read_only: bool,
+}
+
+/// `BLKGETSIZE64` = `_IOR(0x12, 114, size_t)`.
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+
+fn block_device_size(fd: RawFd) -> io::Result<u64> {
+    let mut size: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes exactly one u64 through the pointer, which
+    // points at a live, aligned local for the duration of the call.
+    let r = unsafe { libc::ioctl(fd, BLKGETSIZE64, &mut size as *mut u64) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(size)
+}
+
+fn lock(fd: RawFd, exclusive: bool) -> io::Result<()> {
+    let op = if exclusive { libc::LOCK_EX } else { libc::LOCK_SH } | libc::LOCK_NB;
+    // SAFETY: flock takes a file descriptor the caller keeps open and no pointers.
+    if unsafe { libc::flock(fd, op) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn seek(fd: RawFd, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+    let off = libc::off_t::try_from(offset)
+        .map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+    // SAFETY: lseek takes no pointers; the descriptor is owned by the Disk.
+    let r = unsafe { libc::lseek(fd, off, whence) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENXIO) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    Ok(u64::try_from(r).ok())
+}
+
+impl Disk {
+    /// Open `path` for serving. Takes a lock (exclusive unless read-only)
+    /// so that two splitters never serve the same disk.
+    pub fn open(path: &Path, read_only: bool) -> Result<Disk> {
+        let err = |what| {
+            let path = path.to_path_buf();
+            move |source| Error::Disk { path, what, source }
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(path)
+            .map_err(err("opening"))?;
+        let meta = file.metadata().map_err(err("reading metadata"))?;
+        let ft = meta.file_type();
+        let (kind, size) = if ft.is_file() {
+            (DiskKind::File, meta.len())
+        } else if ft.is_block_device() {
+            let size = block_device_size(file.as_raw_fd()).map_err(err("BLKGETSIZE64"))?;
+            (DiskKind::BlockDevice, size)
+        } else {
+            return Err(Error::DiskKind {
+                path: path.to_path_buf(),
+                reason: "not a regular file or a block device".into(),
+            });
+        };
+        if size == 0 {
+            return Err(Error::DiskKind {
+                path: path.to_path_buf(),
+                reason: "the disk is empty (size 0); create it first, e.g. `truncate -s 1G DISK`".into(),
+            });
+        }
+        match lock(file.as_raw_fd(), !read_only) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {
+                return Err(Error::DiskBusy {
+                    path: path.to_path_buf(),
+                })
+            }
+            Err(e) => return Err(err("locking")(e)),
+        }
+        Ok(Disk {
+            file,
+            path: path.to_path_buf(),
+            size,
+            kind,
+            read_only,
+        })
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// File or block device.
+    pub fn kind(&self) -> DiskKind {
+        self.kind
+    }
+
+    /// Opened read-only.
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// The path it was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The descriptor the I/O engine submits against.
+    pub fn fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+
+    /// fdatasync the disk.
+    pub fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    /// Describe `offset..offset+len` as at most `max` extents of data and
+    /// holes (holes read as zeroes). Where the disk cannot tell (a block
+    /// device, a file system without SEEK_DATA), everything is data, which
+    /// the protocol allows.
+    pub fn extents(&self, offset: u64, len: u32, max: usize, out: &mut Vec<Extent>) {
+        out.clear();
+        let end = offset.saturating_add(u64::from(len)).min(self.size);
+        let mut pos = offset;
+        while pos < end && out.len() < max {
+            let (next, flags) = match self.next_boundary(pos, end) {
+                Some(v) => v,
+                None => (end, 0),
+            };
+            let next = next.clamp(pos + 1, end);
+            // next - pos <= len, which is a u32.
+            let length = u32::try_from(next - pos).unwrap_or(u32::MAX);
+            match out.last_mut() {
+                Some(last) if last.flags == flags => last.length = last.length.saturating_add(length),
+                _ => out.push(Extent { length, flags }),
+            }
+            pos = next;
+        }
+        if out.is_empty() {
+            out.push(Extent { length: len, flags: 0 });
+        }
+    }
+
+    /// The end of the run that starts at `pos` and whether it is a hole;
+    /// None when the disk cannot tell.
+    fn next_boundary(&self, pos: u64, end: u64) -> Option<(u64, u32)> {
+        if self.kind != DiskKind::File {
+            return None;
+        }
+        let fd = self.fd();
+        match seek(fd, pos, libc::SEEK_DATA) {
+            Ok(Some(d)) if d == pos => {
+                let hole = seek(fd, pos, libc::SEEK_HOLE).ok().flatten().unwrap_or(end);
+                Some((hole.min(end), 0))
+            }
+            Ok(Some(d)) => Some((d.min(end), STATE_HOLE | STATE_ZERO)),
+            Ok(None) => Some((end, STATE_HOLE | STATE_ZERO)),
+            Err(_) => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Seek, SeekFrom, Write};
+
+    #[test]
+    fn extents_of_a_sparse_file() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.as_file().set_len(4 << 20).unwrap();
+        f.seek(SeekFrom::Start(1 << 20)).unwrap();
+        f.write_all(&vec![1u8; 1 << 20]).unwrap();
+        f.flush().unwrap();
+        let d = Disk::open(f.path(), true).unwrap();
+        let mut ex = Vec::new();
+        d.extents(0, 4 << 20, 16, &mut ex);
+        let total: u64 = ex.iter().map(|e| u64::from(e.length)).sum();
+        assert_eq!(total, 4 << 20);
+        assert_eq!(ex[0].flags, STATE_HOLE | STATE_ZERO);
+        assert!(ex.iter().any(|e| e.flags == 0));
+        d.extents(0, 4 << 20, 1, &mut ex);
+        assert_eq!(ex.len(), 1);
+    }
+
+    #[test]
+    fn empty_and_locked_disks_are_refused() {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        assert!(matches!(Disk::open(f.path(), false), Err(Error::DiskKind { .. })));
+        f.as_file().set_len(1 << 20).unwrap();
+        let _a = Disk::open(f.path(), false).unwrap();
+        assert!(matches!(Disk::open(f.path(), false), Err(Error::DiskBusy { .. })));
+    }
+}
