@@ -2,11 +2,15 @@
 //! qemu-io, nbdcopy, fio's nbd engine) and by the `nbd` crate's client; every
 //! check compares the disk file itself.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly on any error
+
 use std::process::Command;
 
 use blockship::{have_tool, make_disk, pattern, read, run, Splitter};
 
 const MIB: u64 = 1 << 20;
+const MIB_U: usize = 1 << 20;
+const MIB_32: u32 = 1 << 20;
 
 fn setup(size: u64) -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -66,7 +70,7 @@ fn qemu_io_patterns_zeroes_and_discard() {
         "write -P 0xcc -f 1048575 4097".to_string(), // unaligned, with FUA
         format!("write -P 0xdd {last} 1"),
         "write -P 0xee 8M 2M".to_string(),
-        "write -z 8M 512k".to_string(), // write zeroes, may punch
+        "write -z 8M 512k".to_string(),    // write zeroes, may punch
         "write -z -u 9M 512k".to_string(), // zeroes, unmap explicitly
         "discard 16M 1M".to_string(),
         "flush".to_string(),
@@ -96,11 +100,15 @@ fn qemu_io_patterns_zeroes_and_discard() {
     assert!(f[1000..4333].iter().all(|&b| b == 0xbb));
     assert!(f[4333..65536].iter().all(|&b| b == 0xaa));
     assert!(f[1048575..1048575 + 4097].iter().all(|&b| b == 0xcc));
-    assert_eq!(f[(size - 1) as usize], 0xdd);
+    assert_eq!(f[usize::try_from(size - 1).unwrap()], 0xdd);
     assert!(f[8 << 20..(8 << 20) + (512 << 10)].iter().all(|&b| b == 0));
-    assert!(f[(8 << 20) + (512 << 10)..9 << 20].iter().all(|&b| b == 0xee));
+    assert!(f[(8 << 20) + (512 << 10)..9 << 20]
+        .iter()
+        .all(|&b| b == 0xee));
     assert!(f[9 << 20..(9 << 20) + (512 << 10)].iter().all(|&b| b == 0));
-    assert!(f[(9 << 20) + (512 << 10)..10 << 20].iter().all(|&b| b == 0xee));
+    assert!(f[(9 << 20) + (512 << 10)..10 << 20]
+        .iter()
+        .all(|&b| b == 0xee));
     assert!(f[16 << 20..17 << 20].iter().all(|&b| b == 0));
 }
 
@@ -109,13 +117,16 @@ fn block_status_reports_holes_and_data() {
     let (dir, disk) = setup(8 * MIB);
     let s = Splitter::start(dir.path(), &disk, &[]);
     let mut c = s.client();
-    let data = vec![7u8; MIB as usize];
+    let data = vec![7u8; MIB_U];
     c.write(2 * MIB, &data, false).unwrap();
     c.flush().unwrap();
-    let ex = c.block_status(0, 8 * MIB as u32).unwrap();
+    let ex = c.block_status(0, 8 * MIB_32).unwrap();
     let total: u64 = ex.iter().map(|e| u64::from(e.length)).sum();
     assert!(total > 0 && total <= 8 * MIB);
-    assert_eq!(ex[0].flags, 3, "start of a sparse disk is a hole that reads as zeroes: {ex:?}");
+    assert_eq!(
+        ex[0].flags, 3,
+        "start of a sparse disk is a hole that reads as zeroes: {ex:?}"
+    );
     // Walk to offset 2 MiB and check it is reported as data.
     let mut at = 0u64;
     let mut found_data = false;
@@ -127,10 +138,10 @@ fn block_status_reports_holes_and_data() {
     }
     assert!(found_data, "written range not reported as data: {ex:?}");
     // Trim makes it a hole again.
-    c.trim(2 * MIB, MIB as u32).unwrap();
-    let ex = c.block_status(2 * MIB, MIB as u32).unwrap();
+    c.trim(2 * MIB, MIB_32).unwrap();
+    let ex = c.block_status(2 * MIB, MIB_32).unwrap();
     assert_eq!(ex[0].flags, 3, "{ex:?}");
-    let mut back = vec![1u8; MIB as usize];
+    let mut back = vec![1u8; MIB_U];
     c.read(2 * MIB, &mut back).unwrap();
     assert!(back.iter().all(|&b| b == 0));
     c.disconnect().unwrap();
@@ -144,14 +155,17 @@ fn nbdcopy_both_ways() {
     let size = 48 * MIB;
     let (dir, disk) = setup(size);
     let src = dir.path().join("src.img");
-    let mut content = vec![0u8; size as usize];
+    let mut content = vec![0u8; usize::try_from(size).unwrap()];
     pattern(&mut content[..20 << 20], 1);
     pattern(&mut content[30 << 20..], 2); // a zero gap in the middle
     std::fs::write(&src, &content).unwrap();
 
     let s = Splitter::start(dir.path(), &disk, &[]);
     run(Command::new("nbdcopy").arg(&src).arg(s.uri()));
-    assert!(read(&disk) == content, "export differs from the source after nbdcopy in");
+    assert!(
+        read(&disk) == content,
+        "export differs from the source after nbdcopy in"
+    );
 
     let back = dir.path().join("back.img");
     run(Command::new("nbdcopy").arg(s.uri()).arg(&back));
@@ -181,7 +195,10 @@ fn fio_verify_on_two_connections() {
         .arg("--group_reporting"));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("verify"), "{text}");
-    assert!(!text.contains("bad magic") && !text.contains("verify: bad"), "{text}");
+    assert!(
+        !text.contains("bad magic") && !text.contains("verify: bad"),
+        "{text}"
+    );
     let log = s.log_text();
     // Two connections each carried one job's 64 MiB of writes at once.
     assert_eq!(log.matches("67108864 written").count(), 2, "{log}");
@@ -211,12 +228,12 @@ fn sigterm_finishes_flushes_and_exits_zero() {
     let (dir, disk) = setup(16 * MIB);
     let mut s = Splitter::start(dir.path(), &disk, &[]);
     let mut c = s.client();
-    let mut data = vec![0u8; MIB as usize];
+    let mut data = vec![0u8; MIB_U];
     pattern(&mut data, 9);
     c.write(MIB, &data, false).unwrap();
     let st = s.terminate();
     assert!(st.success(), "exit status {st}; log:\n{}", s.log_text());
     assert!(s.log_text().contains("stopped cleanly"));
-    assert!(read(&disk)[MIB as usize..2 * MIB as usize] == data[..]);
+    assert!(read(&disk)[MIB_U..2 * MIB_U] == data[..]);
     assert!(!s.socket.exists(), "unix socket left behind");
 }

@@ -238,7 +238,14 @@ impl<S: Read + Write> Client<S> {
         self.structured
     }
 
-    fn send(&mut self, command: u16, flags: u16, offset: u64, length: u32, payload: &[u8]) -> Result<u64> {
+    fn send(
+        &mut self,
+        command: u16,
+        flags: u16,
+        offset: u64,
+        length: u32,
+        payload: &[u8],
+    ) -> Result<u64> {
         let cookie = self.next_cookie;
         self.next_cookie += 1;
         let h = RequestHeader {
@@ -261,14 +268,17 @@ impl<S: Read + Write> Client<S> {
 
     /// Read replies for `cookie` until done. Data chunks land in `buf`
     /// (which covers `offset..offset+buf.len()`); extents go to `extents`.
+    /// With `cookie` None, the first reply's cookie is taken (raw requests
+    /// answered out of order); the cookie answered is returned.
     fn finish(
         &mut self,
         name: &'static str,
-        cookie: u64,
+        cookie: Option<u64>,
         offset: u64,
         mut buf: Option<&mut [u8]>,
         mut extents: Option<&mut Vec<Extent>>,
-    ) -> Result<()> {
+    ) -> Result<u64> {
+        let mut cookie = cookie;
         let mut error: Option<(Errno, String)> = None;
         loop {
             let mut prefix = [0u8; 4];
@@ -280,21 +290,33 @@ impl<S: Read + Write> Client<S> {
             let hdr = ReplyHeader::decode(&h[..len])?
                 .ok_or_else(|| Error::Protocol("short reply header".into()))?;
             match hdr {
-                ReplyHeader::Simple { error: e, cookie: c } => {
-                    if c != cookie {
+                ReplyHeader::Simple {
+                    error: e,
+                    cookie: c,
+                } => {
+                    if *cookie.get_or_insert(c) != c {
                         return Err(Error::Protocol(format!("reply for unknown cookie {c}")));
                     }
                     if e != 0 {
-                        return Err(request_error(name, offset, Errno::from_code(e), String::new()));
+                        return Err(request_error(
+                            name,
+                            c,
+                            offset,
+                            Errno::from_code(e),
+                            String::new(),
+                        ));
                     }
                     if let Some(b) = buf.as_deref_mut() {
                         read_exact(&mut self.s, b, "reading READ data")?;
                     }
-                    return Ok(());
+                    return Ok(c);
                 }
                 ReplyHeader::Chunk(c) => {
-                    if c.cookie != cookie {
-                        return Err(Error::Protocol(format!("chunk for unknown cookie {}", c.cookie)));
+                    if *cookie.get_or_insert(c.cookie) != c.cookie {
+                        return Err(Error::Protocol(format!(
+                            "chunk for unknown cookie {}",
+                            c.cookie
+                        )));
                     }
                     let buf_len = buf.as_deref().map_or(0, <[u8]>::len);
                     match c.kind {
@@ -329,7 +351,10 @@ impl<S: Read + Write> Client<S> {
                         }
                         REPLY_TYPE_BLOCK_STATUS | REPLY_TYPE_ERROR | REPLY_TYPE_ERROR_OFFSET => {
                             if c.length > MAX_CHUNK {
-                                return Err(Error::Protocol(format!("chunk of {} bytes", c.length)));
+                                return Err(Error::Protocol(format!(
+                                    "chunk of {} bytes",
+                                    c.length
+                                )));
                             }
                             let mut d = vec![0u8; c.length as usize];
                             read_exact(&mut self.s, &mut d, "reading chunk")?;
@@ -337,13 +362,18 @@ impl<S: Read + Write> Client<S> {
                                 if let Some(ex) = extents.as_deref_mut() {
                                     for pair in d.get(4..).unwrap_or(&[]).chunks_exact(8) {
                                         ex.push(Extent {
-                                            length: u32::from_be_bytes([pair[0], pair[1], pair[2], pair[3]]),
-                                            flags: u32::from_be_bytes([pair[4], pair[5], pair[6], pair[7]]),
+                                            length: u32::from_be_bytes([
+                                                pair[0], pair[1], pair[2], pair[3],
+                                            ]),
+                                            flags: u32::from_be_bytes([
+                                                pair[4], pair[5], pair[6], pair[7],
+                                            ]),
                                         });
                                     }
                                 }
                             } else if d.len() >= 6 {
-                                let errno = Errno::from_code(u32::from_be_bytes([d[0], d[1], d[2], d[3]]));
+                                let errno =
+                                    Errno::from_code(u32::from_be_bytes([d[0], d[1], d[2], d[3]]));
                                 let mlen = usize::from(u16::from_be_bytes([d[4], d[5]]));
                                 let msg = d.get(6..6 + mlen).unwrap_or(&[]);
                                 error = Some((errno, String::from_utf8_lossy(msg).into_owned()));
@@ -357,8 +387,10 @@ impl<S: Read + Write> Client<S> {
                     }
                     if c.flags & REPLY_FLAG_DONE != 0 {
                         return match error {
-                            Some((errno, msg)) => Err(request_error(name, offset, errno, msg)),
-                            None => Ok(()),
+                            Some((errno, msg)) => {
+                                Err(request_error(name, c.cookie, offset, errno, msg))
+                            }
+                            None => Ok(c.cookie),
                         };
                     }
                 }
@@ -374,7 +406,8 @@ impl<S: Read + Write> Client<S> {
     pub fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let len = Self::length(buf.len())?;
         let cookie = self.send(CMD_READ, 0, offset, len, &[])?;
-        self.finish("READ", cookie, offset, Some(buf), None)
+        self.finish("READ", Some(cookie), offset, Some(buf), None)
+            .map(drop)
     }
 
     /// Write `data` at `offset`; with `fua`, durable before the reply.
@@ -382,26 +415,29 @@ impl<S: Read + Write> Client<S> {
         let len = Self::length(data.len())?;
         let flags = if fua { CMD_FLAG_FUA } else { 0 };
         let cookie = self.send(CMD_WRITE, flags, offset, len, data)?;
-        self.finish("WRITE", cookie, offset, None, None)
+        self.finish("WRITE", Some(cookie), offset, None, None)
+            .map(drop)
     }
 
     /// Make every completed write durable.
     pub fn flush(&mut self) -> Result<()> {
         let cookie = self.send(CMD_FLUSH, 0, 0, 0, &[])?;
-        self.finish("FLUSH", cookie, 0, None, None)
+        self.finish("FLUSH", Some(cookie), 0, None, None).map(drop)
     }
 
     /// Discard `len` bytes at `offset`.
     pub fn trim(&mut self, offset: u64, len: u32) -> Result<()> {
         let cookie = self.send(CMD_TRIM, 0, offset, len, &[])?;
-        self.finish("TRIM", cookie, offset, None, None)
+        self.finish("TRIM", Some(cookie), offset, None, None)
+            .map(drop)
     }
 
     /// Zero `len` bytes at `offset`; `no_hole` forbids deallocating them.
     pub fn write_zeroes(&mut self, offset: u64, len: u32, no_hole: bool) -> Result<()> {
         let flags = if no_hole { CMD_FLAG_NO_HOLE } else { 0 };
         let cookie = self.send(CMD_WRITE_ZEROES, flags, offset, len, &[])?;
-        self.finish("WRITE_ZEROES", cookie, offset, None, None)
+        self.finish("WRITE_ZEROES", Some(cookie), offset, None, None)
+            .map(drop)
     }
 
     /// Allocation status (`base:allocation`) of up to `len` bytes at `offset`.
@@ -414,7 +450,7 @@ impl<S: Read + Write> Client<S> {
         }
         let cookie = self.send(CMD_BLOCK_STATUS, 0, offset, len, &[])?;
         let mut ex = Vec::new();
-        self.finish("BLOCK_STATUS", cookie, offset, None, Some(&mut ex))?;
+        self.finish("BLOCK_STATUS", Some(cookie), offset, None, Some(&mut ex))?;
         Ok(ex)
     }
 
@@ -434,18 +470,25 @@ impl<S: Read + Write> Client<S> {
             .map_err(Error::io("sending payload"))
     }
 
-    /// Read the reply to a raw request and return the server's errno (None
-    /// for success); READ data is discarded into `sink`.
-    pub fn raw_reply(&mut self, cookie: u64, sink: &mut [u8]) -> Result<Option<Errno>> {
-        match self.finish("raw request", cookie, 0, Some(sink), None) {
-            Ok(()) => Ok(None),
-            Err(Error::Request { errno, .. }) => Ok(Some(errno)),
+    /// Read the next reply to a raw request, whichever it answers, and return
+    /// its cookie and the server's errno (None for success). READ data lands
+    /// in `sink`, which stands for offsets `0..sink.len()` of the export.
+    pub fn raw_reply(&mut self, sink: &mut [u8]) -> Result<(u64, Option<Errno>)> {
+        match self.finish("raw request", None, 0, Some(sink), None) {
+            Ok(c) => Ok((c, None)),
+            Err(Error::Request { errno, cookie, .. }) => Ok((cookie, Some(errno))),
             Err(e) => Err(e),
         }
     }
 }
 
-fn request_error(command: &'static str, offset: u64, errno: Errno, msg: String) -> Error {
+fn request_error(
+    command: &'static str,
+    cookie: u64,
+    offset: u64,
+    errno: Errno,
+    msg: String,
+) -> Error {
     let message = if msg.is_empty() {
         msg
     } else {
@@ -453,6 +496,7 @@ fn request_error(command: &'static str, offset: u64, errno: Errno, msg: String) 
     };
     Error::Request {
         command,
+        cookie,
         offset,
         errno,
         message,

@@ -29,7 +29,9 @@ pub enum Error {
     #[error("NBD handshake: unknown client flags {0:#x}; closing as the protocol requires")]
     UnknownClientFlags(u32),
     /// An option's data was longer than we accept.
-    #[error("NBD handshake: option {option} carries {len} bytes, more than the {max} accepted; closing")]
+    #[error(
+        "NBD handshake: option {option} carries {len} bytes, more than the {max} accepted; closing"
+    )]
     OptionTooLarge {
         /// The option's name.
         option: &'static str,
@@ -57,6 +59,8 @@ pub enum Error {
     Request {
         /// The command's name.
         command: &'static str,
+        /// The request's cookie.
+        cookie: u64,
         /// The request's offset.
         offset: u64,
         /// The error value the server replied.

@@ -152,7 +152,12 @@ pub fn serve_handshake<S: Read + Write>(s: &mut S, exports: &[Export]) -> Result
             }
             OPT_STRUCTURED_REPLY => {
                 if !data.is_empty() {
-                    reply(s, opt, REP_ERR_INVALID, b"NBD_OPT_STRUCTURED_REPLY takes no data")?;
+                    reply(
+                        s,
+                        opt,
+                        REP_ERR_INVALID,
+                        b"NBD_OPT_STRUCTURED_REPLY takes no data",
+                    )?;
                     continue;
                 }
                 st.structured = true;
@@ -179,7 +184,12 @@ pub fn serve_handshake<S: Read + Write>(s: &mut S, exports: &[Export]) -> Result
                 meta_context(s, opt, &data, exports, &mut st)?;
             }
             OPT_STARTTLS => {
-                reply(s, opt, REP_ERR_POLICY, b"TLS is not offered on this export; use a unix socket or loopback")?;
+                reply(
+                    s,
+                    opt,
+                    REP_ERR_POLICY,
+                    b"TLS is not offered on this export; use a unix socket or loopback",
+                )?;
             }
             _ => {
                 let msg = format!("option {opt} ({}) is not supported", option_name(opt));
@@ -246,7 +256,8 @@ impl<'a> Cur<'a> {
         self.take(2).map(|b| u16::from_be_bytes([b[0], b[1]]))
     }
     fn u32(&mut self) -> Option<u32> {
-        self.take(4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+        self.take(4)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
     }
     fn string(&mut self) -> Option<String> {
         let n = usize::try_from(self.u32()?).ok()?;
@@ -271,7 +282,13 @@ fn parse_info_request(data: &[u8]) -> Option<(String, Vec<u16>)> {
     c.0.is_empty().then_some((name, reqs))
 }
 
-fn send_info<S: Write>(s: &mut S, opt: u32, e: &Export, flags: u16, requests: &[u16]) -> Result<()> {
+fn send_info<S: Write>(
+    s: &mut S,
+    opt: u32,
+    e: &Export,
+    flags: u16,
+    requests: &[u16],
+) -> Result<()> {
     let mut d = Vec::with_capacity(16);
     d.extend_from_slice(&INFO_EXPORT.to_be_bytes());
     d.extend_from_slice(&e.size.to_be_bytes());
@@ -308,7 +325,12 @@ fn meta_context<S: Write>(
 ) -> Result<()> {
     let set = opt == OPT_SET_META_CONTEXT;
     if set && !st.structured {
-        return reply(s, opt, REP_ERR_INVALID, b"negotiate NBD_OPT_STRUCTURED_REPLY first");
+        return reply(
+            s,
+            opt,
+            REP_ERR_INVALID,
+            b"negotiate NBD_OPT_STRUCTURED_REPLY first",
+        );
     }
     let mut c = Cur(data);
     let parsed = (|| {
@@ -407,7 +429,10 @@ mod tests {
         let (_, out) = run(vec![]);
         assert_eq!(
             out,
-            [b'N', b'B', b'D', b'M', b'A', b'G', b'I', b'C', b'I', b'H', b'A', b'V', b'E', b'O', b'P', b'T', 0, 3]
+            [
+                b'N', b'B', b'D', b'M', b'A', b'G', b'I', b'C', b'I', b'H', b'A', b'V', b'E', b'O',
+                b'P', b'T', 0, 3
+            ]
         );
     }
 

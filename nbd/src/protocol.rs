@@ -249,13 +249,13 @@ impl Errno {
     /// the one place where that happens.
     pub const fn from_os(errno: i32) -> Errno {
         match errno {
-            1 | 13 | 30 => Errno::Perm,        // EPERM, EACCES, EROFS
-            12 => Errno::NoMem,                // ENOMEM
-            22 => Errno::Inval,                // EINVAL
-            27 | 28 | 122 => Errno::NoSpc,     // EFBIG, ENOSPC, EDQUOT
-            75 => Errno::Overflow,             // EOVERFLOW
-            95 => Errno::NotSup,               // EOPNOTSUPP
-            108 => Errno::Shutdown,            // ESHUTDOWN
+            1 | 13 | 30 => Errno::Perm,    // EPERM, EACCES, EROFS
+            12 => Errno::NoMem,            // ENOMEM
+            22 => Errno::Inval,            // EINVAL
+            27 | 28 | 122 => Errno::NoSpc, // EFBIG, ENOSPC, EDQUOT
+            75 => Errno::Overflow,         // EOVERFLOW
+            95 => Errno::NotSup,           // EOPNOTSUPP
+            108 => Errno::Shutdown,        // ESHUTDOWN
             _ => Errno::Io,
         }
     }

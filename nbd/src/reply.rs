@@ -143,7 +143,12 @@ pub const ERROR_CHUNK_MAX: usize = STRUCTURED_REPLY_LEN + 6 + MAX_ERROR_MESSAGE;
 // Format: ERROR chunk payload: error u32, message length u16, message bytes.
 /// Encode a final `ERROR` chunk into `out`, returning the bytes used. The
 /// message is cut to [`MAX_ERROR_MESSAGE`] bytes at a character boundary.
-pub fn error_done(cookie: u64, errno: Errno, message: &str, out: &mut [u8; ERROR_CHUNK_MAX]) -> usize {
+pub fn error_done(
+    cookie: u64,
+    errno: Errno,
+    message: &str,
+    out: &mut [u8; ERROR_CHUNK_MAX],
+) -> usize {
     let mut cut = message.len().min(MAX_ERROR_MESSAGE);
     while !message.is_char_boundary(cut) {
         cut -= 1;
@@ -203,10 +208,7 @@ mod tests {
         let b = simple(0x1122_3344_5566_7788, Errno::Perm.code());
         assert_eq!(
             b,
-            [
-                0x67, 0x44, 0x66, 0x98, 0, 0, 0, 1, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77,
-                0x88
-            ]
+            [0x67, 0x44, 0x66, 0x98, 0, 0, 0, 1, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88]
         );
         assert_eq!(
             ReplyHeader::decode(&b).unwrap(),
@@ -236,8 +238,8 @@ mod tests {
         assert_eq!(
             &out[..n],
             &[
-                0x66, 0x8e, 0x33, 0xef, 0, 1, 0x80, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 8, 0, 0,
-                0, 22, 0, 2, b'n', b'o'
+                0x66, 0x8e, 0x33, 0xef, 0, 1, 0x80, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 8, 0, 0, 0,
+                22, 0, 2, b'n', b'o'
             ]
         );
         let long = "é".repeat(200);

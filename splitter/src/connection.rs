@@ -44,7 +44,8 @@ const _: () = assert!(HEAD_MAX >= STRUCTURED_REPLY_LEN + 4 + 8 * MAX_EXTENTS);
 const CLOSE_GRACE: Duration = Duration::from_secs(10);
 
 /// Zeroes written where the disk cannot zero a range by itself.
-static ZEROES: [u8; 1 << 20] = [0u8; 1 << 20];
+static ZEROES: [u8; ZEROES_LEN as usize] = [0u8; ZEROES_LEN as usize];
+const ZEROES_LEN: u32 = 1 << 20;
 
 const UD_RECV: u64 = (1 << 63) | 1;
 const UD_POLLOUT: u64 = (1 << 63) | 2;
@@ -217,7 +218,10 @@ impl<'a> Connection<'a> {
             self.handle_completions()?;
             if let Some(t) = self.closing_since {
                 if t.elapsed() > CLOSE_GRACE && !self.out.is_empty() {
-                    log::warn!("{}: client does not take its replies; dropping them", self.cfg.peer);
+                    log::warn!(
+                        "{}: client does not take its replies; dropping them",
+                        self.cfg.peer
+                    );
                     self.dead = true;
                 }
             }
@@ -261,7 +265,8 @@ impl<'a> Connection<'a> {
             }
         }
         while self.ring.pending() > 0 {
-            self.ring.submit_and_wait(Some(Duration::from_millis(100)))?;
+            self.ring
+                .submit_and_wait(Some(Duration::from_millis(100)))?;
             self.handle_completions()?;
         }
         Ok(())
@@ -273,7 +278,9 @@ impl<'a> Connection<'a> {
         }
         self.reading = false;
         if self.recv_pending {
-            let e = opcode::AsyncCancel::new(UD_RECV).build().user_data(UD_CANCEL);
+            let e = opcode::AsyncCancel::new(UD_RECV)
+                .build()
+                .user_data(UD_CANCEL);
             // SAFETY: a cancel entry points at no memory. If the push fails
             // the receive completes on its own when the socket closes.
             let _ = unsafe { self.ring.push(&e) };
@@ -319,7 +326,8 @@ impl<'a> Connection<'a> {
                     let need = len - s.done as usize;
                     let n = need.min(avail);
                     let at = s.done as usize;
-                    s.buf[at..at + n].copy_from_slice(&self.inbuf[self.in_start..self.in_start + n]);
+                    s.buf[at..at + n]
+                        .copy_from_slice(&self.inbuf[self.in_start..self.in_start + n]);
                     self.in_start += n;
                     // n <= need <= len <= max payload, a u32.
                     s.done += u32::try_from(n).unwrap_or(0);
@@ -368,7 +376,11 @@ impl<'a> Connection<'a> {
                     return Ok(());
                 }
                 // SAFETY: in_end < INBUF_LEN, so the pointer stays inside inbuf.
-                (unsafe { self.inbuf.as_mut_ptr().add(self.in_end) }, len, None)
+                (
+                    unsafe { self.inbuf.as_mut_ptr().add(self.in_end) },
+                    len,
+                    None,
+                )
             }
         };
         // The buffers are at most 32 MiB (max payload) or INBUF_LEN.
@@ -390,7 +402,11 @@ impl<'a> Connection<'a> {
         let into = self.recv_into.take();
         if res < 0 {
             if !matches!(-res, libc::ECANCELED | libc::EINTR | libc::EAGAIN) {
-                log::debug!("{}: receive failed: {}", self.cfg.peer, io::Error::from_raw_os_error(-res));
+                log::debug!(
+                    "{}: receive failed: {}",
+                    self.cfg.peer,
+                    io::Error::from_raw_os_error(-res)
+                );
                 self.stop_reading();
             }
         } else if res == 0 {
@@ -442,11 +458,20 @@ impl<'a> Connection<'a> {
                 log::debug!("{}: client sent NBD_CMD_DISC", self.cfg.peer);
                 self.stop_reading();
             }
-            Command::BlockStatus { offset, len, req_one } => {
+            Command::BlockStatus {
+                offset,
+                len,
+                req_one,
+            } => {
                 let max = if req_one { 1 } else { MAX_EXTENTS };
                 let mut ex = std::mem::take(&mut self.extents);
                 self.cfg.disk.extents(offset, len, max, &mut ex);
-                reply::block_status_done(h.cookie, nbd::handshake::BASE_ALLOCATION_ID, &ex, &mut self.scratch);
+                reply::block_status_done(
+                    h.cookie,
+                    nbd::handshake::BASE_ALLOCATION_ID,
+                    &ex,
+                    &mut self.scratch,
+                );
                 self.extents = ex;
                 let mut o = new_out();
                 o.head_len = self.scratch.len().min(HEAD_MAX);
@@ -506,21 +531,32 @@ impl<'a> Connection<'a> {
                     .rw_flags(flags)
                     .build()
             }
-            (Command::WriteZeroes { offset, len, fua, .. }, Phase::ZeroWrite) => {
-                let n = (len - done).min(ZEROES.len() as u32);
+            (
+                Command::WriteZeroes {
+                    offset, len, fua, ..
+                },
+                Phase::ZeroWrite,
+            ) => {
+                let n = (len - done).min(ZEROES_LEN);
                 let flags = if fua { libc::RWF_DSYNC } else { 0 };
                 opcode::Write::new(fd, ZEROES.as_ptr(), n)
                     .offset(offset + u64::from(done))
                     .rw_flags(flags)
                     .build()
             }
-            (Command::Trim { offset, len, .. }, _) => {
-                opcode::Fallocate::new(fd, u64::from(len))
-                    .offset(offset)
-                    .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
-                    .build()
-            }
-            (Command::WriteZeroes { offset, len, may_trim, .. }, phase) => {
+            (Command::Trim { offset, len, .. }, _) => opcode::Fallocate::new(fd, u64::from(len))
+                .offset(offset)
+                .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
+                .build(),
+            (
+                Command::WriteZeroes {
+                    offset,
+                    len,
+                    may_trim,
+                    ..
+                },
+                phase,
+            ) => {
                 let mode = if may_trim && phase == Phase::Main {
                     libc::FALLOC_FL_PUNCH_HOLE
                 } else {
@@ -560,14 +596,19 @@ impl<'a> Connection<'a> {
             UD_SHUTDOWN => {
                 self.shutdown_armed = false;
                 if res >= 0 && self.closing_since.is_none() {
-                    log::debug!("{}: server shutting down; finishing in-flight requests", self.cfg.peer);
+                    log::debug!(
+                        "{}: server shutting down; finishing in-flight requests",
+                        self.cfg.peer
+                    );
                     self.closing_since = Some(Instant::now());
                     self.stop_reading();
                 }
             }
             UD_CANCEL => {}
-            i if (i as usize) < MAX_OPS => self.complete_op(i as usize, res),
-            other => log::error!("{}: completion with unknown tag {other:#x}", self.cfg.peer),
+            i => match usize::try_from(i) {
+                Ok(slot) if slot < MAX_OPS => self.complete_op(slot, res),
+                _ => log::error!("{}: completion with unknown tag {i:#x}", self.cfg.peer),
+            },
         }
         Ok(())
     }
@@ -579,7 +620,10 @@ impl<'a> Connection<'a> {
             let r = if res < 0 {
                 Err((os_err(res), "fdatasync failed"))
             } else if matches!(cmd, Command::Flush) {
-                self.cfg.capture.flush().map_err(|_| (Errno::Io, "capture flush failed"))
+                self.cfg
+                    .capture
+                    .flush()
+                    .map_err(|_| (Errno::Io, "capture flush failed"))
             } else {
                 Ok(())
             };
@@ -611,9 +655,14 @@ impl<'a> Connection<'a> {
                 }
                 if res == -libc::EOPNOTSUPP || res == -libc::EINVAL {
                     s.phase = match phase {
-                        Phase::Main if matches!(cmd, Command::WriteZeroes { may_trim: true, .. }) => Phase::ZeroRange,
+                        Phase::Main
+                            if matches!(cmd, Command::WriteZeroes { may_trim: true, .. }) =>
+                        {
+                            Phase::ZeroRange
+                        }
                         _ if fast_only => {
-                            return self.finish(i, Err((Errno::NotSup, "the disk cannot zero quickly")));
+                            return self
+                                .finish(i, Err((Errno::NotSup, "the disk cannot zero quickly")));
                         }
                         _ => Phase::ZeroWrite,
                     };
@@ -637,7 +686,11 @@ impl<'a> Connection<'a> {
                 self.after_change(i);
             }
             Command::Cache { .. } => {
-                let r = if res < 0 { Err((os_err(res), "cache failed")) } else { Ok(()) };
+                let r = if res < 0 {
+                    Err((os_err(res), "cache failed"))
+                } else {
+                    Ok(())
+                };
                 self.finish(i, r);
             }
             Command::Flush | Command::BlockStatus { .. } | Command::Disconnect => {
@@ -649,7 +702,10 @@ impl<'a> Connection<'a> {
     /// A trim or zero reached the disk: sync for FUA, or finish.
     fn after_change(&mut self, i: usize) {
         let s = &mut self.slots[i];
-        let fua = matches!(s.cmd, Command::Trim { fua: true, .. } | Command::WriteZeroes { fua: true, .. });
+        let fua = matches!(
+            s.cmd,
+            Command::Trim { fua: true, .. } | Command::WriteZeroes { fua: true, .. }
+        );
         // A zero written with RWF_DSYNC is already durable.
         if fua && s.phase != Phase::ZeroWrite {
             s.phase = Phase::FuaSync;
@@ -769,7 +825,9 @@ impl<'a> Connection<'a> {
             match sendmsg(self.sock, &iov[..n_iov]) {
                 Ok(mut n) => {
                     while n > 0 {
-                        let Some(front) = self.out.front_mut() else { break };
+                        let Some(front) = self.out.front_mut() else {
+                            break;
+                        };
                         let left = front.total() - front.sent;
                         if n < left {
                             front.sent += n;

@@ -48,7 +48,11 @@ fn block_device_size(fd: RawFd) -> io::Result<u64> {
 }
 
 fn lock(fd: RawFd, exclusive: bool) -> io::Result<()> {
-    let op = if exclusive { libc::LOCK_EX } else { libc::LOCK_SH } | libc::LOCK_NB;
+    let op = if exclusive {
+        libc::LOCK_EX
+    } else {
+        libc::LOCK_SH
+    } | libc::LOCK_NB;
     // SAFETY: flock takes a file descriptor the caller keeps open and no pointers.
     if unsafe { libc::flock(fd, op) } < 0 {
         return Err(io::Error::last_os_error());
@@ -57,8 +61,8 @@ fn lock(fd: RawFd, exclusive: bool) -> io::Result<()> {
 }
 
 fn seek(fd: RawFd, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
-    let off = libc::off_t::try_from(offset)
-        .map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+    let off =
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
     // SAFETY: lseek takes no pointers; the descriptor is owned by the Disk.
     let r = unsafe { libc::lseek(fd, off, whence) };
     if r < 0 {
@@ -101,7 +105,8 @@ impl Disk {
         if size == 0 {
             return Err(Error::DiskKind {
                 path: path.to_path_buf(),
-                reason: "the disk is empty (size 0); create it first, e.g. `truncate -s 1G DISK`".into(),
+                reason: "the disk is empty (size 0); create it first, e.g. `truncate -s 1G DISK`"
+                    .into(),
             });
         }
         match lock(file.as_raw_fd(), !read_only) {
@@ -169,13 +174,18 @@ impl Disk {
             // next - pos <= len, which is a u32.
             let length = u32::try_from(next - pos).unwrap_or(u32::MAX);
             match out.last_mut() {
-                Some(last) if last.flags == flags => last.length = last.length.saturating_add(length),
+                Some(last) if last.flags == flags => {
+                    last.length = last.length.saturating_add(length)
+                }
                 _ => out.push(Extent { length, flags }),
             }
             pos = next;
         }
         if out.is_empty() {
-            out.push(Extent { length: len, flags: 0 });
+            out.push(Extent {
+                length: len,
+                flags: 0,
+            });
         }
     }
 
@@ -224,9 +234,15 @@ mod tests {
     #[test]
     fn empty_and_locked_disks_are_refused() {
         let f = tempfile::NamedTempFile::new().unwrap();
-        assert!(matches!(Disk::open(f.path(), false), Err(Error::DiskKind { .. })));
+        assert!(matches!(
+            Disk::open(f.path(), false),
+            Err(Error::DiskKind { .. })
+        ));
         f.as_file().set_len(1 << 20).unwrap();
         let _a = Disk::open(f.path(), false).unwrap();
-        assert!(matches!(Disk::open(f.path(), false), Err(Error::DiskBusy { .. })));
+        assert!(matches!(
+            Disk::open(f.path(), false),
+            Err(Error::DiskBusy { .. })
+        ));
     }
 }

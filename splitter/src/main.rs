@@ -85,7 +85,8 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     };
     let size = disk.size();
     let kind = disk.kind();
-    let server = Server::bind(disk, Arc::new(NoCapture), &cfg).context("cannot start the NBD server")?;
+    let server =
+        Server::bind(disk, Arc::new(NoCapture), &cfg).context("cannot start the NBD server")?;
     server
         .shutdown_handle()
         .on_signals()

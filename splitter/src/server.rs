@@ -224,7 +224,10 @@ impl Server {
         let mut conns: Vec<JoinHandle<()>> = Vec::new();
         let mut next_id = 0u64;
         let r = self.accept_loop(&mut conns, &mut next_id);
-        log::info!("shutting down: waiting for {} connection(s) to finish", conns.len());
+        log::info!(
+            "shutting down: waiting for {} connection(s) to finish",
+            conns.len()
+        );
         for c in conns {
             let _ = c.join();
         }

@@ -128,7 +128,10 @@ impl Splitter {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("splitter did not answer within 20 s; log:\n{}", self.log_text());
+        panic!(
+            "splitter did not answer within 20 s; log:\n{}",
+            self.log_text()
+        );
     }
 
     /// The NBD URI of the export.
@@ -181,7 +184,10 @@ impl Splitter {
             if Instant::now() > deadline {
                 let _ = c.kill();
                 let _ = c.wait();
-                panic!("splitter did not exit within 30 s of SIGTERM; log:\n{}", self.log_text());
+                panic!(
+                    "splitter did not exit within 30 s of SIGTERM; log:\n{}",
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -233,7 +239,11 @@ impl FuseLoopMount {
         let file = m.fuse_dir.join("nbd");
         let deadline = Instant::now() + Duration::from_secs(20);
         while !file.exists() {
-            assert!(Instant::now() < deadline, "nbdfuse did not expose {}", file.display());
+            assert!(
+                Instant::now() < deadline,
+                "nbdfuse did not expose {}",
+                file.display()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         let out = run(Command::new("losetup").arg("-f").arg("--show").arg(&file));
@@ -264,13 +274,24 @@ impl FuseLoopMount {
 impl Drop for FuseLoopMount {
     fn drop(&mut self) {
         if self.mounted {
-            let _ = Command::new("umount").arg("-l").arg(&self.mount_dir).status();
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(&self.mount_dir)
+                .status();
         }
         if let Some(d) = self.loop_dev.take() {
             let _ = Command::new("losetup").arg("-d").arg(&d).status();
         }
-        let _ = Command::new("fusermount3").arg("-u").arg(&self.fuse_dir).stderr(Stdio::null()).status();
-        let _ = Command::new("umount").arg("-l").arg(&self.fuse_dir).stderr(Stdio::null()).status();
+        let _ = Command::new("fusermount3")
+            .arg("-u")
+            .arg(&self.fuse_dir)
+            .stderr(Stdio::null())
+            .status();
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&self.fuse_dir)
+            .stderr(Stdio::null())
+            .status();
         if let Some(mut c) = self.nbdfuse.take() {
             let deadline = Instant::now() + Duration::from_secs(5);
             while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
