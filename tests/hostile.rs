@@ -270,7 +270,9 @@ fn pipelined_burst_without_reading_replies() {
     let mut sink = vec![0u8; 65536];
     let mut seen = vec![false; 2000];
     for _ in 0..2000u64 {
-        let (cookie, err) = c.raw_reply(&mut sink).unwrap();
+        let (cookie, err) = c
+            .raw_reply(&mut sink)
+            .unwrap_or_else(|e| panic!("{e}; splitter log:\n{}", s.log_text()));
         assert_eq!(err, None, "read {cookie} failed");
         seen[usize::try_from(cookie).unwrap()] = true;
     }

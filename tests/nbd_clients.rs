@@ -179,7 +179,9 @@ fn fio_verify_on_two_connections() {
     }
     let (dir, disk) = setup(128 * MIB);
     let s = Splitter::start(dir.path(), &disk, &[]);
+    // fio writes its verify state files into the working directory.
     let out = run(Command::new("fio")
+        .current_dir(dir.path())
         .arg("--name=verify")
         .arg("--ioengine=nbd")
         .arg(format!("--uri={}", s.uri()))

@@ -207,6 +207,12 @@ impl<'a> Connection<'a> {
         unsafe { self.ring.push(&e)? };
         self.shutdown_armed = true;
         loop {
+            // Sending first: a sent READ reply frees budget, which may let
+            // parse_input admit requests already buffered. Sending last: the
+            // replies parse_input queued at once (errors, block status) hold
+            // no budget. Waiting with budget free but requests left unparsed
+            // would wait forever.
+            self.send_output()?;
             self.parse_input();
             self.post_recv()?;
             self.send_output()?;
