@@ -1,0 +1,164 @@
+//! The consumer side: the shipper (or any drain) reads validated records in
+//! order and releases them once the receiver holds them durably. One
+//! consumer per ring at a time (enforced with a lock).
+
+use std::collections::VecDeque;
+use std::path::Path;
+
+use crate::bitmap::{self, Extent};
+use crate::error::{Error, Result};
+use crate::file::{RingFile, Role, Scanned};
+use crate::format::*;
+
+/// A record read from the ring, copied out of the shared mapping.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// Sequence number.
+    pub seq: u64,
+    /// What happened.
+    pub kind: Kind,
+    /// Disk offset.
+    pub offset: u64,
+    /// Disk bytes covered (MARK: name length).
+    pub len: u32,
+    /// Capture time, ns since the Unix epoch.
+    pub time_ns: u64,
+    /// The sequence jumped here (records were lost to a torn tail).
+    pub after_gap: bool,
+    /// WRITE data, or a MARK's name.
+    pub payload: Vec<u8>,
+}
+
+/// The reading side of a ring.
+pub struct Consumer {
+    rf: RingFile,
+    read_pos: u64,
+    read_seq: u64,
+    /// (seq, position after it) of records read and not yet released.
+    unreleased: VecDeque<(u64, u64)>,
+}
+
+impl std::fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consumer")
+            .field("path", &self.rf.path)
+            .field("read_seq", &self.read_seq)
+            .finish()
+    }
+}
+
+impl Consumer {
+    /// Open the ring at `path` as its one consumer.
+    pub fn open(path: &Path) -> Result<Consumer> {
+        let rf = RingFile::open(path)?;
+        rf.lock(Role::Consumer)?;
+        let read_pos = rf.get(live::TAIL);
+        let read_seq = rf.get(live::TAIL_SEQ);
+        Ok(Consumer {
+            rf,
+            read_pos,
+            read_seq,
+            unreleased: VecDeque::new(),
+        })
+    }
+
+    /// The disk id of the ring.
+    pub fn disk_id(&self) -> [u8; 16] {
+        self.rf.disk_id
+    }
+
+    /// The disk size the ring was made for.
+    pub fn disk_size(&self) -> u64 {
+        self.rf.layout.disk_size
+    }
+
+    /// Sequence number of the next record [`Consumer::read`] returns.
+    pub fn next_seq(&self) -> u64 {
+        self.read_seq
+    }
+
+    /// Append to `out` the published records after the last one read, at
+    /// most `max_records` and about `max_bytes` of payload. Returns how many
+    /// were appended (0: nothing new). A damaged record is an error naming
+    /// its offset; it is never skipped.
+    pub fn read(
+        &mut self,
+        max_records: usize,
+        max_bytes: usize,
+        out: &mut Vec<Record>,
+    ) -> Result<usize> {
+        let head = self.rf.get(live::HEAD);
+        let mut n = 0;
+        let mut bytes = 0usize;
+        let mut payload = Vec::new();
+        while self.read_pos < head && n < max_records && (n == 0 || bytes < max_bytes) {
+            match self
+                .rf
+                .read_record(self.read_pos, self.read_seq, &mut payload)
+            {
+                Scanned::Skip(size) => self.read_pos += size,
+                Scanned::Record(h, size) => {
+                    self.read_pos += size;
+                    self.read_seq = h.seq + 1;
+                    self.unreleased.push_back((h.seq, self.read_pos));
+                    bytes += payload.len();
+                    out.push(Record {
+                        seq: h.seq,
+                        kind: h.kind,
+                        offset: h.offset,
+                        len: h.len,
+                        time_ns: h.time_ns,
+                        after_gap: h.flags & FLAG_AFTER_GAP != 0,
+                        payload: std::mem::take(&mut payload),
+                    });
+                    n += 1;
+                }
+                Scanned::Invalid(reason) => {
+                    return Err(Error::Corrupt {
+                        path: self.rf.path.clone(),
+                        file_offset: self.rf.file_offset(self.read_pos),
+                        expected_seq: self.read_seq,
+                        reason,
+                    })
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    /// Release every record up to and including `seq`: the receiver holds
+    /// them durably, so their space may be reused. The new tail is made
+    /// durable before the producer may overwrite the space.
+    pub fn release(&mut self, seq: u64) -> Result<()> {
+        let mut new_tail = None;
+        while let Some(&(s, end)) = self.unreleased.front() {
+            if s > seq {
+                break;
+            }
+            new_tail = Some((end, s + 1));
+            self.unreleased.pop_front();
+        }
+        let Some((tail, tail_seq)) = new_tail else {
+            return Ok(());
+        };
+        self.rf.set(live::TAIL_SEQ, tail_seq);
+        self.rf.set(live::TAIL, tail);
+        self.rf.sync_header().map_err(|source| Error::Io {
+            path: self.rf.path.clone(),
+            what: "syncing the released tail",
+            source,
+        })?;
+        self.rf.set(live::DURABLE_TAIL, tail);
+        Ok(())
+    }
+
+    /// The dirty extents (changes that overflowed the ring).
+    pub fn dirty_extents(&self) -> Vec<Extent> {
+        bitmap::extents(&self.rf)
+    }
+
+    /// Clear dirty extents once the receiver holds them durably (resync).
+    pub fn clear_dirty(&self, offset: u64, len: u64) {
+        bitmap::clear(&self.rf, offset, len);
+    }
+}

@@ -1,0 +1,440 @@
+//! The producer side: the splitter appends every change, in one total order
+//! across all its connections; records that do not fit go to the dirty
+//! bitmap (or, with [`FullPolicy::Block`], the writer waits for room).
+
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::bitmap::{self, Extent};
+use crate::error::{Error, Result};
+use crate::file::{wall_clock_ns, CreateOptions, DiskIdentity, RingFile, Role, Scanned};
+use crate::format::*;
+
+/// What to do when a record does not fit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FullPolicy {
+    /// Mark the extent in the dirty bitmap and go on (contract 4: writes
+    /// never wait on the network).
+    Bitmap,
+    /// Wait until the consumer releases room.
+    Block,
+}
+
+/// One change to capture.
+#[derive(Debug, Clone, Copy)]
+pub enum Change<'a> {
+    /// `data` written at `offset`.
+    Write {
+        /// Disk offset.
+        offset: u64,
+        /// The bytes written.
+        data: &'a [u8],
+    },
+    /// `len` bytes at `offset` discarded.
+    Trim {
+        /// Disk offset.
+        offset: u64,
+        /// Length.
+        len: u32,
+    },
+    /// `len` bytes at `offset` zeroed.
+    Zero {
+        /// Disk offset.
+        offset: u64,
+        /// Length.
+        len: u32,
+    },
+    /// A named point in the stream.
+    Mark {
+        /// The name (at most 4096 bytes).
+        name: &'a str,
+    },
+}
+
+/// Where a change went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Appended {
+    /// Recorded with this sequence number.
+    Record(u64),
+    /// Did not fit: its extent is marked in the dirty bitmap.
+    Overflowed,
+}
+
+/// The byte ranges of the ring file a sync must make durable, and the
+/// position it makes durable when they all are.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SyncPlan {
+    /// Producer position covered when every range is durable.
+    pub head: u64,
+    /// (file offset, length) ranges; lengths fit `u32`.
+    pub ranges: Vec<(u64, u32)>,
+}
+
+struct State {
+    head: u64,
+    next_seq: u64,
+    after_gap: bool,
+    /// Start of the bytes not yet covered by a completed sync.
+    synced: u64,
+}
+
+/// The writing side of a ring. One per ring (enforced with a lock); shared
+/// by all of the splitter's connections (`&self` methods, internally locked).
+pub struct Producer {
+    rf: RingFile,
+    state: Mutex<State>,
+    policy: FullPolicy,
+}
+
+impl std::fmt::Debug for Producer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Producer")
+            .field("path", &self.rf.path)
+            .finish()
+    }
+}
+
+/// What recovery found when a producer opened an existing ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Recovery {
+    /// Records found valid beyond the saved head (written, cursor not saved).
+    pub bytes_recovered: u64,
+    /// Bytes of a torn tail that were cut off.
+    pub bytes_cut: u64,
+    /// Sequence numbers were lost with the tail: the next record says so.
+    pub gap: bool,
+}
+
+impl Producer {
+    /// Open the ring at `path` for `disk`, creating it with `opts` when the
+    /// file does not exist. An existing ring is recovered (see
+    /// [`Producer::recovery`] for what was found).
+    pub fn open_or_create(
+        path: &Path,
+        opts: &CreateOptions,
+        disk: &DiskIdentity,
+        policy: FullPolicy,
+    ) -> Result<(Producer, Recovery)> {
+        let rf = if path.exists() {
+            let rf = RingFile::open(path)?;
+            rf.check_disk(disk)?;
+            rf
+        } else {
+            let rf = RingFile::create(path, opts, disk)?;
+            log::info!(
+                "created ring {} for disk {}: {} bytes of records, dirty bitmap at {} bytes per bit",
+                path.display(),
+                crate::uuid_string(&rf.disk_id),
+                rf.layout.capacity,
+                rf.layout.granularity
+            );
+            rf
+        };
+        rf.lock(Role::Producer)?;
+        let rec = recover(&rf)?;
+        let head = rf.get(live::HEAD);
+        let next_seq = rf.get(live::NEXT_SEQ);
+        let after_gap = rec.gap;
+        rf.set(live::PRODUCER_PID, u64::from(std::process::id()));
+        let p = Producer {
+            state: Mutex::new(State {
+                head,
+                next_seq,
+                after_gap,
+                synced: rf.get(live::SYNCED_HEAD).min(head),
+            }),
+            rf,
+            policy,
+        };
+        Ok((p, rec))
+    }
+
+    /// The disk id this ring was created for.
+    pub fn disk_id(&self) -> [u8; 16] {
+        self.rf.disk_id
+    }
+
+    /// The ring file's descriptor (for syncing its ranges with io_uring).
+    pub fn fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.rf.file.as_raw_fd()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the ring inconsistent:
+        // the published cursor only moves after a record is complete.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Append one change. Total order: records get consecutive sequence
+    /// numbers in the order calls take the internal lock.
+    pub fn append(&self, change: Change<'_>) -> Result<Appended> {
+        let (kind, offset, len, payload): (Kind, u64, u32, &[u8]) = match change {
+            Change::Write { offset, data } => {
+                let len = u32::try_from(data.len())
+                    .map_err(|_| self.invalid("write larger than 4 GiB"))?;
+                (Kind::Write, offset, len, data)
+            }
+            Change::Trim { offset, len } => (Kind::Trim, offset, len, &[]),
+            Change::Zero { offset, len } => (Kind::Zero, offset, len, &[]),
+            Change::Mark { name } => {
+                if name.len() > 4096 {
+                    return Err(self.invalid("mark names are at most 4096 bytes"));
+                }
+                // At most 4096, checked above.
+                (
+                    Kind::Mark,
+                    0,
+                    u32::try_from(name.len()).unwrap_or(0),
+                    name.as_bytes(),
+                )
+            }
+        };
+        if kind != Kind::Mark
+            && (len == 0
+                || offset
+                    .checked_add(u64::from(len))
+                    .is_none_or(|e| e > self.rf.layout.disk_size))
+        {
+            return Err(self.invalid("change outside the disk"));
+        }
+        let payload_len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
+        let need = record_size(payload_len);
+        let cap = self.rf.layout.capacity;
+        let mut st = self.lock();
+        let pad = loop {
+            let off = offset_of(st.head, cap);
+            let room = cap - off;
+            let pad = if need > room { room } else { 0 };
+            let durable_tail = self.rf.get(live::DURABLE_TAIL);
+            let fits = need <= cap && st.head + pad + need - durable_tail <= cap;
+            if fits {
+                break pad;
+            }
+            let empty = st.head == durable_tail;
+            if self.policy == FullPolicy::Block && !empty {
+                drop(st);
+                std::thread::sleep(Duration::from_micros(500));
+                st = self.lock();
+                continue;
+            }
+            drop(st);
+            return Ok(self.overflow(kind, offset, len));
+        };
+        let time_ns = wall_clock_ns();
+        if pad >= RECORD_HEADER_LEN as u64 {
+            let h = RecordHeader {
+                kind: Kind::Pad,
+                flags: 0,
+                seq: st.next_seq,
+                offset: 0,
+                // pad < capacity, and the ring's capacity is far below 4 GiB
+                // per record; a PAD's len is the room left, at most `need`.
+                len: u32::try_from(pad).unwrap_or(u32::MAX),
+                payload_len: 0,
+                time_ns,
+                crc: 0,
+            };
+            self.rf.write_at(st.head, &h.encode(&[]));
+        }
+        let pos = st.head + pad;
+        let seq = st.next_seq;
+        let h = RecordHeader {
+            kind,
+            flags: if st.after_gap { FLAG_AFTER_GAP } else { 0 },
+            seq,
+            offset,
+            len: if kind == Kind::Mark { payload_len } else { len },
+            payload_len,
+            time_ns,
+            crc: 0,
+        };
+        self.rf.write_at(pos, &h.encode(payload));
+        if !payload.is_empty() {
+            self.rf.write_at(pos + RECORD_HEADER_LEN as u64, payload);
+        }
+        st.head = pos + need;
+        st.next_seq += 1;
+        st.after_gap = false;
+        // Publish: the consumer reads HEAD with Acquire and then the bytes.
+        self.rf.set(live::NEXT_SEQ, st.next_seq);
+        self.rf.set(live::HEAD, st.head);
+        Ok(Appended::Record(seq))
+    }
+
+    fn overflow(&self, kind: Kind, offset: u64, len: u32) -> Appended {
+        if matches!(kind, Kind::Write | Kind::Trim | Kind::Zero) {
+            bitmap::mark(&self.rf, offset, u64::from(len));
+        }
+        if self.rf.get(live::STATE) & STATE_OVERFLOW == 0 {
+            let now = wall_clock_ns();
+            let _ = self.rf.shm.atomic(live::OVERFLOW_SINCE).compare_exchange(
+                0,
+                now,
+                std::sync::atomic::Ordering::AcqRel,
+                std::sync::atomic::Ordering::Acquire,
+            );
+            self.rf.set_bits(live::STATE, STATE_OVERFLOW);
+            log::warn!(
+                "ring {} is full: changes now go to the dirty bitmap ({} bytes per bit) until the shipper catches up and resyncs them",
+                self.rf.path.display(),
+                self.rf.layout.granularity
+            );
+        }
+        Appended::Overflowed
+    }
+
+    fn invalid(&self, reason: &str) -> Error {
+        Error::Invalid {
+            path: self.rf.path.clone(),
+            reason: reason.into(),
+        }
+    }
+
+    /// What a sync must cover now: the records appended since the last
+    /// completed sync, and the header page (cursors, state, bitmap is
+    /// included whole when overflowed).
+    pub fn sync_plan(&self) -> SyncPlan {
+        let st = self.lock();
+        let cap = self.rf.layout.capacity;
+        let mut ranges = Vec::with_capacity(4);
+        let mut from = st.synced.max(st.head.saturating_sub(cap));
+        while from < st.head {
+            let off = offset_of(from, cap);
+            let n = (st.head - from).min(cap - off).min(1 << 30);
+            // n <= 1 GiB.
+            ranges.push((
+                self.rf.layout.data_offset + off,
+                u32::try_from(n).unwrap_or(1 << 30),
+            ));
+            from += n;
+        }
+        ranges.push((0, 4096));
+        if self.rf.get(live::STATE) & STATE_OVERFLOW != 0 {
+            let mut at = self.rf.layout.bitmap_offset;
+            let end = at + self.rf.layout.bitmap_len;
+            while at < end {
+                let n = (end - at).min(1 << 30);
+                ranges.push((at, u32::try_from(n).unwrap_or(1 << 30)));
+                at += n;
+            }
+        }
+        SyncPlan {
+            head: st.head,
+            ranges,
+        }
+    }
+
+    /// Every range of `plan` is durable: records before `plan.head` survive
+    /// a power cut, and recovery may treat damage before it as corruption.
+    pub fn synced(&self, plan: &SyncPlan) {
+        let mut st = self.lock();
+        if plan.head > st.synced {
+            st.synced = plan.head;
+            self.rf
+                .shm
+                .atomic(live::SYNCED_HEAD)
+                .fetch_max(plan.head, std::sync::atomic::Ordering::AcqRel);
+        }
+    }
+
+    /// Make everything appended so far durable, synchronously (msync).
+    pub fn sync(&self) -> Result<()> {
+        let plan = self.sync_plan();
+        for &(off, len) in &plan.ranges {
+            let off = usize::try_from(off).unwrap_or(usize::MAX);
+            self.rf
+                .shm
+                .sync(off, len as usize)
+                .map_err(|source| Error::Io {
+                    path: self.rf.path.clone(),
+                    what: "syncing",
+                    source,
+                })?;
+        }
+        self.synced(&plan);
+        Ok(())
+    }
+
+    /// The dirty extents (overflowed changes not yet resynced).
+    pub fn dirty_extents(&self) -> Vec<Extent> {
+        bitmap::extents(&self.rf)
+    }
+}
+
+/// Find the true end of the records after the header's cursors may have gone
+/// stale (crash, power cut): scan from the consumer's tail, validating each
+/// record's checksum and the sequence continuity.
+fn recover(rf: &RingFile) -> Result<Recovery> {
+    let cap = rf.layout.capacity;
+    let tail = rf.get(live::TAIL);
+    let tail_seq = rf.get(live::TAIL_SEQ);
+    let saved_head = rf.get(live::HEAD);
+    let saved_next = rf.get(live::NEXT_SEQ);
+    let synced = rf.get(live::SYNCED_HEAD);
+    if rf.get(live::DURABLE_TAIL) > tail || tail_seq == 0 {
+        return Err(Error::NotARing {
+            path: rf.path.clone(),
+            reason: "inconsistent cursors in the header".into(),
+        });
+    }
+    let mut pos = tail;
+    let mut end = tail;
+    let mut expect = tail_seq;
+    let mut payload = Vec::new();
+    let mut why_stopped = String::new();
+    while pos - tail < cap {
+        match rf.read_record(pos, expect, &mut payload) {
+            Scanned::Record(h, size) => {
+                pos += size;
+                end = pos;
+                expect = h.seq + 1;
+            }
+            Scanned::Skip(size) => pos += size,
+            Scanned::Invalid(why) => {
+                why_stopped = why;
+                break;
+            }
+        }
+    }
+    if end < synced {
+        return Err(Error::Corrupt {
+            path: rf.path.clone(),
+            file_offset: rf.file_offset(end),
+            expected_seq: expect,
+            reason: why_stopped,
+        });
+    }
+    let mut rec = Recovery::default();
+    if end < saved_head {
+        rec.bytes_cut = saved_head - end;
+        let lost = saved_next.saturating_sub(expect);
+        log::warn!(
+            "ring {}: cut a torn tail of {} bytes ({} records after seq {}) at file offset {}: {}; the replica must be verified against the disk",
+            rf.path.display(),
+            rec.bytes_cut,
+            lost,
+            expect.saturating_sub(1),
+            rf.file_offset(end),
+            why_stopped
+        );
+        rf.set_bits(live::STATE, STATE_NEEDS_VERIFY);
+        rf.shm
+            .atomic(live::RECORDS_LOST)
+            .fetch_add(lost, std::sync::atomic::Ordering::AcqRel);
+    } else if end > saved_head {
+        rec.bytes_recovered = end - saved_head;
+        log::info!(
+            "ring {}: found {} bytes of complete records beyond the saved head",
+            rf.path.display(),
+            rec.bytes_recovered
+        );
+    }
+    rec.gap = saved_next > expect;
+    rf.set(live::HEAD, end);
+    rf.set(live::NEXT_SEQ, expect.max(saved_next));
+    Ok(rec)
+}

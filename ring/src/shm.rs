@@ -1,0 +1,79 @@
+//! The shared mapping of a ring file: the one module where the ring uses
+//! `unsafe`. Another process maps the same bytes, so nothing here hands out
+//! `&[u8]` or `&mut [u8]` over the mapping: bytes are copied in and out with
+//! raw pointers, and the cursors are atomics (`AtomicU64` is sound over
+//! shared memory: it only ever accesses the bytes atomically).
+
+use std::fs::File;
+use std::io;
+use std::sync::atomic::AtomicU64;
+
+use memmap2::{MmapOptions, MmapRaw};
+
+/// A read-write shared mapping of a whole ring file.
+#[derive(Debug)]
+pub(crate) struct Shm {
+    map: MmapRaw,
+}
+
+impl Shm {
+    /// Map the first `len` bytes of `file` shared, read-write.
+    pub(crate) fn map(file: &File, len: u64) -> io::Result<Shm> {
+        let len = usize::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+        let map = MmapOptions::new().len(len).map_raw(file)?;
+        Ok(Shm { map })
+    }
+
+    /// Panics unless `off..off+n` is inside the mapping. Every caller derives
+    /// offsets from a header validated against the file size at open, so a
+    /// failure here is a bug in this crate, not bad input.
+    fn check(&self, off: usize, n: usize) {
+        let end = off.checked_add(n).expect("ring offset overflow (bug)");
+        assert!(
+            end <= self.map.len(),
+            "ring access {off}+{n} past mapping of {} (bug)",
+            self.map.len()
+        );
+    }
+
+    /// The u64 atomic at `off` (8-byte aligned, inside the header).
+    pub(crate) fn atomic(&self, off: usize) -> &AtomicU64 {
+        self.check(off, 8);
+        assert!(off.is_multiple_of(8), "unaligned ring atomic at {off} (bug)");
+        // SAFETY: the range is inside the mapping (checked) and 8-byte
+        // aligned (the mapping is page aligned, `off` is a multiple of 8);
+        // the mapping lives as long as `self`, which the returned reference
+        // borrows. Every access to these bytes, in any process, is atomic.
+        unsafe { &*(self.map.as_mut_ptr().add(off).cast::<AtomicU64>()) }
+    }
+
+    /// Copy `src` into the mapping at `off`.
+    pub(crate) fn write(&self, off: usize, src: &[u8]) {
+        self.check(off, src.len());
+        // SAFETY: the destination range is inside the mapping (checked) and
+        // cannot overlap `src`, which is ordinary memory of this process.
+        // The ring protocol gives the producer exclusive use of unpublished
+        // bytes, so no other party reads them concurrently by design.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.as_ptr(), self.map.as_mut_ptr().add(off), src.len());
+        }
+    }
+
+    /// Copy bytes at `off` out of the mapping into `dst`.
+    pub(crate) fn read(&self, off: usize, dst: &mut [u8]) {
+        self.check(off, dst.len());
+        // SAFETY: the source range is inside the mapping (checked); `dst` is
+        // ordinary memory of this process and cannot overlap it. Bytes the
+        // other side may be changing are only read into our copy, which is
+        // validated (checksum) before use.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.map.as_ptr().add(off), dst.as_mut_ptr(), dst.len());
+        }
+    }
+
+    /// Write back `off..off+len` to the file and wait (msync MS_SYNC).
+    pub(crate) fn sync(&self, off: usize, len: usize) -> io::Result<()> {
+        self.check(off, len);
+        self.map.flush_range(off, len)
+    }
+}

@@ -1,0 +1,266 @@
+//! Crash recovery, corruption, identity, role locks and overflow of a ring
+//! file, driven through the public API and by damaging the file itself.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly on any error
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use ring::{Appended, Change, Consumer, CreateOptions, DiskIdentity, Error, FullPolicy, Producer};
+
+fn disk(size: u64) -> DiskIdentity {
+    DiskIdentity {
+        size,
+        fingerprint: [1, 2],
+        path: "/dev/test".into(),
+    }
+}
+
+const OPTS: CreateOptions = CreateOptions {
+    capacity: 256 * 1024,
+    granularity: 64 * 1024,
+    disk_holds_data: false,
+};
+
+fn producer(path: &Path) -> ring::Result<(Producer, ring::Recovery)> {
+    Producer::open_or_create(path, &OPTS, &disk(1 << 30), FullPolicy::Bitmap)
+}
+
+fn write(p: &Producer, i: u64) -> u64 {
+    let data = vec![u8::try_from(i % 251).unwrap(); 1000];
+    match p
+        .append(Change::Write {
+            offset: i * 4096,
+            data: &data,
+        })
+        .unwrap()
+    {
+        Appended::Record(s) => s,
+        Appended::Overflowed => panic!("unexpected overflow"),
+    }
+}
+
+fn flip(path: &Path, file_offset: u64) {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, file_offset).unwrap();
+    b[0] ^= 0x5a;
+    f.write_all_at(&b, file_offset).unwrap();
+}
+
+#[test]
+fn torn_tail_is_cut_and_the_sequence_goes_on_after_a_gap() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ring");
+    {
+        let (p, _) = producer(&path).unwrap();
+        for i in 0..10 {
+            write(&p, i);
+        }
+        p.sync().unwrap(); // records 1..=10 durable
+        for i in 10..13 {
+            write(&p, i);
+        }
+    }
+    // Damage the payload of record 12 (after the durable point).
+    let (entries, _) = ring::dump(&path, Some(12), 1).unwrap();
+    flip(&path, entries[0].file_offset + 100);
+    let (p, rec) = producer(&path).unwrap();
+    assert!(rec.bytes_cut > 0 && rec.gap, "{rec:?}");
+    let st = ring::status(&path).unwrap();
+    assert!(st.needs_verify && st.records_lost == 2, "{st:?}");
+    // Sequence numbers are never reused: the next record is 14, marked.
+    assert_eq!(write(&p, 20), 14);
+    let mut c = Consumer::open(&path).unwrap();
+    let mut got = Vec::new();
+    c.read(100, usize::MAX, &mut got).unwrap();
+    let seqs: Vec<u64> = got.iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, (1..=11).chain([14]).collect::<Vec<_>>());
+    assert!(got.last().unwrap().after_gap);
+    assert!(!got[0].after_gap);
+}
+
+#[test]
+fn corruption_before_the_durable_point_is_an_error_naming_the_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ring");
+    {
+        let (p, _) = producer(&path).unwrap();
+        for i in 0..10 {
+            write(&p, i);
+        }
+        p.sync().unwrap();
+    }
+    let (entries, _) = ring::dump(&path, Some(5), 1).unwrap();
+    let at = entries[0].file_offset;
+    flip(&path, at + 60);
+    match producer(&path) {
+        Err(Error::Corrupt {
+            file_offset,
+            expected_seq,
+            ..
+        }) => {
+            assert_eq!((file_offset, expected_seq), (at, 5));
+        }
+        other => panic!("expected a corruption error, got {other:?}"),
+    }
+    // A consumer reading past it stops with the same kind of error.
+    let mut c = Consumer::open(&path).unwrap();
+    let mut got = Vec::new();
+    let err = c.read(100, usize::MAX, &mut got).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Corrupt {
+                expected_seq: 5,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(got.len(), 4);
+    let msg = err.to_string();
+    assert!(msg.contains(&format!("file offset {at}")), "{msg}");
+}
+
+#[test]
+fn a_damaged_header_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ring");
+    drop(producer(&path).unwrap());
+    flip(&path, 20);
+    let err = producer(&path).unwrap_err();
+    assert!(matches!(err, Error::NotARing { .. }), "{err}");
+    std::fs::write(dir.path().join("junk"), b"hello").unwrap();
+    let err = producer(&dir.path().join("junk")).unwrap_err();
+    assert!(err.to_string().contains("not a blockship ring"), "{err}");
+}
+
+#[test]
+fn another_disk_or_a_resized_disk_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ring");
+    drop(producer(&path).unwrap());
+    let other = DiskIdentity {
+        fingerprint: [9, 9],
+        ..disk(1 << 30)
+    };
+    let err = Producer::open_or_create(&path, &OPTS, &other, FullPolicy::Bitmap).unwrap_err();
+    assert!(matches!(err, Error::WrongDisk { .. }), "{err}");
+    let err =
+        Producer::open_or_create(&path, &OPTS, &disk(2 << 30), FullPolicy::Bitmap).unwrap_err();
+    assert!(err.to_string().contains("size changed"), "{err}");
+}
+
+#[test]
+fn one_producer_and_one_consumer_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ring");
+    let (_p, _) = producer(&path).unwrap();
+    assert!(matches!(
+        producer(&path),
+        Err(Error::Busy {
+            role: "producer",
+            ..
+        })
+    ));
+    let _c = Consumer::open(&path).unwrap();
+    assert!(matches!(
+        Consumer::open(&path),
+        Err(Error::Busy {
+            role: "consumer",
+            ..
+        })
+    ));
+}
+
+#[test]
+fn overflow_marks_the_bitmap_and_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ring");
+    let (p, _) = producer(&path).unwrap();
+    let data = vec![1u8; 64 * 1024];
+    let mut overflowed = Vec::new();
+    for i in 0..16u64 {
+        let offset = i * (1 << 20);
+        if p.append(Change::Write {
+            offset,
+            data: &data,
+        })
+        .unwrap()
+            == Appended::Overflowed
+        {
+            overflowed.push(offset);
+        }
+    }
+    assert!(!overflowed.is_empty());
+    // From the first overflow on, with no consumer, everything overflows.
+    let first = overflowed[0];
+    assert_eq!(
+        overflowed,
+        (first / (1 << 20)..16)
+            .map(|i| i * (1 << 20))
+            .collect::<Vec<_>>()
+    );
+    drop(p);
+    let (p, _) = producer(&path).unwrap();
+    let dirty = p.dirty_extents();
+    let want: Vec<ring::Extent> = overflowed
+        .iter()
+        .map(|&offset| ring::Extent {
+            offset,
+            len: 64 * 1024,
+        })
+        .collect();
+    assert_eq!(
+        dirty, want,
+        "the bitmap covers exactly the overflowed writes"
+    );
+    let st = ring::status(&path).unwrap();
+    assert!(st.overflow && st.overflow_since_ns.is_some());
+    assert_eq!(st.dirty_bytes, 64 * 1024 * overflowed.len() as u64);
+    // A resync clears bits once the replica holds the data.
+    let c = Consumer::open(&path).unwrap();
+    c.clear_dirty(first, 64 * 1024);
+    assert_eq!(p.dirty_extents().len(), overflowed.len() - 1);
+}
+
+#[test]
+fn blocking_policy_waits_for_the_consumer() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ring");
+    let (p, _) = Producer::open_or_create(&path, &OPTS, &disk(1 << 30), FullPolicy::Block).unwrap();
+    let path2 = path.clone();
+    let drain = std::thread::spawn(move || {
+        let mut c = Consumer::open(&path2).unwrap();
+        let mut seen = 0u64;
+        let mut got = Vec::new();
+        while seen < 200 {
+            got.clear();
+            if c.read(8, usize::MAX, &mut got).unwrap() == 0 {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+                continue;
+            }
+            for r in &got {
+                seen += 1;
+                assert_eq!(r.seq, seen);
+            }
+            c.release(seen).unwrap();
+        }
+    });
+    let data = vec![3u8; 16 * 1024];
+    for i in 0..200u64 {
+        let r = p
+            .append(Change::Write {
+                offset: i * 16384,
+                data: &data,
+            })
+            .unwrap();
+        assert_eq!(r, Appended::Record(i + 1), "block mode never overflows");
+    }
+    drain.join().unwrap();
+}
