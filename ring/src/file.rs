@@ -38,6 +38,10 @@ pub struct Layout {
     pub granularity: u64,
     /// Size of the disk.
     pub disk_size: u64,
+    /// File offset of the in-flight table.
+    pub inflight_offset: u64,
+    /// Entries in the in-flight table.
+    pub inflight_entries: u64,
 }
 
 /// Options for a new ring.
@@ -147,8 +151,10 @@ impl RingFile {
             bitmap_len,
             granularity: opts.granularity,
             disk_size: disk.size,
+            inflight_offset: HEADER_LEN + capacity + bitmap_len,
+            inflight_entries: LANES * LANE_ENTRIES,
         };
-        let total = layout.bitmap_offset + bitmap_len;
+        let total = layout.inflight_offset + layout.inflight_entries * INFLIGHT_ENTRY_LEN;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -190,6 +196,8 @@ impl RingFile {
             (hdr::FINGERPRINT_A, disk.fingerprint[0]),
             (hdr::FINGERPRINT_B, disk.fingerprint[1]),
             (hdr::CREATED, now_ns()),
+            (hdr::INFLIGHT_OFFSET, layout.inflight_offset),
+            (hdr::INFLIGHT_ENTRIES, layout.inflight_entries),
         ] {
             h[at..at + 8].copy_from_slice(&v.to_le_bytes());
         }
@@ -272,7 +280,13 @@ impl RingFile {
             bitmap_len: u64_le(&h, hdr::BITMAP_LEN),
             granularity: u64::from(u32_le(&h, hdr::GRANULARITY)),
             disk_size: u64_le(&h, hdr::DISK_SIZE),
+            inflight_offset: u64_le(&h, hdr::INFLIGHT_OFFSET),
+            inflight_entries: u64_le(&h, hdr::INFLIGHT_ENTRIES),
         };
+        let inflight_end = layout
+            .inflight_entries
+            .checked_mul(INFLIGHT_ENTRY_LEN)
+            .and_then(|n| n.checked_add(layout.inflight_offset));
         let sane = layout.capacity >= MIN_CAPACITY
             && layout.capacity.is_multiple_of(PAGE)
             && layout.data_offset == HEADER_LEN
@@ -296,7 +310,7 @@ impl RingFile {
             .position(|&b| b == 0)
             .unwrap_or(raw_path.len());
         let disk_path = String::from_utf8_lossy(&raw_path[..end]).into_owned();
-        let total = layout.bitmap_offset + layout.bitmap_len;
+        let total = inflight_end.unwrap_or(file_len);
         let shm = Shm::map(&file, total).map_err(io_err(path, "mapping"))?;
         Ok(RingFile {
             file,
@@ -452,6 +466,14 @@ impl RingFile {
         } else {
             Scanned::Record(h, size)
         }
+    }
+
+    /// The (offset, length) atomics of in-flight entry `i`.
+    pub fn inflight_entry(&self, i: u64) -> (&std::sync::atomic::AtomicU64, &std::sync::atomic::AtomicU64) {
+        let at = self.layout.inflight_offset + i.min(self.layout.inflight_entries - 1) * INFLIGHT_ENTRY_LEN;
+        // Inside the mapped file (validated at open).
+        let at = usize::try_from(at).unwrap_or(usize::MAX);
+        (self.shm.atomic(at), self.shm.atomic(at + 8))
     }
 
     /// Msync the header page.

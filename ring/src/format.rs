@@ -37,7 +37,9 @@ pub const MIN_CAPACITY: u64 = 64 * 1024;
 //   88   8     disk fingerprint B (st_ino of a file; 0 for a block device)
 //   96   8     created, ns since the Unix epoch
 //   104  256   disk path at creation (UTF-8, NUL padded; informational)
-//   360  148   reserved (0)
+//   360  8     in-flight table offset (bitmap offset + bitmap length)
+//   368  8     in-flight table entries (lanes x LANE_ENTRIES)
+//   376  132   reserved (0)
 //   508  4     crc32c of bytes 0..508
 pub(crate) mod hdr {
     pub const MAGIC: usize = 0;
@@ -55,6 +57,8 @@ pub(crate) mod hdr {
     pub const CREATED: usize = 96;
     pub const DISK_PATH: usize = 104;
     pub const DISK_PATH_LEN: usize = 256;
+    pub const INFLIGHT_OFFSET: usize = 360;
+    pub const INFLIGHT_ENTRIES: usize = 368;
     pub const STATIC_CRC: usize = 508;
     pub const STATIC_LEN: usize = 512;
 }
@@ -71,6 +75,7 @@ pub(crate) mod hdr {
 //   960   overflow_since  ns since the Unix epoch of the first overflow (0: none)
 //   1024  producer_pid  informational
 //   1088  records_lost  records cut from a torn tail at recovery (cumulative)
+//   1152  boot_id       16 bytes: /proc/sys/kernel/random/boot_id of the producer's boot
 /// Byte offsets of the live header fields.
 pub(crate) mod live {
     pub const HEAD: usize = 512;
@@ -83,16 +88,36 @@ pub(crate) mod live {
     pub const OVERFLOW_SINCE: usize = 960;
     pub const PRODUCER_PID: usize = 1024;
     pub const RECORDS_LOST: usize = 1088;
+    pub const BOOT_ID: usize = 1152;
 }
+
+// Format: in-flight table (after the bitmap). Entries of two little-endian
+// u64 atomics: disk offset, then length (0 = free). A front end marks a change
+// here before it touches the disk and clears it once the change is in the
+// ring: after a crash, what is still marked may be on the disk without being
+// in the ring, and goes to the dirty bitmap. Lanes of LANE_ENTRIES entries
+// belong to one connection each.
+/// Entries per lane (one lane per front-end connection).
+pub const LANE_ENTRIES: u64 = 128;
+/// Lanes in a ring file.
+pub const LANES: u64 = 256;
+/// Bytes per in-flight entry.
+pub const INFLIGHT_ENTRY_LEN: u64 = 16;
 
 /// State flag: records did not fit; the dirty bitmap holds their extents.
 pub const STATE_OVERFLOW: u64 = 1 << 0;
 /// State flag: the disk held data when the ring was created, so a replica
 /// needs an initial full copy before the ring alone can keep it exact.
 pub const STATE_NEEDS_INITIAL_SYNC: u64 = 1 << 1;
-/// State flag: recovery cut records from a torn tail; their extents are
-/// unknown, so source and replica must be compared (verify).
+/// State flag: recovery cut records from a torn tail, or the machine
+/// restarted without a clean shutdown; changes may be missing whose extents
+/// are unknown, so source and replica must be compared (verify).
 pub const STATE_NEEDS_VERIFY: u64 = 1 << 2;
+/// State flag: the producer closed cleanly (nothing was in flight).
+pub const STATE_CLEAN: u64 = 1 << 3;
+/// State flag: a crash left changes on the disk that may not be in the
+/// ring; their extents were moved to the dirty bitmap.
+pub const STATE_CRASH_DIRTY: u64 = 1 << 4;
 
 // Format: record header (48 bytes), at an 8-byte aligned data-area offset;
 // a record never wraps: when it does not fit before the end of the data

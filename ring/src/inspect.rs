@@ -45,6 +45,10 @@ pub struct Status {
     pub records_lost: u64,
     /// Process id of the last producer.
     pub producer_pid: u64,
+    /// A crash left extents in the dirty bitmap.
+    pub crash_dirty: bool,
+    /// The last producer closed cleanly.
+    pub clean: bool,
 }
 
 /// Read a ring's status.
@@ -92,6 +96,8 @@ pub fn status(path: &Path) -> Result<Status> {
         needs_verify: state & STATE_NEEDS_VERIFY != 0,
         records_lost: rf.get(live::RECORDS_LOST),
         producer_pid: rf.get(live::PRODUCER_PID),
+        crash_dirty: state & STATE_CRASH_DIRTY != 0,
+        clean: state & STATE_CLEAN != 0,
     })
 }
 

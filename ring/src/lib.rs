@@ -37,4 +37,4 @@ pub use error::{Error, Result};
 pub use file::{uuid_string, wall_clock_ns, CreateOptions, DiskIdentity, Layout};
 pub use format::Kind;
 pub use inspect::{dump, status, DumpEntry, Status};
-pub use producer::{Appended, Change, FullPolicy, Producer, Recovery, SyncPlan};
+pub use producer::{Appended, Change, FullPolicy, Lane, Producer, Recovery, SyncPlan};

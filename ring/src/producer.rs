@@ -85,7 +85,14 @@ pub struct Producer {
     rf: RingFile,
     state: Mutex<State>,
     policy: FullPolicy,
+    /// Free in-flight lanes.
+    lanes: Mutex<Vec<u64>>,
 }
+
+/// A connection's lane in the in-flight table: `LANE_ENTRIES` entries, one
+/// per request slot. Give it back with [`Producer::release_lane`].
+#[derive(Debug)]
+pub struct Lane(u64);
 
 impl std::fmt::Debug for Producer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -104,6 +111,10 @@ pub struct Recovery {
     pub bytes_cut: u64,
     /// Sequence numbers were lost with the tail: the next record says so.
     pub gap: bool,
+    /// Changes that were in flight at a crash, moved to the dirty bitmap.
+    pub inflight_marked: u64,
+    /// The producer had not closed cleanly.
+    pub unclean: bool,
 }
 
 impl Producer {
@@ -116,7 +127,8 @@ impl Producer {
         disk: &DiskIdentity,
         policy: FullPolicy,
     ) -> Result<(Producer, Recovery)> {
-        let rf = if path.exists() {
+        let existed = path.exists();
+        let rf = if existed {
             let rf = RingFile::open(path)?;
             rf.check_disk(disk)?;
             rf
@@ -132,7 +144,16 @@ impl Producer {
             rf
         };
         rf.lock(Role::Producer)?;
-        let rec = recover(&rf)?;
+        let mut rec = recover(&rf)?;
+        if existed {
+            after_crash(&rf, &mut rec);
+        }
+        rf.shm
+            .atomic(live::STATE)
+            .fetch_and(!STATE_CLEAN, std::sync::atomic::Ordering::AcqRel);
+        let [a, b] = boot_id();
+        rf.set(live::BOOT_ID, a);
+        rf.set(live::BOOT_ID + 8, b);
         let head = rf.get(live::HEAD);
         let next_seq = rf.get(live::NEXT_SEQ);
         let after_gap = rec.gap;
@@ -146,6 +167,7 @@ impl Producer {
             }),
             rf,
             policy,
+            lanes: Mutex::new((0..LANES).rev().collect()),
         };
         Ok((p, rec))
     }
@@ -359,9 +381,101 @@ impl Producer {
         Ok(())
     }
 
+    /// Take a lane of the in-flight table for one connection; None when all
+    /// are taken (that connection's crash window is then not covered).
+    pub fn take_lane(&self) -> Option<Lane> {
+        self.lanes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pop()
+            .map(Lane)
+    }
+
+    /// Give a lane back; every entry must be clear.
+    pub fn release_lane(&self, lane: Lane) {
+        self.lanes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(lane.0);
+    }
+
+    /// Mark request `slot` of `lane` as about to change `offset..offset+len`
+    /// on the disk. Call before the disk is touched.
+    pub fn begin(&self, lane: &Lane, slot: u64, offset: u64, len: u64) {
+        let (o, l) = self.rf.inflight_entry(lane.0 * LANE_ENTRIES + slot.min(LANE_ENTRIES - 1));
+        o.store(offset, std::sync::atomic::Ordering::Relaxed);
+        l.store(len.max(1), std::sync::atomic::Ordering::Release);
+    }
+
+    /// The change of `slot` is in the ring (or failed): clear its entry.
+    pub fn end(&self, lane: &Lane, slot: u64) {
+        let (_, l) = self.rf.inflight_entry(lane.0 * LANE_ENTRIES + slot.min(LANE_ENTRIES - 1));
+        l.store(0, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Close cleanly: sync everything and record that nothing was in flight.
+    /// Call once every front end has stopped.
+    pub fn close(&self) -> Result<()> {
+        self.sync()?;
+        self.rf.set_bits(live::STATE, STATE_CLEAN);
+        self.rf.sync_header().map_err(|source| Error::Io {
+            path: self.rf.path.clone(),
+            what: "syncing the header at close",
+            source,
+        })
+    }
+
     /// The dirty extents (overflowed changes not yet resynced).
     pub fn dirty_extents(&self) -> Vec<Extent> {
         bitmap::extents(&self.rf)
+    }
+}
+
+/// This boot's id (/proc/sys/kernel/random/boot_id), as two u64.
+fn boot_id() -> [u64; 2] {
+    let text = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    let hex: String = text.chars().filter(char::is_ascii_hexdigit).collect();
+    let half = |r: std::ops::Range<usize>| hex.get(r).and_then(|h| u64::from_str_radix(h, 16).ok()).unwrap_or(0);
+    [half(0..16), half(16..32)]
+}
+
+/// After an unclean stop: changes that were in flight may be on the disk
+/// without being in the ring; their extents go to the dirty bitmap. After a
+/// reboot the in-flight table itself may be stale: the replica must be
+/// verified.
+fn after_crash(rf: &RingFile, rec: &mut Recovery) {
+    if rf.get(live::STATE) & STATE_CLEAN != 0 {
+        return;
+    }
+    rec.unclean = true;
+    let mut marked = 0;
+    for i in 0..rf.layout.inflight_entries {
+        let (o, l) = rf.inflight_entry(i);
+        let len = l.load(std::sync::atomic::Ordering::Acquire);
+        if len != 0 {
+            bitmap::mark(rf, o.load(std::sync::atomic::Ordering::Acquire), len);
+            l.store(0, std::sync::atomic::Ordering::Release);
+            marked += 1;
+        }
+    }
+    rec.inflight_marked = marked;
+    if marked > 0 {
+        rf.set_bits(live::STATE, STATE_CRASH_DIRTY);
+        log::warn!(
+            "ring {}: the last producer stopped with {marked} change(s) in flight; their extents are now in the dirty bitmap for resync",
+            rf.path.display()
+        );
+    }
+    let [a, b] = boot_id();
+    let same_boot = rf.get(live::BOOT_ID) == a && rf.get(live::BOOT_ID + 8) == b;
+    if !same_boot {
+        rf.set_bits(live::STATE, STATE_NEEDS_VERIFY);
+        log::warn!(
+            "ring {}: the machine restarted without a clean stop of the splitter; changes not flushed before may be missing from the ring: the replica must be verified against the disk",
+            rf.path.display()
+        );
+    } else {
+        log::info!("ring {}: recovering after an unclean stop of the last producer", rf.path.display());
     }
 }
 
