@@ -469,8 +469,12 @@ impl RingFile {
     }
 
     /// The (offset, length) atomics of in-flight entry `i`.
-    pub fn inflight_entry(&self, i: u64) -> (&std::sync::atomic::AtomicU64, &std::sync::atomic::AtomicU64) {
-        let at = self.layout.inflight_offset + i.min(self.layout.inflight_entries - 1) * INFLIGHT_ENTRY_LEN;
+    pub fn inflight_entry(
+        &self,
+        i: u64,
+    ) -> (&std::sync::atomic::AtomicU64, &std::sync::atomic::AtomicU64) {
+        let at = self.layout.inflight_offset
+            + i.min(self.layout.inflight_entries - 1) * INFLIGHT_ENTRY_LEN;
         // Inside the mapped file (validated at open).
         let at = usize::try_from(at).unwrap_or(usize::MAX);
         (self.shm.atomic(at), self.shm.atomic(at + 8))

@@ -402,14 +402,18 @@ impl Producer {
     /// Mark request `slot` of `lane` as about to change `offset..offset+len`
     /// on the disk. Call before the disk is touched.
     pub fn begin(&self, lane: &Lane, slot: u64, offset: u64, len: u64) {
-        let (o, l) = self.rf.inflight_entry(lane.0 * LANE_ENTRIES + slot.min(LANE_ENTRIES - 1));
+        let (o, l) = self
+            .rf
+            .inflight_entry(lane.0 * LANE_ENTRIES + slot.min(LANE_ENTRIES - 1));
         o.store(offset, std::sync::atomic::Ordering::Relaxed);
         l.store(len.max(1), std::sync::atomic::Ordering::Release);
     }
 
     /// The change of `slot` is in the ring (or failed): clear its entry.
     pub fn end(&self, lane: &Lane, slot: u64) {
-        let (_, l) = self.rf.inflight_entry(lane.0 * LANE_ENTRIES + slot.min(LANE_ENTRIES - 1));
+        let (_, l) = self
+            .rf
+            .inflight_entry(lane.0 * LANE_ENTRIES + slot.min(LANE_ENTRIES - 1));
         l.store(0, std::sync::atomic::Ordering::Release);
     }
 
@@ -425,6 +429,13 @@ impl Producer {
         })
     }
 
+    /// Mark an extent dirty for resync (a change that failed half-way on
+    /// the disk, for instance).
+    pub fn mark_dirty(&self, offset: u64, len: u64) {
+        bitmap::mark(&self.rf, offset, len);
+        self.rf.set_bits(live::STATE, STATE_CRASH_DIRTY);
+    }
+
     /// The dirty extents (overflowed changes not yet resynced).
     pub fn dirty_extents(&self) -> Vec<Extent> {
         bitmap::extents(&self.rf)
@@ -435,7 +446,11 @@ impl Producer {
 fn boot_id() -> [u64; 2] {
     let text = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
     let hex: String = text.chars().filter(char::is_ascii_hexdigit).collect();
-    let half = |r: std::ops::Range<usize>| hex.get(r).and_then(|h| u64::from_str_radix(h, 16).ok()).unwrap_or(0);
+    let half = |r: std::ops::Range<usize>| {
+        hex.get(r)
+            .and_then(|h| u64::from_str_radix(h, 16).ok())
+            .unwrap_or(0)
+    };
     [half(0..16), half(16..32)]
 }
 
@@ -475,7 +490,10 @@ fn after_crash(rf: &RingFile, rec: &mut Recovery) {
             rf.path.display()
         );
     } else {
-        log::info!("ring {}: recovering after an unclean stop of the last producer", rf.path.display());
+        log::info!(
+            "ring {}: recovering after an unclean stop of the last producer",
+            rf.path.display()
+        );
     }
 }
 

@@ -39,7 +39,10 @@ impl Shm {
     /// The u64 atomic at `off` (8-byte aligned, inside the header).
     pub(crate) fn atomic(&self, off: usize) -> &AtomicU64 {
         self.check(off, 8);
-        assert!(off.is_multiple_of(8), "unaligned ring atomic at {off} (bug)");
+        assert!(
+            off.is_multiple_of(8),
+            "unaligned ring atomic at {off} (bug)"
+        );
         // SAFETY: the range is inside the mapping (checked) and 8-byte
         // aligned (the mapping is page aligned, `off` is a multiple of 8);
         // the mapping lives as long as `self`, which the returned reference

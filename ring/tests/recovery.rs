@@ -275,11 +275,17 @@ fn changes_in_flight_at_a_crash_go_to_the_bitmap() {
         p.begin(&lane, 3, 5 << 20, 8192); // on its way to the disk...
         p.begin(&lane, 4, 9 << 20, 4096);
         p.end(&lane, 4); // ...this one made it into the ring
-        // The process dies here: no close.
+                         // The process dies here: no close.
     }
     let (p, rec) = producer(&path).unwrap();
     assert!(rec.unclean && rec.inflight_marked == 1, "{rec:?}");
-    assert_eq!(p.dirty_extents(), vec![ring::Extent { offset: 5 << 20, len: 64 * 1024 }]);
+    assert_eq!(
+        p.dirty_extents(),
+        vec![ring::Extent {
+            offset: 5 << 20,
+            len: 64 * 1024
+        }]
+    );
     let st = ring::status(&path).unwrap();
     assert!(st.crash_dirty && !st.needs_verify, "{st:?}");
     p.close().unwrap();

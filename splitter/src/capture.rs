@@ -1,46 +1,194 @@
-//! The write-capture filter: where every acknowledged change to the disk is
-//! duplicated before the client hears about it.
+//! The write-capture filter: where every change to the disk is duplicated
+//! before the client hears it succeeded ("tee to ring").
 //!
-//! The front ends (NBD today, ublk later) call a [`WriteCapture`] after a
-//! change reached the disk and *before* they acknowledge it, and after a
-//! disk flush *before* they acknowledge the flush. This is the "tee to ring"
-//! filter of the architecture: the ring (a later piece of work) implements
-//! this trait, and a front end never needs to know whether a ring is there.
-//! Without `--ring`, [`NoCapture`] is used: the disk is served as is, which is
-//! also the baseline for benchmarks.
+//! Every front end (NBD today, ublk later) opens one [`CaptureSession`] per
+//! connection and calls it around each change:
+//! 1. [`CaptureSession::begin`] before the disk is touched (the ring marks
+//!    the extent in its in-flight table, so a crash between the disk and the
+//!    ring cannot hide the change from the replica);
+//! 2. after the disk succeeded, [`CaptureSession::write`] / `trim` / `zero`
+//!    append the change (this also ends the in-flight mark), then the client
+//!    is answered; or [`CaptureSession::failed`] / [`CaptureSession::cancel`]
+//!    when the disk failed or was never touched;
+//! 3. for FLUSH and FUA, after the disk is durable, the ranges of
+//!    [`CaptureSession::sync_plan`] are synced (with io_uring, alongside the
+//!    disk) and [`CaptureSession::synced`] is called before the answer.
+//!
+//! Without `--ring`, [`NoCapture`] serves the disk as is: the baseline.
 
 use std::io;
+use std::os::fd::RawFd;
+use std::sync::Arc;
 
-/// Receives every change, in the order the front end acknowledges them.
-///
-/// Implementations must be cheap and must never wait on the network
-/// (contract 4): an error here fails the client's request with `EIO`.
-pub trait WriteCapture: Send + Sync {
-    /// `data` was written at `offset` and is about to be acknowledged.
-    fn write(&self, offset: u64, data: &[u8]) -> io::Result<()>;
-    /// `len` bytes at `offset` were discarded (they now read as zeroes).
-    fn trim(&self, offset: u64, len: u64) -> io::Result<()>;
-    /// `len` bytes at `offset` were zeroed.
-    fn zero(&self, offset: u64, len: u64) -> io::Result<()>;
-    /// The disk was flushed; make everything captured so far durable too.
-    fn flush(&self) -> io::Result<()>;
+use ring::{Appended, Change, Lane, Producer, SyncPlan};
+
+/// What must be synced to make every change captured so far durable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaptureSync {
+    /// The file to sync.
+    pub fd: RawFd,
+    /// The producer's plan: byte ranges of that file.
+    pub plan: SyncPlan,
 }
 
-/// No capture: serve the disk without recording its writes.
+/// The capture side shared by all connections.
+pub trait WriteCapture: Send + Sync {
+    /// Start capturing for one connection.
+    fn session(&self) -> Box<dyn CaptureSession + '_>;
+    /// Every connection has stopped: make everything durable and record a
+    /// clean stop.
+    fn close(&self) -> io::Result<()>;
+}
+
+/// One connection's use of the capture. `slot` identifies a request in
+/// flight on the connection (below [`crate::MAX_OPS`]).
+pub trait CaptureSession {
+    /// The change in `slot` is about to touch `offset..offset+len` on the disk.
+    fn begin(&mut self, slot: usize, offset: u64, len: u64);
+    /// `data` was written at `offset`.
+    fn write(&mut self, slot: usize, offset: u64, data: &[u8]) -> io::Result<()>;
+    /// `len` bytes at `offset` were discarded (they read as zeroes).
+    fn trim(&mut self, slot: usize, offset: u64, len: u32) -> io::Result<()>;
+    /// `len` bytes at `offset` were zeroed.
+    fn zero(&mut self, slot: usize, offset: u64, len: u32) -> io::Result<()>;
+    /// The change in `slot` failed on the disk, which may hold part of it.
+    fn failed(&mut self, slot: usize, offset: u64, len: u64);
+    /// The change in `slot` never touched the disk.
+    fn cancel(&mut self, slot: usize);
+    /// What to sync for a durable point (None: nothing to sync).
+    fn sync_plan(&mut self) -> Option<CaptureSync>;
+    /// The plan's ranges are durable.
+    fn synced(&mut self, sync: &CaptureSync);
+}
+
+/// No capture: serve the disk without recording its changes.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct NoCapture;
 
 impl WriteCapture for NoCapture {
-    fn write(&self, _offset: u64, _data: &[u8]) -> io::Result<()> {
+    fn session(&self) -> Box<dyn CaptureSession + '_> {
+        Box::new(NoCapture)
+    }
+    fn close(&self) -> io::Result<()> {
         Ok(())
     }
-    fn trim(&self, _offset: u64, _len: u64) -> io::Result<()> {
+}
+
+impl CaptureSession for NoCapture {
+    fn begin(&mut self, _: usize, _: u64, _: u64) {}
+    fn write(&mut self, _: usize, _: u64, _: &[u8]) -> io::Result<()> {
         Ok(())
     }
-    fn zero(&self, _offset: u64, _len: u64) -> io::Result<()> {
+    fn trim(&mut self, _: usize, _: u64, _: u32) -> io::Result<()> {
         Ok(())
     }
-    fn flush(&self) -> io::Result<()> {
+    fn zero(&mut self, _: usize, _: u64, _: u32) -> io::Result<()> {
         Ok(())
+    }
+    fn failed(&mut self, _: usize, _: u64, _: u64) {}
+    fn cancel(&mut self, _: usize) {}
+    fn sync_plan(&mut self) -> Option<CaptureSync> {
+        None
+    }
+    fn synced(&mut self, _: &CaptureSync) {}
+}
+
+/// Capture into a ring (the splitter's `--ring`).
+#[derive(Debug)]
+pub struct RingCapture {
+    producer: Arc<Producer>,
+}
+
+impl RingCapture {
+    /// Capture into `producer`.
+    pub fn new(producer: Arc<Producer>) -> RingCapture {
+        RingCapture { producer }
+    }
+}
+
+struct RingSession<'a> {
+    producer: &'a Producer,
+    lane: Option<Lane>,
+}
+
+fn ring_err(e: ring::Error) -> io::Error {
+    io::Error::other(e)
+}
+
+impl WriteCapture for RingCapture {
+    fn session(&self) -> Box<dyn CaptureSession + '_> {
+        let lane = self.producer.take_lane();
+        if lane.is_none() {
+            log::warn!("every in-flight lane of the ring is taken: this connection's crash window is not covered");
+        }
+        Box::new(RingSession {
+            producer: &self.producer,
+            lane,
+        })
+    }
+
+    fn close(&self) -> io::Result<()> {
+        self.producer.close().map_err(ring_err)
+    }
+}
+
+impl RingSession<'_> {
+    fn end(&self, slot: usize) {
+        if let Some(l) = &self.lane {
+            self.producer.end(l, slot as u64);
+        }
+    }
+
+    fn append(&mut self, slot: usize, change: Change<'_>) -> io::Result<()> {
+        let r = self.producer.append(change).map_err(ring_err);
+        // Appended or in the dirty bitmap: either way the change is known.
+        self.end(slot);
+        r.map(|a| {
+            if a == Appended::Overflowed {
+                log::debug!("change at slot {slot} went to the dirty bitmap");
+            }
+        })
+    }
+}
+
+impl CaptureSession for RingSession<'_> {
+    fn begin(&mut self, slot: usize, offset: u64, len: u64) {
+        if let Some(l) = &self.lane {
+            self.producer.begin(l, slot as u64, offset, len);
+        }
+    }
+    fn write(&mut self, slot: usize, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.append(slot, Change::Write { offset, data })
+    }
+    fn trim(&mut self, slot: usize, offset: u64, len: u32) -> io::Result<()> {
+        self.append(slot, Change::Trim { offset, len })
+    }
+    fn zero(&mut self, slot: usize, offset: u64, len: u32) -> io::Result<()> {
+        self.append(slot, Change::Zero { offset, len })
+    }
+    fn failed(&mut self, slot: usize, offset: u64, len: u64) {
+        // The disk may hold part of the change: resync the extent.
+        self.producer.mark_dirty(offset, len);
+        self.end(slot);
+    }
+    fn cancel(&mut self, slot: usize) {
+        self.end(slot);
+    }
+    fn sync_plan(&mut self) -> Option<CaptureSync> {
+        Some(CaptureSync {
+            fd: self.producer.fd(),
+            plan: self.producer.sync_plan(),
+        })
+    }
+    fn synced(&mut self, sync: &CaptureSync) {
+        self.producer.synced(&sync.plan);
+    }
+}
+
+impl Drop for RingSession<'_> {
+    fn drop(&mut self) {
+        if let Some(l) = self.lane.take() {
+            self.producer.release_lane(l);
+        }
     }
 }

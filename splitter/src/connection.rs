@@ -22,7 +22,7 @@ use nbd::reply::{self, Extent, ERROR_CHUNK_MAX};
 use nbd::{Command, Errno, ExportLimits, RequestHeader};
 
 use crate::buffers::BufferPool;
-use crate::capture::WriteCapture;
+use crate::capture::{CaptureSession, CaptureSync, WriteCapture};
 use crate::disk::Disk;
 use crate::uring::Uring;
 
@@ -84,6 +84,9 @@ enum Phase {
     FuaSync,
     /// The disk cannot discard: the trim changed nothing and is not captured.
     TrimIgnored,
+    /// The change is captured; the ring's ranges are being synced for a
+    /// durable point (FLUSH or FUA).
+    RingSync,
 }
 
 struct Slot {
@@ -95,6 +98,12 @@ struct Slot {
     phase: Phase,
     /// Payload bytes this request holds against MAX_INFLIGHT_BYTES.
     held: usize,
+    /// Ring sync entries still running (RingSync phase).
+    pending: u32,
+    /// The ring sync running for this request.
+    sync: Option<CaptureSync>,
+    /// The first ring sync error seen.
+    sync_err: Option<Errno>,
 }
 
 enum Input {
@@ -124,6 +133,7 @@ impl Out {
 
 pub(crate) struct Connection<'a> {
     cfg: ConnConfig<'a>,
+    session: Box<dyn CaptureSession + 'a>,
     sock: RawFd,
     ring: Uring,
     slots: Vec<Slot>,
@@ -162,9 +172,13 @@ impl<'a> Connection<'a> {
                 done: 0,
                 phase: Phase::Main,
                 held: 0,
+                pending: 0,
+                sync: None,
+                sync_err: None,
             })
             .collect();
         Ok(Connection {
+            session: cfg.capture.session(),
             cfg,
             sock,
             ring: Uring::new(256)?,
@@ -300,6 +314,7 @@ impl<'a> Connection<'a> {
     fn abandon_payload(&mut self) {
         if let Input::Payload(i) = self.input {
             self.input = Input::Header;
+            self.session.cancel(i);
             self.release(i);
         }
     }
@@ -501,6 +516,9 @@ impl<'a> Connection<'a> {
                     s.buf = self.pool.get(len);
                 }
                 self.inflight_bytes += len;
+                if let Some((offset, len)) = change_extent(&cmd) {
+                    self.session.begin(i, offset, len);
+                }
                 if matches!(cmd, Command::Write { .. }) {
                     self.input = Input::Payload(i);
                 } else {
@@ -622,14 +640,23 @@ impl<'a> Connection<'a> {
     fn complete_op(&mut self, i: usize, res: i32) {
         let s = &mut self.slots[i];
         let (cmd, phase) = (s.cmd, s.phase);
+        if phase == Phase::RingSync {
+            if res < 0 {
+                s.sync_err.get_or_insert(os_err(res));
+            }
+            s.pending -= 1;
+            if s.pending > 0 {
+                return;
+            }
+            let r = match s.sync_err.take() {
+                Some(e) => Err((e, "syncing the ring failed")),
+                None => Ok(()),
+            };
+            return self.finish(i, r);
+        }
         if phase == Phase::FuaSync || matches!(cmd, Command::Flush) {
             let r = if res < 0 {
                 Err((os_err(res), "fdatasync failed"))
-            } else if matches!(cmd, Command::Flush) {
-                self.cfg
-                    .capture
-                    .flush()
-                    .map_err(|_| (Errno::Io, "capture flush failed"))
             } else {
                 Ok(())
             };
@@ -720,28 +747,88 @@ impl<'a> Connection<'a> {
         self.finish(i, Ok(()));
     }
 
-    /// The request in slot `i` is done: capture the change, queue the reply,
-    /// free the slot.
+    /// The disk part of slot `i` is done (or failed): capture the change,
+    /// make it durable when the request asks (FLUSH, FUA), then answer.
     fn finish(&mut self, i: usize, r: Result<(), (Errno, &'static str)>) {
+        let cmd = self.slots[i].cmd;
+        if self.slots[i].phase == Phase::RingSync {
+            let sync = self.slots[i].sync.take();
+            if let (Ok(()), Some(sync)) = (&r, &sync) {
+                self.session.synced(sync);
+            }
+            return self.answer(i, r);
+        }
+        let r = match r {
+            Err(e) => {
+                if let Some((offset, len)) = change_extent(&cmd) {
+                    self.session.failed(i, offset, len);
+                }
+                Err(e)
+            }
+            Ok(()) => self.capture(i),
+        };
+        if r.is_ok() && needs_durable(&cmd) {
+            if let Some(sync) = self.session.sync_plan() {
+                return self.submit_ring_sync(i, sync);
+            }
+        }
+        self.answer(i, r)
+    }
+
+    /// Hand the change in slot `i`, now on the disk, to the capture.
+    fn capture(&mut self, i: usize) -> Result<(), (Errno, &'static str)> {
+        let s = &self.slots[i];
+        let c = match s.cmd {
+            Command::Write { offset, len, .. } => {
+                self.stats.bytes_written += u64::from(len);
+                self.session.write(i, offset, &s.buf[..len as usize])
+            }
+            Command::Trim { .. } if s.phase == Phase::TrimIgnored => {
+                self.session.cancel(i);
+                Ok(())
+            }
+            Command::Trim { offset, len, .. } => self.session.trim(i, offset, len),
+            Command::WriteZeroes { offset, len, .. } => self.session.zero(i, offset, len),
+            _ => Ok(()),
+        };
+        c.map_err(|e| {
+            log::error!("{}: capturing a change failed: {e}", self.cfg.peer);
+            (Errno::Io, "capturing the write failed")
+        })
+    }
+
+    /// Sync the capture's ranges (fdatasync of byte ranges of the ring file)
+    /// before answering slot `i`.
+    fn submit_ring_sync(&mut self, i: usize, sync: CaptureSync) {
+        let s = &mut self.slots[i];
+        s.phase = Phase::RingSync;
+        s.pending = 0;
+        s.sync_err = None;
+        for &(offset, len) in &sync.plan.ranges {
+            let e = opcode::Fsync::new(types::Fd(sync.fd))
+                .flags(types::FsyncFlags::DATASYNC)
+                .offset(offset)
+                .len(len)
+                .build()
+                .user_data(i as u64);
+            // SAFETY: an fsync entry points at no memory.
+            match unsafe { self.ring.push(&e) } {
+                Ok(()) => s.pending += 1,
+                Err(_) => {
+                    s.sync_err.get_or_insert(Errno::Io);
+                }
+            }
+        }
+        s.sync = Some(sync);
+        if s.pending == 0 {
+            self.finish(i, Err((Errno::Io, "could not submit the ring sync")));
+        }
+    }
+
+    /// Queue the reply for slot `i` and free it.
+    fn answer(&mut self, i: usize, r: Result<(), (Errno, &'static str)>) {
         let cookie = self.slots[i].cookie;
         let cmd = self.slots[i].cmd;
-        let r = r.and_then(|()| {
-            let cap = self.cfg.capture;
-            let c = match cmd {
-                Command::Write { offset, len, .. } => {
-                    self.stats.bytes_written += u64::from(len);
-                    cap.write(offset, &self.slots[i].buf[..len as usize])
-                }
-                Command::Trim { .. } if self.slots[i].phase == Phase::TrimIgnored => Ok(()),
-                Command::Trim { offset, len, .. } => cap.trim(offset, u64::from(len)),
-                Command::WriteZeroes { offset, len, .. } => cap.zero(offset, u64::from(len)),
-                _ => Ok(()),
-            };
-            c.map_err(|e| {
-                log::error!("{}: capturing a change failed: {e}", self.cfg.peer);
-                (Errno::Io, "capturing the write failed")
-            })
-        });
         match (r, cmd) {
             (Ok(()), Command::Read { offset, len }) => {
                 self.stats.bytes_read += u64::from(len);
@@ -884,6 +971,28 @@ fn new_out() -> Out {
         sent: 0,
         held: 0,
     }
+}
+
+/// The disk extent a command changes, if it changes one.
+fn change_extent(cmd: &Command) -> Option<(u64, u64)> {
+    match *cmd {
+        Command::Write { offset, len, .. }
+        | Command::Trim { offset, len, .. }
+        | Command::WriteZeroes { offset, len, .. } => Some((offset, u64::from(len))),
+        _ => None,
+    }
+}
+
+/// Whether the answer must wait until the change (or, for FLUSH, every
+/// change answered before) is durable on the disk and in the capture.
+fn needs_durable(cmd: &Command) -> bool {
+    matches!(
+        cmd,
+        Command::Flush
+            | Command::Write { fua: true, .. }
+            | Command::Trim { fua: true, .. }
+            | Command::WriteZeroes { fua: true, .. }
+    )
 }
 
 /// Payload bytes a command carries in its buffer (READ data or WRITE data).

@@ -152,6 +152,33 @@ impl Disk {
         self.file.as_raw_fd()
     }
 
+    /// Who this disk is, for the ring: its size and a stable fingerprint
+    /// ((st_dev, st_ino) of a file, (st_rdev, 0) of a block device).
+    pub fn identity(&self) -> io::Result<ring::DiskIdentity> {
+        use std::os::unix::fs::MetadataExt;
+        let m = self.file.metadata()?;
+        let fingerprint = match self.kind {
+            DiskKind::File => [m.dev(), m.ino()],
+            DiskKind::BlockDevice => [m.rdev(), 0],
+        };
+        let path = std::fs::canonicalize(&self.path).unwrap_or_else(|_| self.path.clone());
+        Ok(ring::DiskIdentity {
+            size: self.size,
+            fingerprint,
+            path: path.display().to_string(),
+        })
+    }
+
+    /// Whether the disk may hold data (a replica of it then needs a full
+    /// copy first). A sparse file with no data says no; a block device, or
+    /// a file system that cannot tell, says yes.
+    pub fn may_hold_data(&self) -> bool {
+        match self.kind {
+            DiskKind::BlockDevice => true,
+            DiskKind::File => !matches!(seek(self.fd(), 0, libc::SEEK_DATA), Ok(None)),
+        }
+    }
+
     /// fdatasync the disk.
     pub fn sync(&self) -> io::Result<()> {
         self.file.sync_data()

@@ -44,6 +44,9 @@ pub enum Error {
     /// io_uring could not be set up.
     #[error("io_uring setup failed (kernel 5.11 or newer is required, and io_uring must not be disabled by sysctl kernel.io_uring_disabled): {0}")]
     Uring(#[source] io::Error),
+    /// The ring failed.
+    #[error(transparent)]
+    Ring(#[from] ring::Error),
     /// Any other I/O failure of the server itself.
     #[error("{what}: {source}")]
     Io {

@@ -10,6 +10,7 @@
 //! - [`disk`]: the protected disk (file or block device), size, lock, allocation map.
 //! - [`capture`]: the write-capture filter shared by every front end (tee to ring).
 //! - [`server`]: listeners, accept loop, handshake, shutdown.
+//! - [`drain`]: a stand-in consumer of the ring for tests, benchmarks and debugging.
 //! - `connection`: one connection's request loop over io_uring (the hot path).
 //! - `uring`, `buffers`: the io_uring owner and the request buffer pool.
 
@@ -17,11 +18,12 @@ mod buffers;
 pub mod capture;
 mod connection;
 pub mod disk;
+pub mod drain;
 mod error;
 pub mod server;
 mod uring;
 
-pub use capture::{NoCapture, WriteCapture};
+pub use capture::{CaptureSession, CaptureSync, NoCapture, RingCapture, WriteCapture};
 pub use connection::{MAX_INFLIGHT_BYTES, MAX_OPS};
 pub use disk::{Disk, DiskKind};
 pub use error::{Error, Result};

@@ -1,18 +1,22 @@
-//! `splitter`: serve a protected disk over NBD.
+//! `splitter`: serve a protected disk over NBD and capture its writes into
+//! the ring; inspect and drain rings.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
+use std::time::Duration;
 
-use anyhow::Context;
-use clap::{Parser, Subcommand};
-use splitter::{Disk, ListenAddr, NoCapture, ServeConfig, Server};
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand, ValueEnum};
+use splitter::{Disk, ListenAddr, NoCapture, RingCapture, ServeConfig, Server, WriteCapture};
 
 /// blockship splitter: the I/O path of a protected disk.
 ///
 /// Serves a disk (a regular file or a block device) over the NBD protocol so
 /// that any NBD client (the kernel's nbd-client, qemu, libnbd tools such as
-/// nbdfuse and nbdcopy, fio) can use it as its own disk.
+/// nbdfuse and nbdcopy, fio) can use it as its own disk, and with --ring
+/// records every change in a memory-mapped ring that the shipper drains.
 #[derive(Parser, Debug)]
 #[command(version, propagate_version = true)]
 struct Cli {
@@ -25,15 +29,22 @@ enum Cmd {
     /// Serve a disk over NBD until SIGINT or SIGTERM.
     ///
     /// Many clients may connect at once (the export advertises multi-conn: a
-    /// flush on one connection covers writes completed on all). On SIGINT or
-    /// SIGTERM the server stops accepting, finishes in-flight requests,
-    /// flushes the disk and exits 0.
+    /// flush on one connection covers writes completed on all). With --ring,
+    /// each write, trim and zero is on the disk and in the ring before the
+    /// client hears it succeeded, and a FLUSH (or FUA) makes both durable.
+    /// On SIGINT or SIGTERM the server stops accepting, finishes in-flight
+    /// requests, flushes the disk and the ring, and exits 0.
     ///
     /// Examples:
-    ///   splitter serve --disk /var/lib/disks/db.img
+    ///   splitter serve --disk /var/lib/disks/db.img --ring /var/lib/blockship/db.ring
     ///   splitter serve --disk /dev/vdb --socket /run/blockship/vdb.sock
     ///   nbdinfo nbd://127.0.0.1:10809
     Serve(ServeArgs),
+    /// Look at or drain a ring (works while the splitter runs).
+    Ring {
+        #[command(subcommand)]
+        command: RingCmd,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -56,6 +67,95 @@ struct ServeArgs {
     /// Serve read-only: writes, trims and zeroes fail with EPERM.
     #[arg(long)]
     read_only: bool,
+    /// Capture every change into this ring file (created when missing, and
+    /// then bound to this disk). Without it nothing is captured.
+    #[arg(long, value_name = "PATH")]
+    ring: Option<PathBuf>,
+    /// Size of the ring's record area when it is created (K, M, G, T suffixes).
+    #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = parse_size)]
+    ring_size: u64,
+    /// What to do when a change does not fit in the ring: record its extent
+    /// in the dirty bitmap and go on (writes never wait), or block the
+    /// writer until the shipper releases room.
+    #[arg(long, value_enum, default_value_t = RingFull::Bitmap)]
+    ring_full: RingFull,
+    /// Disk bytes per bit of the ring's dirty bitmap, when it is created.
+    #[arg(long, value_name = "SIZE", default_value = "64K", value_parser = parse_size)]
+    bitmap_granularity: u64,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum RingFull {
+    /// Mark the dirty bitmap and keep serving (default).
+    Bitmap,
+    /// Make writers wait for room.
+    Block,
+}
+
+#[derive(Subcommand, Debug)]
+enum RingCmd {
+    /// Show a ring's state: capacity, use, sequences, overflow, dirty bytes.
+    Status {
+        /// The ring file.
+        #[arg(long, value_name = "PATH")]
+        ring: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print one line per record waiting in the ring, for debugging.
+    Dump {
+        /// The ring file.
+        #[arg(long, value_name = "PATH")]
+        ring: PathBuf,
+        /// Start at this sequence number.
+        #[arg(long, value_name = "SEQ")]
+        from: Option<u64>,
+        /// Print at most this many records.
+        #[arg(long, value_name = "N", default_value_t = 100)]
+        limit: usize,
+    },
+    /// Consume the ring: check every record and release it, optionally
+    /// applying it to a copy of the disk. A stand-in for the shipper in tests
+    /// and benchmarks; it holds the ring's consumer lock while it runs.
+    Drain {
+        /// The ring file.
+        #[arg(long, value_name = "PATH")]
+        ring: PathBuf,
+        /// Apply every record to this file (a copy of the disk) before releasing it.
+        #[arg(long, value_name = "PATH")]
+        apply_to: Option<PathBuf>,
+        /// Exit after this many milliseconds without new records (default: run until SIGTERM).
+        #[arg(long, value_name = "MS")]
+        exit_when_idle: Option<u64>,
+    },
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        None => (s, 1u64),
+        Some((i, _)) => {
+            let m = match s[i..]
+                .to_ascii_uppercase()
+                .trim_end_matches("IB")
+                .trim_end_matches('B')
+            {
+                "" => 1,
+                "K" => 1 << 10,
+                "M" => 1 << 20,
+                "G" => 1 << 30,
+                "T" => 1 << 40,
+                other => return Err(format!("unknown size suffix {other:?} (use K, M, G or T)")),
+            };
+            (&s[..i], m)
+        }
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 512M or 1G"))?;
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s} is too large"))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -65,6 +165,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Cmd::Serve(a) => serve(a),
+        Cmd::Ring { command } => ring_cmd(command),
     }
 }
 
@@ -83,10 +184,46 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         read_only: a.read_only,
         listen,
     };
+    let capture: Arc<dyn WriteCapture> = match &a.ring {
+        None => Arc::new(NoCapture),
+        Some(path) => {
+            if a.read_only {
+                bail!("--ring with --read-only makes no sense: a read-only export changes nothing");
+            }
+            let identity = disk
+                .identity()
+                .with_context(|| format!("cannot identify disk {}", a.disk.display()))?;
+            let opts = ring::CreateOptions {
+                capacity: a.ring_size,
+                granularity: a.bitmap_granularity,
+                disk_holds_data: disk.may_hold_data(),
+            };
+            let policy = match a.ring_full {
+                RingFull::Bitmap => ring::FullPolicy::Bitmap,
+                RingFull::Block => ring::FullPolicy::Block,
+            };
+            let (producer, _) = ring::Producer::open_or_create(path, &opts, &identity, policy)
+                .with_context(|| format!("cannot use ring {}", path.display()))?;
+            let st = ring::status(path)
+                .with_context(|| format!("cannot read ring {}", path.display()))?;
+            log::info!(
+                "capturing into ring {} (disk id {}, {} records waiting, next seq {}{})",
+                path.display(),
+                st.disk_id,
+                st.records_waiting,
+                st.head_seq + 1,
+                if st.needs_initial_sync {
+                    "; the disk held data before the ring: a replica needs an initial copy"
+                } else {
+                    ""
+                }
+            );
+            Arc::new(RingCapture::new(Arc::new(producer)))
+        }
+    };
     let size = disk.size();
     let kind = disk.kind();
-    let server =
-        Server::bind(disk, Arc::new(NoCapture), &cfg).context("cannot start the NBD server")?;
+    let server = Server::bind(disk, capture, &cfg).context("cannot start the NBD server")?;
     server
         .shutdown_handle()
         .on_signals()
@@ -104,5 +241,143 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     }
     server.run().context("the NBD server failed")?;
     log::info!("stopped cleanly");
+    Ok(())
+}
+
+fn ring_cmd(cmd: RingCmd) -> anyhow::Result<()> {
+    match cmd {
+        RingCmd::Status { ring: path, json } => {
+            let st = ring::status(&path)
+                .with_context(|| format!("cannot read ring {}", path.display()))?;
+            let now = ring::wall_clock_ns();
+            let lag = st
+                .oldest_waiting_ns
+                .map(|t| now.saturating_sub(t) as f64 / 1e9);
+            if json {
+                let v = serde_json::json!({
+                    "ring": path.display().to_string(),
+                    "disk_id": st.disk_id,
+                    "disk_path": st.disk_path,
+                    "disk_size": st.disk_size,
+                    "capacity": st.capacity,
+                    "used_bytes": st.used_bytes,
+                    "head_seq": st.head_seq,
+                    "tail_seq": st.tail_seq,
+                    "records_waiting": st.records_waiting,
+                    "oldest_waiting_age_seconds": lag,
+                    "overflow": st.overflow,
+                    "overflow_since_ns": st.overflow_since_ns,
+                    "dirty_bytes": st.dirty_bytes,
+                    "bitmap_granularity": st.granularity,
+                    "crash_dirty": st.crash_dirty,
+                    "needs_initial_sync": st.needs_initial_sync,
+                    "needs_verify": st.needs_verify,
+                    "records_lost": st.records_lost,
+                    "clean": st.clean,
+                    "producer_pid": st.producer_pid,
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("ring:             {}", path.display());
+                println!(
+                    "disk:             {} ({}, {} bytes)",
+                    st.disk_id, st.disk_path, st.disk_size
+                );
+                println!(
+                    "capacity:         {} bytes, {} used ({:.1}%)",
+                    st.capacity,
+                    st.used_bytes,
+                    st.used_bytes as f64 * 100.0 / st.capacity as f64
+                );
+                println!(
+                    "sequences:        tail {} .. head {}",
+                    st.tail_seq, st.head_seq
+                );
+                println!("records waiting:  {}", st.records_waiting);
+                if let Some(l) = lag {
+                    println!("oldest waiting:   {l:.3} s ago");
+                }
+                println!(
+                    "overflow:         {}{}",
+                    if st.overflow { "yes" } else { "no" },
+                    st.overflow_since_ns
+                        .map(|t| format!(
+                            " (since {:.0} s ago)",
+                            now.saturating_sub(t) as f64 / 1e9
+                        ))
+                        .unwrap_or_default()
+                );
+                println!(
+                    "dirty:            {} bytes ({} bytes per bit)",
+                    st.dirty_bytes, st.granularity
+                );
+                let mut notes = Vec::new();
+                if st.needs_initial_sync {
+                    notes.push(
+                        "the disk held data before the ring: a replica needs an initial copy",
+                    );
+                }
+                if st.crash_dirty {
+                    notes.push("a crash or failed write left extents in the dirty bitmap");
+                }
+                if st.needs_verify {
+                    notes.push("changes may be missing (torn tail or reboot): verify the replica");
+                }
+                for n in notes {
+                    println!("note:             {n}");
+                }
+            }
+        }
+        RingCmd::Dump {
+            ring: path,
+            from,
+            limit,
+        } => {
+            let (entries, damage) = ring::dump(&path, from, limit)
+                .with_context(|| format!("cannot read ring {}", path.display()))?;
+            for e in entries {
+                let mark = e.mark.map(|m| format!(" name={m:?}")).unwrap_or_default();
+                println!(
+                    "seq={} kind={} offset={} len={} time_ns={} at={} crc={:08x}{}",
+                    e.seq,
+                    e.kind.name(),
+                    e.offset,
+                    e.len,
+                    e.time_ns,
+                    e.file_offset,
+                    e.payload_crc,
+                    mark
+                );
+            }
+            if let Some(d) = damage {
+                bail!("{d}");
+            }
+        }
+        RingCmd::Drain {
+            ring: path,
+            apply_to,
+            exit_when_idle,
+        } => {
+            let stop = Arc::new(AtomicBool::new(false));
+            for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+                signal_hook::flag::register(sig, stop.clone())
+                    .context("cannot install signal handlers")?;
+            }
+            let opts = splitter::drain::DrainOptions {
+                apply_to,
+                exit_when_idle: exit_when_idle.map(Duration::from_millis),
+                batch: 256,
+            };
+            let s = splitter::drain::drain(&path, &opts, &stop)
+                .with_context(|| format!("draining ring {} failed", path.display()))?;
+            log::info!(
+                "drained {} records ({} payload bytes), last seq {}, {} gap(s)",
+                s.records,
+                s.bytes,
+                s.last_seq,
+                s.gaps
+            );
+        }
+    }
     Ok(())
 }

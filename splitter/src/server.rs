@@ -240,8 +240,8 @@ impl Server {
             what: "flushing the disk at shutdown",
             source,
         });
-        let cap = self.shared.capture.flush().map_err(|source| Error::Io {
-            what: "flushing the capture at shutdown",
+        let cap = self.shared.capture.close().map_err(|source| Error::Io {
+            what: "closing the capture (ring) at shutdown",
             source,
         });
         r.and(sync).and(cap)
