@@ -318,3 +318,51 @@ pub fn pattern(buf: &mut [u8], seed: u64) {
         *b = x.to_le_bytes()[0];
     }
 }
+
+/// Run `splitter` with `args` to completion and return its output.
+pub fn splitter_cmd(args: &[&str]) -> Output {
+    Command::new(bin("splitter"))
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run splitter {args:?}: {e}"))
+}
+
+/// A small deterministic random generator for tests (xorshift64*).
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator from `seed`.
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+
+    /// The next value.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// A value in `lo..hi`.
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next_u64() % (hi - lo).max(1)
+    }
+}
+
+/// Send SIGKILL to `pid`.
+pub fn kill9(pid: u32) {
+    if let Ok(pid) = libc::pid_t::try_from(pid) {
+        // SAFETY: kill takes no pointers.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+}
+
+/// Send SIGTERM to `pid`.
+pub fn kill_term(pid: u32) {
+    if let Ok(pid) = libc::pid_t::try_from(pid) {
+        // SAFETY: kill takes no pointers.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+    }
+}
