@@ -86,7 +86,7 @@ fn a_consumer_process_rebuilds_the_disk_under_fio_load() {
             "block",
         ],
     );
-    let mut drain = Command::new(blockship::bin("splitter"))
+    let drain = Command::new(blockship::bin("splitter"))
         .args([
             "ring",
             "drain",
@@ -171,7 +171,7 @@ fn kill_9_at_random_moments_loses_no_acknowledged_write() {
             kill9(pid);
         });
         let mut c = s.client();
-        let mut in_flight: Option<(usize, usize)> = None;
+        let mut in_flight: Option<(usize, usize)>;
         let mut i = 0u64;
         loop {
             let len = usize::try_from(rng.range(1, 129) * 512).unwrap();
@@ -186,7 +186,7 @@ fn kill_9_at_random_moments_loses_no_acknowledged_write() {
             model[at..at + len].copy_from_slice(&data);
             in_flight = None;
             i += 1;
-            if i % 8 == 0 && c.flush().is_err() {
+            if i.is_multiple_of(8) && c.flush().is_err() {
                 break;
             }
         }
