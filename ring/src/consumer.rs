@@ -34,6 +34,8 @@ pub struct Consumer {
     rf: RingFile,
     read_pos: u64,
     read_seq: u64,
+    /// When the released tail was last made durable.
+    last_durable: std::time::Instant,
     /// (seq, position after it) of records read and not yet released.
     unreleased: VecDeque<(u64, u64)>,
 }
@@ -58,6 +60,7 @@ impl Consumer {
             rf,
             read_pos,
             read_seq,
+            last_durable: std::time::Instant::now(),
             unreleased: VecDeque::new(),
         })
     }
@@ -127,8 +130,11 @@ impl Consumer {
     }
 
     /// Release every record up to and including `seq`: the receiver holds
-    /// them durably, so their space may be reused. The new tail is made
-    /// durable before the producer may overwrite the space.
+    /// them durably, so their space may be reused. The space becomes
+    /// reusable for the producer only once the new tail is durable itself
+    /// (so a power cut can never bring back a tail pointing at overwritten
+    /// records); that sync is batched: it happens when a quarter of the ring
+    /// was released since the last one, after 100 ms, or on [`Consumer::sync`].
     pub fn release(&mut self, seq: u64) -> Result<()> {
         let mut new_tail = None;
         while let Some(&(s, end)) = self.unreleased.front() {
@@ -143,12 +149,32 @@ impl Consumer {
         };
         self.rf.set(live::TAIL_SEQ, tail_seq);
         self.rf.set(live::TAIL, tail);
+        let pending = tail - self.rf.get(live::DURABLE_TAIL);
+        let head = self.rf.get(live::HEAD);
+        // Sync now when the producer may be short of room, or in a while.
+        let producer_short = head - self.rf.get(live::DURABLE_TAIL) > self.rf.layout.capacity / 2;
+        if producer_short
+            || pending >= self.rf.layout.capacity / 4
+            || self.last_durable.elapsed() >= std::time::Duration::from_millis(100)
+        {
+            self.sync()?;
+        }
+        Ok(())
+    }
+
+    /// Make the released tail durable now and let the producer reuse the space.
+    pub fn sync(&mut self) -> Result<()> {
+        let tail = self.rf.get(live::TAIL);
+        if tail == self.rf.get(live::DURABLE_TAIL) {
+            return Ok(());
+        }
         self.rf.sync_header().map_err(|source| Error::Io {
             path: self.rf.path.clone(),
             what: "syncing the released tail",
             source,
         })?;
         self.rf.set(live::DURABLE_TAIL, tail);
+        self.last_durable = std::time::Instant::now();
         Ok(())
     }
 
@@ -160,5 +186,12 @@ impl Consumer {
     /// Clear dirty extents once the receiver holds them durably (resync).
     pub fn clear_dirty(&self, offset: u64, len: u64) {
         bitmap::clear(&self.rf, offset, len);
+    }
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        // Best effort: a failure only delays reuse until the next consumer.
+        let _ = self.sync();
     }
 }

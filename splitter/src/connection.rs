@@ -519,10 +519,15 @@ impl<'a> Connection<'a> {
                 if let Some((offset, len)) = change_extent(&cmd) {
                     self.session.begin(i, offset, len);
                 }
-                if matches!(cmd, Command::Write { .. }) {
-                    self.input = Input::Payload(i);
-                } else {
-                    self.submit(i);
+                match cmd {
+                    Command::Write { .. } => self.input = Input::Payload(i),
+                    // The disk and the capture are synced at once: every
+                    // change answered before this FLUSH is in both already.
+                    Command::Flush => {
+                        let sync = self.session.sync_plan();
+                        self.submit_sync(i, sync, true);
+                    }
+                    _ => self.submit(i),
                 }
             }
         }
@@ -649,7 +654,7 @@ impl<'a> Connection<'a> {
                 return;
             }
             let r = match s.sync_err.take() {
-                Some(e) => Err((e, "syncing the ring failed")),
+                Some(e) => Err((e, "fdatasync of the disk or the ring failed")),
                 None => Ok(()),
             };
             return self.finish(i, r);
@@ -769,7 +774,7 @@ impl<'a> Connection<'a> {
         };
         if r.is_ok() && needs_durable(&cmd) {
             if let Some(sync) = self.session.sync_plan() {
-                return self.submit_ring_sync(i, sync);
+                return self.submit_sync(i, Some(sync), false);
             }
         }
         self.answer(i, r)
@@ -797,20 +802,30 @@ impl<'a> Connection<'a> {
         })
     }
 
-    /// Sync the capture's ranges (fdatasync of byte ranges of the ring file)
-    /// before answering slot `i`.
-    fn submit_ring_sync(&mut self, i: usize, sync: CaptureSync) {
+    /// Sync the capture's ranges (fdatasync of byte ranges of the ring
+    /// file), and the disk too when `with_disk`, before answering slot `i`.
+    fn submit_sync(&mut self, i: usize, sync: Option<CaptureSync>, with_disk: bool) {
+        let disk = types::Fd(self.cfg.disk.fd());
         let s = &mut self.slots[i];
         s.phase = Phase::RingSync;
         s.pending = 0;
         s.sync_err = None;
-        for &(offset, len) in &sync.plan.ranges {
-            let e = opcode::Fsync::new(types::Fd(sync.fd))
+        let disk_entry = with_disk.then(|| {
+            opcode::Fsync::new(disk)
                 .flags(types::FsyncFlags::DATASYNC)
-                .offset(offset)
-                .len(len)
                 .build()
-                .user_data(i as u64);
+        });
+        let ring_entries = sync.iter().flat_map(|c| {
+            c.plan.ranges.iter().map(|&(offset, len)| {
+                opcode::Fsync::new(types::Fd(c.fd))
+                    .flags(types::FsyncFlags::DATASYNC)
+                    .offset(offset)
+                    .len(len)
+                    .build()
+            })
+        });
+        for e in disk_entry.into_iter().chain(ring_entries) {
+            let e = e.user_data(i as u64);
             // SAFETY: an fsync entry points at no memory.
             match unsafe { self.ring.push(&e) } {
                 Ok(()) => s.pending += 1,
@@ -819,9 +834,13 @@ impl<'a> Connection<'a> {
                 }
             }
         }
-        s.sync = Some(sync);
+        s.sync = sync;
         if s.pending == 0 {
-            self.finish(i, Err((Errno::Io, "could not submit the ring sync")));
+            let r = match s.sync_err {
+                Some(e) => Err((e, "could not submit the sync")),
+                None => Ok(()),
+            };
+            self.finish(i, r);
         }
     }
 
