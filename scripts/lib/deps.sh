@@ -7,7 +7,8 @@
 #
 # It only installs what is missing: on a machine that already has everything it
 # does not touch apt at all. When something is missing it runs `apt-get update`
-# once, then `apt-get install` for the missing packages (Debian / Ubuntu).
+# (once per script run), then `apt-get install` for the missing packages
+# (Debian / Ubuntu).
 #
 # A requirement is written as  KIND:NAME:PACKAGES
 #   KIND      "cmd" — NAME is a command that must be on PATH
@@ -67,6 +68,18 @@ BS_DEPS_BENCH=(
   cmd:python3:python3
 )
 
+# bs_apt_update — `apt-get update`, at most once per run of a script (a later
+# call does nothing unless BS_APT_FORCE_UPDATE=1, after adding a source, say).
+_BS_APT_UPDATED=0
+bs_apt_update() {
+  if [[ $_BS_APT_UPDATED -eq 1 && "${BS_APT_FORCE_UPDATE:-0}" != 1 ]]; then
+    return 0
+  fi
+  echo "    running apt-get update"
+  _bs_as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null
+  _BS_APT_UPDATED=1
+}
+
 # _bs_dep_present KIND NAME — is this requirement met already?
 _bs_dep_present() {
   case "$1" in
@@ -97,6 +110,7 @@ _bs_as_root() {
 
 # bs_ensure_deps REQUIREMENT... — install, with apt-get, the packages that bring
 # every requirement that is not met yet. Fails when one cannot be met.
+# Set BS_APT_RELEASE to install them from a given release (-t).
 bs_ensure_deps() {
   local req kind name pkgs missing=() unmet=()
   for req in "$@"; do
@@ -120,8 +134,7 @@ bs_ensure_deps() {
   fi
 
   echo "    missing: ${missing[*]}"
-  echo "    running apt-get update"
-  _bs_as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null
+  bs_apt_update
 
   # Pick, for each missing requirement, the first package apt can install.
   local to_install=() p chosen alts
@@ -140,9 +153,13 @@ bs_ensure_deps() {
     fi
   done
 
-  echo "    apt-get install ${to_install[*]}"
+  # BS_APT_RELEASE (e.g. bookworm-backports): install from that release, and
+  # the dependencies too (apt-get -t).
+  local release=()
+  [[ -z "${BS_APT_RELEASE:-}" ]] || release=(-t "$BS_APT_RELEASE")
+  echo "    apt-get install ${release[*]:+${release[*]} }${to_install[*]}"
   _bs_as_root env DEBIAN_FRONTEND=noninteractive \
-    apt-get install -y -q --no-install-recommends "${to_install[@]}" >/dev/null
+    apt-get install -y -q --no-install-recommends "${release[@]}" "${to_install[@]}" >/dev/null
 
   # Check again: an install that "worked" but did not bring the command is an
   # error worth stating plainly.
