@@ -42,21 +42,21 @@ fn drain_into(ring: &Path, copy: &mut [u8]) -> u64 {
     let mut c = ring::Consumer::open(ring).unwrap();
     let mut n = 0;
     loop {
-        let mut got = Vec::new();
+        let mut got = ring::Batch::new();
         if c.read(1024, 64 << 20, &mut got).unwrap() == 0 {
             break;
         }
-        for r in &got {
+        for r in got.iter() {
             let at = usize::try_from(r.offset).unwrap();
             let len = r.len as usize;
             match r.kind {
-                ring::Kind::Write => copy[at..at + len].copy_from_slice(&r.payload),
+                ring::Kind::Write => copy[at..at + len].copy_from_slice(r.payload),
                 ring::Kind::Trim | ring::Kind::Zero => copy[at..at + len].fill(0),
                 _ => {}
             }
             n += 1;
         }
-        c.release(got.last().unwrap().seq).unwrap();
+        c.release(got.last_seq().unwrap()).unwrap();
     }
     n
 }

@@ -10,9 +10,9 @@ use crate::error::{Error, Result};
 use crate::file::{RingFile, Role, Scanned};
 use crate::format::*;
 
-/// A record read from the ring, copied out of the shared mapping.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Record {
+/// A record read from the ring; its payload lives in the [`Batch`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Record<'a> {
     /// Sequence number.
     pub seq: u64,
     /// What happened.
@@ -25,8 +25,78 @@ pub struct Record {
     pub time_ns: u64,
     /// The sequence jumped here (records were lost to a torn tail).
     pub after_gap: bool,
-    /// WRITE data, or a MARK's name.
-    pub payload: Vec<u8>,
+    /// WRITE data, or a MARK's name (copied out of the shared mapping).
+    pub payload: &'a [u8],
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Meta {
+    seq: u64,
+    kind: Kind,
+    offset: u64,
+    len: u32,
+    time_ns: u64,
+    after_gap: bool,
+    start: usize,
+    end: usize,
+}
+
+/// Records read by [`Consumer::read`], with their payloads in one buffer.
+/// Reuse one batch for every read: its memory is kept, so draining does not
+/// allocate per record.
+#[derive(Debug, Default)]
+pub struct Batch {
+    metas: Vec<Meta>,
+    /// Payload bytes; only `..used` belong to this batch (the rest is kept
+    /// allocated and initialised for the next read).
+    data: Vec<u8>,
+    used: usize,
+}
+
+impl Batch {
+    /// An empty batch.
+    pub fn new() -> Batch {
+        Batch::default()
+    }
+
+    /// Number of records.
+    pub fn len(&self) -> usize {
+        self.metas.len()
+    }
+
+    /// No records.
+    pub fn is_empty(&self) -> bool {
+        self.metas.is_empty()
+    }
+
+    /// Record `i`.
+    pub fn get(&self, i: usize) -> Option<Record<'_>> {
+        self.metas.get(i).map(|m| Record {
+            seq: m.seq,
+            kind: m.kind,
+            offset: m.offset,
+            len: m.len,
+            time_ns: m.time_ns,
+            after_gap: m.after_gap,
+            payload: &self.data[m.start..m.end],
+        })
+    }
+
+    /// The records, in order.
+    pub fn iter(&self) -> impl Iterator<Item = Record<'_>> + '_ {
+        (0..self.metas.len()).filter_map(|i| self.get(i))
+    }
+
+    /// The last record's sequence number.
+    pub fn last_seq(&self) -> Option<u64> {
+        self.metas.last().map(|m| m.seq)
+    }
+
+    /// Forget the records, keep the memory.
+    pub fn clear(&mut self) {
+        self.metas.clear();
+        self.used = 0;
+    }
 }
 
 /// The reading side of a ring.
@@ -80,40 +150,36 @@ impl Consumer {
         self.read_seq
     }
 
-    /// Append to `out` the published records after the last one read, at
-    /// most `max_records` and about `max_bytes` of payload. Returns how many
-    /// were appended (0: nothing new). A damaged record is an error naming
-    /// its offset; it is never skipped.
-    pub fn read(
-        &mut self,
-        max_records: usize,
-        max_bytes: usize,
-        out: &mut Vec<Record>,
-    ) -> Result<usize> {
+    /// Replace the contents of `out` with the published records after the
+    /// last one read: at most `max_records`, and about `max_bytes` of
+    /// payload. Returns how many (0: nothing new). A damaged record is an
+    /// error naming its offset; it is never skipped.
+    pub fn read(&mut self, max_records: usize, max_bytes: usize, out: &mut Batch) -> Result<usize> {
+        out.clear();
         let head = self.rf.get(live::HEAD);
         let mut n = 0;
-        let mut bytes = 0usize;
-        let mut payload = Vec::new();
-        while self.read_pos < head && n < max_records && (n == 0 || bytes < max_bytes) {
+        while self.read_pos < head && n < max_records && (n == 0 || out.used < max_bytes) {
+            let start = out.used;
             match self
                 .rf
-                .read_record(self.read_pos, self.read_seq, &mut payload)
+                .read_record(self.read_pos, self.read_seq, &mut out.data, start)
             {
                 Scanned::Skip(size) => self.read_pos += size,
                 Scanned::Record(h, size) => {
                     self.read_pos += size;
                     self.read_seq = h.seq + 1;
                     self.unreleased.push_back((h.seq, self.read_pos));
-                    bytes += payload.len();
-                    out.push(Record {
+                    out.metas.push(Meta {
                         seq: h.seq,
                         kind: h.kind,
                         offset: h.offset,
                         len: h.len,
                         time_ns: h.time_ns,
                         after_gap: h.flags & FLAG_AFTER_GAP != 0,
-                        payload: std::mem::take(&mut payload),
+                        start,
+                        end: start + h.payload_len as usize,
                     });
+                    out.used = start + h.payload_len as usize;
                     n += 1;
                 }
                 Scanned::Invalid(reason) => {
@@ -133,8 +199,9 @@ impl Consumer {
     /// them durably, so their space may be reused. The space becomes
     /// reusable for the producer only once the new tail is durable itself
     /// (so a power cut can never bring back a tail pointing at overwritten
-    /// records); that sync is batched: it happens when a quarter of the ring
-    /// was released since the last one, after 100 ms, or on [`Consumer::sync`].
+    /// records); that sync is batched: it happens when an eighth of the ring
+    /// was released since the last one, after 20 ms, when the producer is
+    /// short of room, or on [`Consumer::sync`].
     pub fn release(&mut self, seq: u64) -> Result<()> {
         let mut new_tail = None;
         while let Some(&(s, end)) = self.unreleased.front() {
@@ -154,8 +221,8 @@ impl Consumer {
         // Sync now when the producer may be short of room, or in a while.
         let producer_short = head - self.rf.get(live::DURABLE_TAIL) > self.rf.layout.capacity / 2;
         if producer_short
-            || pending >= self.rf.layout.capacity / 4
-            || self.last_durable.elapsed() >= std::time::Duration::from_millis(100)
+            || pending >= self.rf.layout.capacity / 8
+            || self.last_durable.elapsed() >= std::time::Duration::from_millis(20)
         {
             self.sync()?;
         }

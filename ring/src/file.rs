@@ -128,6 +128,35 @@ pub fn uuid_string(id: &[u8; 16]) -> String {
     )
 }
 
+/// `FALLOC_FL_WRITE_ZEROES` (Linux 6.17): zero a range and leave it allocated
+/// as written blocks.
+const FALLOC_FL_WRITE_ZEROES: libc::c_int = 0x80;
+
+/// Turn the preallocated (unwritten) blocks into written zeroes, so writes
+/// through the mapping later never convert extents (which costs a journal
+/// transaction per page fault on ext4 and stalls the writer). Uses
+/// `FALLOC_FL_WRITE_ZEROES` where the kernel has it, else writes zeroes.
+fn write_zeroes(file: &File, total: u64) -> io::Result<()> {
+    let len =
+        libc::off_t::try_from(total).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+    // SAFETY: fallocate takes a descriptor we own and no pointers.
+    if unsafe { libc::fallocate(file.as_raw_fd(), FALLOC_FL_WRITE_ZEROES, 0, len) } == 0 {
+        return Ok(());
+    }
+    use std::os::unix::fs::FileExt;
+    let zeroes = vec![0u8; 1 << 20];
+    let mut at = 0u64;
+    while at < total {
+        // At most 1 MiB.
+        let n = usize::try_from(total - at)
+            .unwrap_or(zeroes.len())
+            .min(zeroes.len());
+        file.write_all_at(&zeroes[..n], at)?;
+        at += n as u64;
+    }
+    file.sync_data()
+}
+
 impl RingFile {
     /// Create a new ring file for `disk` (fails if the file exists).
     pub fn create(path: &Path, opts: &CreateOptions, disk: &DiskIdentity) -> Result<RingFile> {
@@ -181,6 +210,10 @@ impl RingFile {
                 path,
                 "allocating: the file system cannot preallocate; put the ring elsewhere",
             )(e));
+        }
+        if let Err(e) = write_zeroes(&file, total) {
+            let _ = std::fs::remove_file(path);
+            return Err(io_err(path, "writing the ring's blocks")(e));
         }
         let disk_id = random_id();
         let mut h = vec![0u8; hdr::STATIC_LEN];
@@ -411,9 +444,29 @@ impl RingFile {
         self.shm.write(self.map_offset(pos), bytes);
     }
 
-    /// Read the record at `pos`, expecting sequence `expect`; `payload`
-    /// receives its payload. See [`Scanned`].
-    pub fn read_record(&self, pos: u64, expect: u64, payload: &mut Vec<u8>) -> Scanned {
+    /// Write a record (header, then payload) at a data-area position with
+    /// one `pwritev` into the file's page cache, which the mapping shares.
+    /// Cheaper than copying through the mapping for large payloads: no
+    /// write fault per page.
+    pub fn write_record(&self, pos: u64, header: &[u8], payload: &[u8]) -> io::Result<()> {
+        let mut at = self.file_offset(pos);
+        let mut bufs = [io::IoSlice::new(header), io::IoSlice::new(payload)];
+        let mut slices: &mut [io::IoSlice<'_>] = &mut bufs;
+        while !slices.is_empty() {
+            let n = pwritev(&self.file, slices, at)?;
+            if n == 0 {
+                return Err(io::Error::from(io::ErrorKind::WriteZero));
+            }
+            at += n as u64;
+            io::IoSlice::advance_slices(&mut slices, n);
+        }
+        Ok(())
+    }
+
+    /// Read the record at `pos`, expecting sequence `expect`; its payload is
+    /// copied to `buf[at..at + payload_len]` (`buf` grows when too short;
+    /// bytes already there are overwritten, not zeroed first). See [`Scanned`].
+    pub fn read_record(&self, pos: u64, expect: u64, buf: &mut Vec<u8>, at: usize) -> Scanned {
         let cap = self.layout.capacity;
         let off = offset_of(pos, cap);
         let room = cap - off;
@@ -452,13 +505,18 @@ impl RingFile {
         if size > room {
             return Scanned::Invalid("record runs past the end of the data area".into());
         }
-        payload.clear();
-        payload.resize(h.payload_len as usize, 0);
-        if h.payload_len > 0 {
-            self.shm
-                .read(self.map_offset(pos + RECORD_HEADER_LEN as u64), payload);
+        let start = at;
+        let end = start + h.payload_len as usize;
+        if end > buf.len() {
+            buf.resize(end, 0);
         }
-        if !RecordHeader::checksum_ok(&raw, payload) {
+        if h.payload_len > 0 {
+            self.shm.read(
+                self.map_offset(pos + RECORD_HEADER_LEN as u64),
+                &mut buf[start..end],
+            );
+        }
+        if !RecordHeader::checksum_ok(&raw, &buf[start..end]) {
             return Scanned::Invalid("checksum mismatch".into());
         }
         if h.kind == Kind::Pad {
@@ -484,6 +542,16 @@ impl RingFile {
     pub fn sync_header(&self) -> io::Result<()> {
         self.shm.sync(0, 4096)
     }
+}
+
+fn pwritev(file: &File, bufs: &[io::IoSlice<'_>], at: u64) -> io::Result<usize> {
+    let off =
+        libc::off_t::try_from(at).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+    let cnt = libc::c_int::try_from(bufs.len()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: IoSlice is ABI-compatible with iovec; the slices and the
+    // buffers they point at are live, unmodified borrows for the call.
+    let n = unsafe { libc::pwritev(file.as_raw_fd(), bufs.as_ptr().cast(), cnt, off) };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
 }
 
 /// The outcome of reading at one position.

@@ -65,7 +65,7 @@ pub fn status(path: &Path) -> Result<Status> {
         let mut pos = tail;
         let mut found = None;
         for _ in 0..2 {
-            match rf.read_record(pos, tail_seq, &mut payload) {
+            match rf.read_record(pos, tail_seq, &mut payload, 0) {
                 Scanned::Skip(n) => pos += n,
                 Scanned::Record(h, _) => {
                     found = Some(h.time_ns);
@@ -136,9 +136,10 @@ pub fn dump(
     let mut out = Vec::new();
     let mut payload = Vec::new();
     while pos < head && out.len() < limit {
-        match rf.read_record(pos, expect, &mut payload) {
+        match rf.read_record(pos, expect, &mut payload, 0) {
             Scanned::Skip(n) => pos += n,
             Scanned::Record(h, size) => {
+                let payload = &payload[..h.payload_len as usize];
                 if from_seq.is_none_or(|f| h.seq >= f) {
                     out.push(DumpEntry {
                         seq: h.seq,
@@ -147,9 +148,9 @@ pub fn dump(
                         len: h.len,
                         time_ns: h.time_ns,
                         file_offset: rf.file_offset(pos),
-                        payload_crc: crc32c::crc32c(&payload),
+                        payload_crc: crc32c::crc32c(payload),
                         mark: (h.kind == Kind::Mark)
-                            .then(|| String::from_utf8_lossy(&payload).into_owned()),
+                            .then(|| String::from_utf8_lossy(payload).into_owned()),
                     });
                 }
                 expect = h.seq + 1;

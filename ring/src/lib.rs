@@ -32,7 +32,7 @@ mod producer;
 mod shm;
 
 pub use bitmap::Extent;
-pub use consumer::{Consumer, Record};
+pub use consumer::{Batch, Consumer, Record};
 pub use error::{Error, Result};
 pub use file::{uuid_string, wall_clock_ns, CreateOptions, DiskIdentity, Layout};
 pub use format::Kind;

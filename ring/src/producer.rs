@@ -158,6 +158,7 @@ impl Producer {
         let next_seq = rf.get(live::NEXT_SEQ);
         let after_gap = rec.gap;
         rf.set(live::PRODUCER_PID, u64::from(std::process::id()));
+
         let p = Producer {
             state: Mutex::new(State {
                 head,
@@ -274,9 +275,14 @@ impl Producer {
             time_ns,
             crc: 0,
         };
-        self.rf.write_at(pos, &h.encode(payload));
-        if !payload.is_empty() {
-            self.rf.write_at(pos + RECORD_HEADER_LEN as u64, payload);
+        let hb = h.encode(payload);
+        if let Err(source) = self.rf.write_record(pos, &hb, payload) {
+            // Nothing was published; the bytes written are past the head.
+            return Err(Error::Io {
+                path: self.rf.path.clone(),
+                what: "writing a record",
+                source,
+            });
         }
         st.head = pos + need;
         st.next_seq += 1;
@@ -519,7 +525,7 @@ fn recover(rf: &RingFile) -> Result<Recovery> {
     let mut payload = Vec::new();
     let mut why_stopped = String::new();
     while pos - tail < cap {
-        match rf.read_record(pos, expect, &mut payload) {
+        match rf.read_record(pos, expect, &mut payload, 0) {
             Scanned::Record(h, size) => {
                 pos += size;
                 end = pos;

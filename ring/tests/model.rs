@@ -95,12 +95,12 @@ proptest! {
                     }
                 }
                 Op::Drain { max, release_all } => {
-                    let mut got = Vec::new();
+                    let mut got = ring::Batch::new();
                     c.read(max, usize::MAX, &mut got).unwrap();
-                    for r in &got {
+                    for r in got.iter() {
                         let (seq, kind, offset, payload) = model.pop_front().expect("consumer saw a record the model lacks");
                         prop_assert_eq!((r.seq, r.kind, r.offset), (seq, kind, offset));
-                        prop_assert!(r.payload == payload, "payload of seq {} differs", seq);
+                        prop_assert!(r.payload == payload.as_slice(), "payload of seq {} differs", seq);
                         read_unreleased = Some(seq);
                     }
                     if let Some(s) = read_unreleased {
@@ -116,12 +116,12 @@ proptest! {
                     // Records read but not released come again, in order,
                     // up to the last one read; the model has seen them.
                     if let Some(last) = read_unreleased {
-                        let mut got = Vec::new();
+                        let mut got = ring::Batch::new();
                         loop {
                             got.clear();
                             prop_assert_eq!(c.read(1, usize::MAX, &mut got).unwrap(), 1);
-                            prop_assert!(got[0].seq <= last);
-                            if got[0].seq == last {
+                            prop_assert!(got.get(0).unwrap().seq <= last);
+                            if got.get(0).unwrap().seq == last {
                                 break;
                             }
                         }
@@ -130,12 +130,12 @@ proptest! {
             }
         }
         // Everything left is still readable, in order.
-        let mut got = Vec::new();
+        let mut got = ring::Batch::new();
         c.read(usize::MAX, usize::MAX, &mut got).unwrap();
-        for r in got {
+        for r in got.iter() {
             let (seq, kind, offset, payload) = model.pop_front().expect("extra record");
             prop_assert_eq!((r.seq, r.kind, r.offset), (seq, kind, offset));
-            prop_assert!(r.payload == payload);
+            prop_assert!(r.payload == payload.as_slice());
         }
         prop_assert!(model.is_empty(), "records accepted but never seen: {}", model.len());
         // Every overflowed change is covered by the dirty bitmap.

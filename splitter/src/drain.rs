@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use ring::{Consumer, Kind, Record};
+use ring::{Batch, Consumer, Kind, Record};
 
 use crate::error::{Error, Result};
 
@@ -41,9 +41,9 @@ fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
     move |source| Error::Io { what, source }
 }
 
-fn apply(f: &File, r: &Record, zeroes: &[u8]) -> std::io::Result<()> {
+fn apply(f: &File, r: &Record<'_>, zeroes: &[u8]) -> std::io::Result<()> {
     match r.kind {
-        Kind::Write => f.write_all_at(&r.payload, r.offset),
+        Kind::Write => f.write_all_at(r.payload, r.offset),
         Kind::Trim | Kind::Zero => {
             let mut at = r.offset;
             let end = r.offset + u64::from(r.len);
@@ -76,10 +76,9 @@ pub fn drain(ring_path: &Path, opts: &DrainOptions, stop: &AtomicBool) -> Result
     };
     let zeroes = vec![0u8; 1 << 20];
     let mut stats = DrainStats::default();
-    let mut batch = Vec::with_capacity(opts.batch);
+    let mut batch = Batch::new();
     let mut idle_since = Instant::now();
     while !stop.load(Ordering::Relaxed) {
-        batch.clear();
         let n = c.read(opts.batch, 64 << 20, &mut batch)?;
         if n == 0 {
             if opts
@@ -93,19 +92,19 @@ pub fn drain(ring_path: &Path, opts: &DrainOptions, stop: &AtomicBool) -> Result
         }
         idle_since = Instant::now();
         if let Some(f) = &target {
-            for r in &batch {
-                apply(f, r, &zeroes).map_err(io("applying a record to the copy"))?;
+            for r in batch.iter() {
+                apply(f, &r, &zeroes).map_err(io("applying a record to the copy"))?;
             }
             f.sync_data().map_err(io("syncing the copy"))?;
         }
-        for r in &batch {
+        for r in batch.iter() {
             stats.records += 1;
             stats.bytes += r.payload.len() as u64;
             if r.after_gap {
                 stats.gaps += 1;
             }
         }
-        stats.last_seq = batch.last().map_or(stats.last_seq, |r| r.seq);
+        stats.last_seq = batch.last_seq().unwrap_or(stats.last_seq);
         c.release(stats.last_seq)?;
     }
     Ok(stats)
