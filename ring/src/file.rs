@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 
 use crate::error::{Error, Result};
 use crate::format::*;
-use crate::shm::Shm;
+use crate::shm::{self as sys, Shm};
 
 /// The disk a ring belongs to, as the splitter sees it now.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,9 +103,7 @@ pub fn wall_clock_ns() -> u64 {
 
 fn random_id() -> [u8; 16] {
     let mut id = [0u8; 16];
-    // SAFETY: getrandom writes at most id.len() bytes into the live array.
-    let n = unsafe { libc::getrandom(id.as_mut_ptr().cast(), id.len(), 0) };
-    if usize::try_from(n).ok() != Some(id.len()) {
+    if !sys::getrandom(&mut id) {
         // Fall back to time and pid: unique enough for a disk id.
         id[..8].copy_from_slice(&now_ns().to_le_bytes());
         id[8..12].copy_from_slice(&std::process::id().to_le_bytes());
@@ -137,10 +135,7 @@ const FALLOC_FL_WRITE_ZEROES: libc::c_int = 0x80;
 /// transaction per page fault on ext4 and stalls the writer). Uses
 /// `FALLOC_FL_WRITE_ZEROES` where the kernel has it, else writes zeroes.
 fn write_zeroes(file: &File, total: u64) -> io::Result<()> {
-    let len =
-        libc::off_t::try_from(total).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
-    // SAFETY: fallocate takes a descriptor we own and no pointers.
-    if unsafe { libc::fallocate(file.as_raw_fd(), FALLOC_FL_WRITE_ZEROES, 0, len) } == 0 {
+    if sys::fallocate(file, FALLOC_FL_WRITE_ZEROES, total).is_ok() {
         return Ok(());
     }
     use std::os::unix::fs::FileExt;
@@ -192,13 +187,9 @@ impl RingFile {
             .custom_flags(libc::O_CLOEXEC)
             .open(path)
             .map_err(io_err(path, "creating"))?;
-        let total_i = libc::off_t::try_from(total).map_err(|_| invalid("ring too large".into()))?;
         // Allocate every block now: a ring must never hit ENOSPC while
         // capturing, and writes through the mapping must not allocate.
-        // SAFETY: fallocate takes a descriptor we own and no pointers.
-        let r = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, total_i) };
-        if r != 0 {
-            let e = io::Error::last_os_error();
+        if let Err(e) = sys::fallocate(&file, 0, total) {
             let _ = std::fs::remove_file(path);
             if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
                 return Err(io_err(
@@ -388,20 +379,9 @@ impl RingFile {
 
     /// Take the lock of `role`, or fail with `Busy`.
     pub fn lock(&self, role: Role) -> Result<()> {
-        // SAFETY: flock is plain data; all-zero is a valid value to fill in.
-        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-        // F_WRLCK (1) and SEEK_SET (0) are small constants that fit c_short.
-        fl.l_type = libc::c_short::try_from(libc::F_WRLCK).unwrap_or(1);
-        fl.l_whence = libc::c_short::try_from(libc::SEEK_SET).unwrap_or(0);
-        fl.l_start = role as libc::off_t;
-        fl.l_len = 1;
-        // SAFETY: F_OFD_SETLK reads the flock struct, which lives on our stack
-        // for the duration of the call.
-        let r = unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
-        if r == 0 {
+        let Err(e) = sys::lock_byte(&self.file, role as u64) else {
             return Ok(());
-        }
-        let e = io::Error::last_os_error();
+        };
         if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) {
             return Err(Error::Busy {
                 path: self.path.clone(),
@@ -453,7 +433,7 @@ impl RingFile {
         let mut bufs = [io::IoSlice::new(header), io::IoSlice::new(payload)];
         let mut slices: &mut [io::IoSlice<'_>] = &mut bufs;
         while !slices.is_empty() {
-            let n = pwritev(&self.file, slices, at)?;
+            let n = sys::pwritev(&self.file, slices, at)?;
             if n == 0 {
                 return Err(io::Error::from(io::ErrorKind::WriteZero));
             }
@@ -542,16 +522,6 @@ impl RingFile {
     pub fn sync_header(&self) -> io::Result<()> {
         self.shm.sync(0, 4096)
     }
-}
-
-fn pwritev(file: &File, bufs: &[io::IoSlice<'_>], at: u64) -> io::Result<usize> {
-    let off =
-        libc::off_t::try_from(at).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
-    let cnt = libc::c_int::try_from(bufs.len()).unwrap_or(libc::c_int::MAX);
-    // SAFETY: IoSlice is ABI-compatible with iovec; the slices and the
-    // buffers they point at are live, unmodified borrows for the call.
-    let n = unsafe { libc::pwritev(file.as_raw_fd(), bufs.as_ptr().cast(), cnt, off) };
-    usize::try_from(n).map_err(|_| io::Error::last_os_error())
 }
 
 /// The outcome of reading at one position.

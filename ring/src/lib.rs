@@ -15,7 +15,7 @@
 //!
 //! # Layout
 //! - `format`: every constant and byte offset, record encode/decode, golden vectors.
-//! - `shm`: the shared mapping; all of the crate's `unsafe` about the mapping.
+//! - `shm`: the shared mapping and the few syscalls the ring makes: all of the crate's `unsafe`.
 //! - `file`: creating/opening/validating a ring file, role locks, reading records.
 //! - [`Producer`]: append, overflow to the bitmap, sync plans, crash recovery.
 //! - [`Consumer`]: read validated records in order, release them.

@@ -1,11 +1,12 @@
-//! The shared mapping of a ring file: the one module where the ring uses
-//! `unsafe`. Another process maps the same bytes, so nothing here hands out
+//! The shared mapping of a ring file, and the few system calls the ring
+//! makes: the one module where the ring uses `unsafe`. Another process maps the same bytes, so nothing here hands out
 //! `&[u8]` or `&mut [u8]` over the mapping: bytes are copied in and out with
 //! raw pointers, and the cursors are atomics (`AtomicU64` is sound over
 //! shared memory: it only ever accesses the bytes atomically).
 
 use std::fs::File;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::AtomicU64;
 
 use memmap2::{MmapOptions, MmapRaw};
@@ -79,4 +80,51 @@ impl Shm {
         self.check(off, len);
         self.map.flush_range(off, len)
     }
+}
+
+/// Fill `buf` from the kernel's random source; false if it could not.
+pub(crate) fn getrandom(buf: &mut [u8]) -> bool {
+    // SAFETY: getrandom writes at most buf.len() bytes into the live buffer.
+    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
+    usize::try_from(n).ok() == Some(buf.len())
+}
+
+/// fallocate(2) of `0..len` with `mode`.
+pub(crate) fn fallocate(file: &File, mode: libc::c_int, len: u64) -> io::Result<()> {
+    let len = libc::off_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+    // SAFETY: fallocate takes a descriptor the caller keeps open and no pointers.
+    if unsafe { libc::fallocate(file.as_raw_fd(), mode, 0, len) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Take an exclusive open-file-description lock on byte `byte` of `file`
+/// (held until the file is closed; works across processes and within one).
+pub(crate) fn lock_byte(file: &File, byte: u64) -> io::Result<()> {
+    // SAFETY: flock is plain data; all-zero is a valid value to fill in.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    // F_WRLCK (1) and SEEK_SET (0) are small constants that fit c_short.
+    fl.l_type = libc::c_short::try_from(libc::F_WRLCK).unwrap_or(1);
+    fl.l_whence = libc::c_short::try_from(libc::SEEK_SET).unwrap_or(0);
+    fl.l_start =
+        libc::off_t::try_from(byte).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    fl.l_len = 1;
+    // SAFETY: F_OFD_SETLK reads the flock struct, which lives on our stack
+    // for the duration of the call.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// pwritev(2): write `bufs` at file offset `at`; returns the bytes written.
+pub(crate) fn pwritev(file: &File, bufs: &[io::IoSlice<'_>], at: u64) -> io::Result<usize> {
+    let off =
+        libc::off_t::try_from(at).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+    let cnt = libc::c_int::try_from(bufs.len()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: IoSlice is ABI-compatible with iovec; the slices and the
+    // buffers they point at are live, unmodified borrows for the call.
+    let n = unsafe { libc::pwritev(file.as_raw_fd(), bufs.as_ptr().cast(), cnt, off) };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
 }
