@@ -199,9 +199,10 @@ impl Consumer {
     /// them durably, so their space may be reused. The space becomes
     /// reusable for the producer only once the new tail is durable itself
     /// (so a power cut can never bring back a tail pointing at overwritten
-    /// records); that sync is batched: it happens when an eighth of the ring
-    /// was released since the last one, after 20 ms, when the producer is
-    /// short of room, or on [`Consumer::sync`].
+    /// records); that sync is batched (it costs a device cache flush): it
+    /// happens when an eighth of the ring was released since the last one,
+    /// after 100 ms, when the producer is short of room (more than a quarter
+    /// of the ring not yet reusable), or on [`Consumer::sync`].
     pub fn release(&mut self, seq: u64) -> Result<()> {
         let mut new_tail = None;
         while let Some(&(s, end)) = self.unreleased.front() {
@@ -219,10 +220,10 @@ impl Consumer {
         let pending = tail - self.rf.get(live::DURABLE_TAIL);
         let head = self.rf.get(live::HEAD);
         // Sync now when the producer may be short of room, or in a while.
-        let producer_short = head - self.rf.get(live::DURABLE_TAIL) > self.rf.layout.capacity / 2;
+        let producer_short = head - self.rf.get(live::DURABLE_TAIL) > self.rf.layout.capacity / 4;
         if producer_short
             || pending >= self.rf.layout.capacity / 8
-            || self.last_durable.elapsed() >= std::time::Duration::from_millis(20)
+            || self.last_durable.elapsed() >= std::time::Duration::from_millis(100)
         {
             self.sync()?;
         }

@@ -29,6 +29,10 @@ pub struct CaptureSync {
     pub fd: RawFd,
     /// The producer's plan: byte ranges of that file.
     pub plan: SyncPlan,
+    /// The file lives on the disk's own file system, and its blocks are
+    /// allocated and written: writing its ranges back and then fdatasyncing
+    /// the disk (one device cache flush) makes both durable.
+    pub shares_disk_device: bool,
 }
 
 /// The capture side shared by all connections.
@@ -97,18 +101,25 @@ impl CaptureSession for NoCapture {
 #[derive(Debug)]
 pub struct RingCapture {
     producer: Arc<Producer>,
+    shares_disk_device: bool,
 }
 
 impl RingCapture {
-    /// Capture into `producer`.
-    pub fn new(producer: Arc<Producer>) -> RingCapture {
-        RingCapture { producer }
+    /// Capture into `producer`. `shares_disk_device`: the ring file is on
+    /// the same file system as the disk (a file), so one fdatasync of the
+    /// disk flushes the device cache for both.
+    pub fn new(producer: Arc<Producer>, shares_disk_device: bool) -> RingCapture {
+        RingCapture {
+            producer,
+            shares_disk_device,
+        }
     }
 }
 
 struct RingSession<'a> {
     producer: &'a Producer,
     lane: Option<Lane>,
+    shares_disk_device: bool,
 }
 
 fn ring_err(e: ring::Error) -> io::Error {
@@ -124,6 +135,7 @@ impl WriteCapture for RingCapture {
         Box::new(RingSession {
             producer: &self.producer,
             lane,
+            shares_disk_device: self.shares_disk_device,
         })
     }
 
@@ -178,6 +190,7 @@ impl CaptureSession for RingSession<'_> {
         Some(CaptureSync {
             fd: self.producer.fd(),
             plan: self.producer.sync_plan(),
+            shares_disk_device: self.shares_disk_device,
         })
     }
     fn synced(&mut self, sync: &CaptureSync) {

@@ -218,7 +218,8 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
                     ""
                 }
             );
-            Arc::new(RingCapture::new(Arc::new(producer)))
+            let shares_disk_device = shares_file_system(&a.disk, path, disk.kind());
+            Arc::new(RingCapture::new(Arc::new(producer), shares_disk_device))
         }
     };
     let size = disk.size();
@@ -242,6 +243,20 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     server.run().context("the NBD server failed")?;
     log::info!("stopped cleanly");
     Ok(())
+}
+
+/// Whether the ring file lives on the same file system as a file disk (then
+/// one fdatasync of the disk flushes the device cache for both).
+fn shares_file_system(
+    disk: &std::path::Path,
+    ring: &std::path::Path,
+    kind: splitter::DiskKind,
+) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (kind, std::fs::metadata(disk), std::fs::metadata(ring)) {
+        (splitter::DiskKind::File, Ok(d), Ok(r)) => d.dev() == r.dev(),
+        _ => false,
+    }
 }
 
 fn ring_cmd(cmd: RingCmd) -> anyhow::Result<()> {
