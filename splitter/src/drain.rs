@@ -45,6 +45,9 @@ fn apply(f: &File, r: &Record<'_>, zeroes: &[u8]) -> std::io::Result<()> {
     match r.kind {
         Kind::Write => f.write_all_at(r.payload, r.offset),
         Kind::Trim | Kind::Zero => {
+            if punch_hole(f, r.offset, u64::from(r.len)).is_ok() {
+                return Ok(());
+            }
             let mut at = r.offset;
             let end = r.offset + u64::from(r.len);
             while at < end {
@@ -59,6 +62,22 @@ fn apply(f: &File, r: &Record<'_>, zeroes: &[u8]) -> std::io::Result<()> {
         }
         Kind::Mark | Kind::Pad => Ok(()),
     }
+}
+
+/// Make `offset..offset+len` of `f` read as zeroes by deallocating it.
+fn punch_hole(f: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let bad = |_| std::io::Error::from_raw_os_error(libc::EINVAL);
+    let (off, len) = (
+        libc::off_t::try_from(offset).map_err(bad)?,
+        libc::off_t::try_from(len).map_err(bad)?,
+    );
+    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    // SAFETY: fallocate takes a descriptor `f` keeps open and no pointers.
+    if unsafe { libc::fallocate(f.as_raw_fd(), mode, off, len) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Drain the ring at `ring_path` until idle or `stop` is set.
