@@ -541,7 +541,7 @@ impl<'a> Connection<'a> {
         let s = &mut self.slots[i];
         let done = s.done;
         let entry = match (s.cmd, s.phase) {
-            (_, Phase::FuaSync) | (Command::Flush, _) => opcode::Fsync::new(fd)
+            (_, Phase::FuaSync) => opcode::Fsync::new(fd)
                 .flags(types::FsyncFlags::DATASYNC)
                 .build(),
             (Command::Read { offset, len }, _) => {
@@ -602,8 +602,9 @@ impl<'a> Connection<'a> {
                     .offset(offset)
                     .build()
             }
-            (Command::BlockStatus { .. } | Command::Disconnect, _) => {
-                // Answered without the disk queue; never submitted.
+            (Command::Flush | Command::BlockStatus { .. } | Command::Disconnect, _) => {
+                // FLUSH goes through submit_sync; the others are answered
+                // without the disk queue. Never submitted here.
                 self.finish(i, Err((Errno::Io, "internal: unexpected command")));
                 return;
             }
@@ -659,7 +660,7 @@ impl<'a> Connection<'a> {
             };
             return self.finish(i, r);
         }
-        if phase == Phase::FuaSync || matches!(cmd, Command::Flush) {
+        if phase == Phase::FuaSync {
             let r = if res < 0 {
                 Err((os_err(res), "fdatasync failed"))
             } else {
