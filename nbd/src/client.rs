@@ -471,10 +471,12 @@ impl<S: Read + Write> Client<S> {
     }
 
     /// Read the next reply to a raw request, whichever it answers, and return
-    /// its cookie and the server's errno (None for success). READ data lands
-    /// in `sink`, which stands for offsets `0..sink.len()` of the export.
-    pub fn raw_reply(&mut self, sink: &mut [u8]) -> Result<(u64, Option<Errno>)> {
-        match self.finish("raw request", None, 0, Some(sink), None) {
+    /// its cookie and the server's errno (None for success). For READs pass
+    /// `read_sink`, standing for offsets `0..len` of the export, to receive
+    /// the data; for other requests pass None (a simple reply then carries
+    /// no data).
+    pub fn raw_reply(&mut self, read_sink: Option<&mut [u8]>) -> Result<(u64, Option<Errno>)> {
+        match self.finish("raw request", None, 0, read_sink, None) {
             Ok(c) => Ok((c, None)),
             Err(Error::Request { errno, cookie, .. }) => Ok((cookie, Some(errno))),
             Err(e) => Err(e),

@@ -13,7 +13,7 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use io_uring::{opcode, squeue, types};
@@ -24,6 +24,7 @@ use nbd::{Command, Errno, ExportLimits, RequestHeader};
 use crate::buffers::BufferPool;
 use crate::capture::{CaptureSession, CaptureSync, WriteCapture};
 use crate::disk::Disk;
+use crate::overlap::{self, Claims};
 use crate::uring::Uring;
 
 /// Most requests in flight on one connection.
@@ -51,6 +52,7 @@ const UD_RECV: u64 = (1 << 63) | 1;
 const UD_POLLOUT: u64 = (1 << 63) | 2;
 const UD_SHUTDOWN: u64 = (1 << 63) | 3;
 const UD_CANCEL: u64 = (1 << 63) | 4;
+const UD_WAKER: u64 = (1 << 63) | 5;
 
 /// What a connection serves and how.
 pub(crate) struct ConnConfig<'a> {
@@ -61,6 +63,10 @@ pub(crate) struct ConnConfig<'a> {
     pub shutdown_fd: RawFd,
     /// For log lines.
     pub peer: &'a str,
+    /// Claims on extents being changed, shared by every connection of the disk.
+    pub claims: &'a Claims,
+    /// This connection's id among them.
+    pub conn_id: u64,
 }
 
 /// Counters reported when a connection ends.
@@ -134,6 +140,11 @@ impl Out {
 pub(crate) struct Connection<'a> {
     cfg: ConnConfig<'a>,
     session: Box<dyn CaptureSession + 'a>,
+    /// Woken when a claim this connection waits for is released.
+    waker: OwnedFd,
+    waker_armed: bool,
+    /// Changes waiting for an overlapping change to be captured, in order.
+    parked: VecDeque<usize>,
     sock: RawFd,
     ring: Uring,
     slots: Vec<Slot>,
@@ -179,6 +190,9 @@ impl<'a> Connection<'a> {
             .collect();
         Ok(Connection {
             session: cfg.capture.session(),
+            waker: overlap::waker()?,
+            waker_armed: false,
+            parked: VecDeque::new(),
             cfg,
             sock,
             ring: Uring::new(256)?,
@@ -227,12 +241,14 @@ impl<'a> Connection<'a> {
             // no budget. Waiting with budget free but requests left unparsed
             // would wait forever.
             self.send_output()?;
+            self.retry_parked()?;
             self.parse_input();
             self.post_recv()?;
             self.send_output()?;
             if self.finished() {
                 return Ok(());
             }
+            self.arm_waker()?;
             let timeout = self.closing_since.map(|_| Duration::from_millis(200));
             self.ring.submit_and_wait(timeout)?;
             self.handle_completions()?;
@@ -274,6 +290,7 @@ impl<'a> Connection<'a> {
     fn drain(&mut self) -> io::Result<()> {
         self.stop_reading();
         for (armed, ud) in [
+            (self.waker_armed, UD_WAKER),
             (self.recv_pending, UD_RECV),
             (self.pollout_pending, UD_POLLOUT),
             (self.shutdown_armed, UD_SHUTDOWN),
@@ -357,7 +374,7 @@ impl<'a> Connection<'a> {
                     }
                     s.done = 0;
                     self.input = Input::Header;
-                    self.submit(i);
+                    self.start_change(i);
                 }
                 Input::Discard(rem) => {
                     let n = rem.min(avail as u64);
@@ -442,7 +459,7 @@ impl<'a> Connection<'a> {
                     if s.done as usize == payload_len(&s.cmd) {
                         s.done = 0;
                         self.input = Input::Header;
-                        self.submit(i);
+                        self.start_change(i);
                     }
                 }
                 None => self.in_end += n as usize,
@@ -527,6 +544,7 @@ impl<'a> Connection<'a> {
                         let sync = self.session.sync_plan();
                         self.submit_sync(i, sync, true);
                     }
+                    c if change_extent(&c).is_some() => self.start_change(i),
                     _ => self.submit(i),
                 }
             }
@@ -534,6 +552,59 @@ impl<'a> Connection<'a> {
     }
 
     // ---- disk operations -------------------------------------------------
+
+    /// Submit the change in slot `i` once no overlapping change is between
+    /// the disk and the capture (see `overlap`); until then it is parked,
+    /// behind any change parked before it.
+    fn start_change(&mut self, i: usize) {
+        let Some((offset, len)) = change_extent(&self.slots[i].cmd) else {
+            return self.submit(i);
+        };
+        let claimed = self.parked.is_empty()
+            && self
+                .cfg
+                .claims
+                .try_claim(self.cfg.conn_id, i, offset, len, self.waker.as_raw_fd());
+        if claimed {
+            self.submit(i);
+        } else {
+            self.parked.push_back(i);
+        }
+    }
+
+    /// Submit the parked changes whose extents are free now, in order.
+    fn retry_parked(&mut self) -> io::Result<()> {
+        while let Some(&i) = self.parked.front() {
+            let Some((offset, len)) = change_extent(&self.slots[i].cmd) else {
+                self.parked.pop_front();
+                continue;
+            };
+            if !self
+                .cfg
+                .claims
+                .try_claim(self.cfg.conn_id, i, offset, len, self.waker.as_raw_fd())
+            {
+                break;
+            }
+            self.parked.pop_front();
+            self.submit(i);
+        }
+        Ok(())
+    }
+
+    /// Before waiting: with changes parked, be woken when a claim is
+    /// released (by any connection).
+    fn arm_waker(&mut self) -> io::Result<()> {
+        if !self.parked.is_empty() && !self.waker_armed {
+            let e = opcode::PollAdd::new(types::Fd(self.waker.as_raw_fd()), libc::POLLIN as u32)
+                .build()
+                .user_data(UD_WAKER);
+            // SAFETY: a poll entry points at no memory.
+            unsafe { self.ring.push(&e)? };
+            self.waker_armed = true;
+        }
+        Ok(())
+    }
 
     /// Submit the current phase of slot `i`.
     fn submit(&mut self, i: usize) {
@@ -635,6 +706,10 @@ impl<'a> Connection<'a> {
                 }
             }
             UD_CANCEL => {}
+            UD_WAKER => {
+                self.waker_armed = false;
+                overlap::drain_waker(&self.waker);
+            }
             i => match usize::try_from(i) {
                 Ok(slot) if slot < MAX_OPS => self.complete_op(slot, res),
                 _ => log::error!("{}: completion with unknown tag {i:#x}", self.cfg.peer),
@@ -773,6 +848,10 @@ impl<'a> Connection<'a> {
             }
             Ok(()) => self.capture(i),
         };
+        // Captured (or failed): overlapping changes may go to the disk now.
+        if change_extent(&cmd).is_some() {
+            self.cfg.claims.release(self.cfg.conn_id, i);
+        }
         if r.is_ok() && needs_durable(&cmd) {
             if let Some(sync) = self.session.sync_plan() {
                 return self.submit_sync(i, Some(sync), false);
@@ -1052,4 +1131,10 @@ fn sendmsg(fd: RawFd, iov: &[libc::iovec]) -> io::Result<usize> {
         return Err(io::Error::last_os_error());
     }
     Ok(n.unsigned_abs())
+}
+
+impl Drop for Connection<'_> {
+    fn drop(&mut self) {
+        self.cfg.claims.forget_waker(self.waker.as_raw_fd());
+    }
 }

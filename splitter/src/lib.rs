@@ -12,6 +12,7 @@
 //! - [`server`]: listeners, accept loop, handshake, shutdown.
 //! - [`drain`]: a stand-in consumer of the ring for tests, benchmarks and debugging.
 //! - `connection`: one connection's request loop over io_uring (the hot path).
+//! - `overlap`: overlapping changes reach the disk and the ring in one order.
 //! - `uring`, `buffers`: the io_uring owner and the request buffer pool.
 
 mod buffers;
@@ -20,6 +21,7 @@ mod connection;
 pub mod disk;
 pub mod drain;
 mod error;
+mod overlap;
 pub mod server;
 mod uring;
 

@@ -20,6 +20,7 @@ use crate::capture::WriteCapture;
 use crate::connection::{ConnConfig, Connection};
 use crate::disk::Disk;
 use crate::error::{Error, Result};
+use crate::overlap::Claims;
 
 /// Largest READ or WRITE accepted (advertised in NBD_INFO_BLOCK_SIZE).
 pub const MAX_PAYLOAD: u32 = 32 << 20;
@@ -128,6 +129,7 @@ impl Stream {
 
 struct Shared {
     disk: Disk,
+    claims: Claims,
     capture: Arc<dyn WriteCapture>,
     export: Export,
     read_only: bool,
@@ -192,6 +194,7 @@ impl Server {
             listeners,
             shared: Arc::new(Shared {
                 disk,
+                claims: Claims::default(),
                 capture,
                 export,
                 read_only,
@@ -300,7 +303,10 @@ impl Server {
                 let shared = self.shared.clone();
                 let spawned = std::thread::Builder::new()
                     .name(format!("nbd-conn-{next_id}"))
-                    .spawn(move || serve_connection(&shared, stream, &peer));
+                    .spawn({
+                        let id = *next_id;
+                        move || serve_connection(&shared, stream, &peer, id)
+                    });
                 match spawned {
                     Ok(h) => conns.push(h),
                     Err(e) => log::error!("cannot start a connection thread: {e}"),
@@ -324,7 +330,7 @@ fn poll(fds: &mut [libc::pollfd]) -> io::Result<()> {
     }
 }
 
-fn serve_connection(shared: &Shared, mut stream: Stream, peer: &str) {
+fn serve_connection(shared: &Shared, mut stream: Stream, peer: &str, conn_id: u64) {
     let _ = stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
     let exports = std::slice::from_ref(&shared.export);
     let neg = match nbd::serve_handshake(&mut stream, exports) {
@@ -356,6 +362,8 @@ fn serve_connection(shared: &Shared, mut stream: Stream, peer: &str) {
         },
         shutdown_fd: shared.shutdown_rx.as_raw_fd(),
         peer,
+        claims: &shared.claims,
+        conn_id,
     };
     let result = Connection::new(stream.fd(), cfg).and_then(Connection::run);
     match result {
