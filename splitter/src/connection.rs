@@ -145,6 +145,11 @@ pub(crate) struct Connection<'a> {
     waker_armed: bool,
     /// Changes waiting for an overlapping change to be captured, in order.
     parked: VecDeque<usize>,
+    /// Group commit: the FLUSH whose sync is running, the FLUSHes answered
+    /// with it, and those that arrived meanwhile (one sync serves them all).
+    flush_driver: Option<usize>,
+    flush_riders: Vec<usize>,
+    flush_waiting: Vec<usize>,
     sock: RawFd,
     ring: Uring,
     slots: Vec<Slot>,
@@ -193,6 +198,9 @@ impl<'a> Connection<'a> {
             waker: overlap::waker()?,
             waker_armed: false,
             parked: VecDeque::new(),
+            flush_driver: None,
+            flush_riders: Vec::new(),
+            flush_waiting: Vec::new(),
             cfg,
             sock,
             ring: Uring::new(256)?,
@@ -541,8 +549,11 @@ impl<'a> Connection<'a> {
                     // The disk and the capture are synced at once: every
                     // change answered before this FLUSH is in both already.
                     Command::Flush => {
-                        let sync = self.session.sync_plan();
-                        self.submit_sync(i, sync, true);
+                        if self.flush_driver.is_some() {
+                            self.flush_waiting.push(i);
+                        } else {
+                            self.start_flush(i);
+                        }
                     }
                     c if change_extent(&c).is_some() => self.start_change(i),
                     _ => self.submit(i),
@@ -837,6 +848,9 @@ impl<'a> Connection<'a> {
             if let (Ok(()), Some(sync)) = (&r, &sync) {
                 self.session.synced(sync);
             }
+            if self.flush_driver == Some(i) {
+                return self.flush_done(i, r);
+            }
             return self.answer(i, r);
         }
         let r = match r {
@@ -858,6 +872,37 @@ impl<'a> Connection<'a> {
             }
         }
         self.answer(i, r)
+    }
+
+    /// Sync the disk and the capture for the FLUSH in slot `i`.
+    fn start_flush(&mut self, i: usize) {
+        self.flush_driver = Some(i);
+        let sync = self.session.sync_plan();
+        self.submit_sync(i, sync, true);
+    }
+
+    /// The sync of FLUSH `i` finished: answer it and every FLUSH that rode
+    /// on it, then start one sync for the FLUSHes that arrived meanwhile
+    /// (a sync that started before they arrived cannot serve them).
+    fn flush_done(&mut self, i: usize, r: Result<(), (Errno, &'static str)>) {
+        self.flush_driver = None;
+        self.answer(i, r);
+        for j in std::mem::take(&mut self.flush_riders) {
+            self.answer(j, r);
+        }
+        if !self.flush_waiting.is_empty() {
+            let mut group = std::mem::take(&mut self.flush_waiting);
+            let driver = group.remove(0);
+            if !group.is_empty() {
+                log::debug!(
+                    "{}: one sync serves {} FLUSH requests",
+                    self.cfg.peer,
+                    group.len() + 1
+                );
+            }
+            self.flush_riders = group;
+            self.start_flush(driver);
+        }
     }
 
     /// Hand the change in slot `i`, now on the disk, to the capture.
