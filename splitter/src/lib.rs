@@ -1,6 +1,6 @@
-//! The splitter: serves a protected disk over NBD, and (with the ring, a
-//! later piece of work) duplicates every write into the ring before the
-//! client hears it succeeded.
+//! The splitter: serves a protected disk over NBD and, with a ring,
+//! duplicates every write, trim and zero into it before the client hears it
+//! succeeded (FLUSH and FUA: durable in both).
 //!
 //! The splitter is in the I/O path of the disk it protects: its job is to be
 //! correct with every NBD client and fast. It is *not* the replication: it
