@@ -120,7 +120,7 @@ pub struct Recovery {
 impl Producer {
     /// Open the ring at `path` for `disk`, creating it with `opts` when the
     /// file does not exist. An existing ring is recovered (see
-    /// [`Producer::recovery`] for what was found).
+    /// the returned [`Recovery`] for what was found).
     pub fn open_or_create(
         path: &Path,
         opts: &CreateOptions,
