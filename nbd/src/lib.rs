@@ -10,7 +10,7 @@
 //! # Layout
 //! - [`protocol`]: every magic, flag, option, reply type and error value.
 //! - [`request`]: the request header, encode/decode.
-//! - [`validate`](mod@validate): judging a request against an export, in one function.
+//! - `validate`: judging a request against an export, in one function ([`validate()`]).
 //! - [`reply`]: simple replies and structured chunks.
 //! - [`handshake`]: the server's side of option negotiation.
 //! - [`client`]: the client's handshake and synchronous transmission.
