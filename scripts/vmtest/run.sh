@@ -27,8 +27,9 @@
 # for the guest, default 180), VMTEST_DISK_MIB (256), VMTEST_CONNS
 # (connections for the multi-conn phases, default 2), VMTEST_PORT (default 0:
 # any free port), VMTEST_QUIET=1, VMTEST_KEEP=1 (keep the temporary folder),
-# VMTEST_SMP (guest CPUs, default 1: with one CPU the kernel's NBD client
-# sends all I/O down its first connection; the others only handshake).
+# VMTEST_SMP (guest CPUs, default 2: with two CPUs the kernel's NBD client
+# spreads I/O over its connections, so multi-conn is exercised; with one,
+# all I/O goes down the first connection).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -126,11 +127,12 @@ bs_say "splitter pid $SPLITTER_PID on 127.0.0.1:$PORT (log: $SPLOG)"
 
 bs_step "Booting the guest (QEMU TCG, time limit ${TIMEOUT}s; console: $CONSOLE)"
 TQ=$(date +%s%N)
-# -accel tcg,thread=single -smp 1: KVM does not work on these hosts, and
-# multi-threaded TCG corrupted guest state. romfile= : no option ROM needed
+# -accel tcg,thread=single: KVM does not work on these hosts, and
+# multi-threaded TCG corrupted guest state; two vCPUs on one TCG thread are
+# safe (round-robin). romfile= : no option ROM needed
 # (the kernel is booted directly), so no ipxe package either.
 timeout --kill-after=10 "$TIMEOUT" "$QEMU" \
-  -accel tcg,thread=single -cpu max -smp "${VMTEST_SMP:-1}" -m 512M \
+  -accel tcg,thread=single -cpu max -smp "${VMTEST_SMP:-2}" -m 512M \
   -nographic -no-reboot \
   -kernel "$KERNEL" -initrd "$INITRD" \
   -append "console=ttyS0 quiet panic=-1 vmtest.port=$PORT vmtest.export=disk vmtest.size=$SIZE vmtest.conns=$CONNS" \
