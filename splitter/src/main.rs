@@ -34,13 +34,16 @@ enum Cmd {
     /// client hears it succeeded, and a FLUSH (or FUA) makes both durable.
     /// On SIGINT or SIGTERM the server stops accepting, finishes in-flight
     /// requests, flushes the disk and the ring, and exits 0.
-    ///
-    /// Examples:
-    ///   splitter serve --disk /var/lib/disks/db.img --ring /var/lib/blockship/db.ring
-    ///   splitter serve --disk /dev/vdb --socket /run/blockship/vdb.sock
-    ///   nbdinfo nbd://127.0.0.1:10809
+    #[command(after_help = "Examples:
+  splitter serve --disk /var/lib/disks/db.img --ring /var/lib/blockship/db.ring
+  splitter serve --disk /dev/vdb --socket /run/blockship/vdb.sock
+  nbdinfo nbd://127.0.0.1:10809")]
     Serve(ServeArgs),
     /// Look at or drain a ring (works while the splitter runs).
+    #[command(after_help = "Examples:
+  splitter ring status --ring /var/lib/blockship/db.ring --json
+  splitter ring dump --ring /var/lib/blockship/db.ring --from 1000 --limit 20
+  splitter ring drain --ring db.ring --apply-to copy.img --exit-when-idle 500")]
     Ring {
         #[command(subcommand)]
         command: RingCmd,
