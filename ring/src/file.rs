@@ -464,12 +464,13 @@ impl RingFile {
         if h.flags & !FLAG_AFTER_GAP != 0 {
             return Scanned::Invalid(format!("unknown record flags {:#x}", h.flags));
         }
-        let shape_ok = match h.kind {
-            Kind::Write => h.payload_len == h.len && h.len > 0,
-            Kind::Trim | Kind::Zero => h.payload_len == 0 && h.len > 0,
-            Kind::Mark => h.payload_len <= 4096,
-            Kind::Pad => h.payload_len == 0 && u64::from(h.len) == room,
-        };
+        let shape_ok = h.payload_len <= MAX_PAYLOAD
+            && match h.kind {
+                Kind::Write => h.payload_len == h.len && h.len > 0,
+                Kind::Trim | Kind::Zero => h.payload_len == 0 && h.len > 0,
+                Kind::Mark => h.payload_len <= 4096,
+                Kind::Pad => h.payload_len == 0 && u64::from(h.len) == room,
+            };
         if !shape_ok {
             return Scanned::Invalid(format!("inconsistent {} record lengths", h.kind.name()));
         }

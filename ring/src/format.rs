@@ -18,6 +18,9 @@ pub const PAGE: u64 = 4096;
 pub const RECORD_ALIGN: u64 = 8;
 /// Smallest ring data area.
 pub const MIN_CAPACITY: u64 = 64 * 1024;
+/// Largest record payload. Larger changes go to the dirty bitmap; a reader
+/// never allocates more than this for one record, whatever the file says.
+pub const MAX_PAYLOAD: u32 = 64 << 20;
 
 // Format: ring file header, static part (bytes 0..512 of page 0), written once
 // at creation and protected by a crc32c.

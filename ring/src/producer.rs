@@ -228,17 +228,21 @@ impl Producer {
         let need = record_size(payload_len);
         let cap = self.rf.layout.capacity;
         let mut st = self.lock();
+        // A record larger than the ring (or than any record may be) can
+        // never fit: it goes to the bitmap even in blocking mode.
+        let too_big = need > cap || payload_len > MAX_PAYLOAD;
         let pad = loop {
             let off = offset_of(st.head, cap);
             let room = cap - off;
             let pad = if need > room { room } else { 0 };
             let durable_tail = self.rf.get(live::DURABLE_TAIL);
-            let fits = need <= cap && st.head + pad + need - durable_tail <= cap;
-            if fits {
+            if !too_big && st.head + pad + need - durable_tail <= cap {
                 break pad;
             }
-            let empty = st.head == durable_tail;
-            if self.policy == FullPolicy::Block && !empty {
+            // An empty ring that still has no room (the record would need
+            // the padding too) cannot make room by waiting either.
+            let waiting_helps = !too_big && st.head != durable_tail;
+            if self.policy == FullPolicy::Block && waiting_helps {
                 drop(st);
                 std::thread::sleep(Duration::from_micros(500));
                 st = self.lock();
