@@ -236,7 +236,7 @@ impl Consumer {
         if tail == self.rf.get(live::DURABLE_TAIL) {
             return Ok(());
         }
-        self.rf.sync_header().map_err(|source| Error::Io {
+        self.rf.sync_consumer_page().map_err(|source| Error::Io {
             path: self.rf.path.clone(),
             what: "syncing the released tail",
             source,

@@ -209,7 +209,7 @@ impl RingFile {
         let mut h = vec![0u8; hdr::STATIC_LEN];
         h[hdr::MAGIC..hdr::MAGIC + 8].copy_from_slice(&FILE_MAGIC);
         h[hdr::VERSION..hdr::VERSION + 4].copy_from_slice(&VERSION.to_le_bytes());
-        h[hdr::HEADER_LEN..hdr::HEADER_LEN + 4].copy_from_slice(&4096u32.to_le_bytes());
+        h[hdr::HEADER_LEN..hdr::HEADER_LEN + 4].copy_from_slice(&8192u32.to_le_bytes());
         for (at, v) in [
             (hdr::CAPACITY, capacity),
             (hdr::DATA_OFFSET, layout.data_offset),
@@ -251,7 +251,7 @@ impl RingFile {
             rf.set(live::STATE, STATE_NEEDS_INITIAL_SYNC);
         }
         rf.shm
-            .sync(0, usize::try_from(HEADER_LEN).unwrap_or(4096))
+            .sync(0, usize::try_from(HEADER_LEN).unwrap_or(8192))
             .map_err(io_err(path, "writing the header"))?;
         rf.file.sync_all().map_err(io_err(path, "syncing"))?;
         Ok(rf)
@@ -521,6 +521,13 @@ impl RingFile {
     /// Msync the header page.
     pub fn sync_header(&self) -> io::Result<()> {
         self.shm.sync(0, 4096)
+    }
+
+    /// Msync the consumer's page (its tail cursors).
+    pub fn sync_consumer_page(&self) -> io::Result<()> {
+        // CONSUMER_PAGE is 4096, inside the mapping.
+        self.shm
+            .sync(usize::try_from(CONSUMER_PAGE).unwrap_or(4096), 4096)
     }
 }
 

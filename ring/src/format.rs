@@ -10,8 +10,13 @@
 pub const FILE_MAGIC: [u8; 8] = *b"BSHPRING";
 /// Format version this code writes and reads.
 pub const VERSION: u32 = 1;
-/// Size of the header page; the data area starts here.
-pub const HEADER_LEN: u64 = 4096;
+/// Size of the header: page 0 (static part and the producer's cursors) and
+/// page 1 (the consumer's cursors, kept apart so that syncing them never
+/// waits behind the writeback of the page the producer dirties on every
+/// record). The data area starts here.
+pub const HEADER_LEN: u64 = 8192;
+/// File offset of the consumer's page.
+pub const CONSUMER_PAGE: u64 = 4096;
 /// Alignment of the data area capacity and of the bitmap.
 pub const PAGE: u64 = 4096;
 /// Alignment of every record in the data area.
@@ -27,9 +32,9 @@ pub const MAX_PAYLOAD: u32 = 64 << 20;
 //   off  size  field
 //   0    8     magic "BSHPRING"
 //   8    4     version (1)
-//   12   4     header length (4096)
+//   12   4     header length (8192)
 //   16   8     capacity: bytes in the data area (multiple of 4096)
-//   24   8     data area offset (4096)
+//   24   8     data area offset (8192)
 //   32   8     bitmap offset (data offset + capacity)
 //   40   8     bitmap length in bytes (multiple of 4096)
 //   48   4     bitmap granularity: disk bytes per bit (power of two >= 4096)
@@ -70,22 +75,23 @@ pub(crate) mod hdr {
 // own 64-byte line, changed while the ring is in use.
 //   512   head          producer: position after the last published record
 //   576   next_seq      producer: sequence number the next record gets
-//   640   tail          consumer: position of the first unreleased record
-//   704   tail_seq      consumer: sequence of the first unreleased record
-//   768   durable_tail  consumer: a tail known durable; space below it is reusable
 //   832   synced_head   producer: every record before it was durable at a sync
 //   896   state         flags (STATE_*)
 //   960   overflow_since  ns since the Unix epoch of the first overflow (0: none)
 //   1024  producer_pid  informational
 //   1088  records_lost  records cut from a torn tail at recovery (cumulative)
 //   1152  boot_id       16 bytes: /proc/sys/kernel/random/boot_id of the producer's boot
+// and on page 1 (the consumer's page):
+//   4096  tail          consumer: position of the first unreleased record
+//   4160  tail_seq      consumer: sequence of the first unreleased record
+//   4224  durable_tail  consumer: a tail known durable; space below it is reusable
 /// Byte offsets of the live header fields.
 pub(crate) mod live {
     pub const HEAD: usize = 512;
     pub const NEXT_SEQ: usize = 576;
-    pub const TAIL: usize = 640;
-    pub const TAIL_SEQ: usize = 704;
-    pub const DURABLE_TAIL: usize = 768;
+    pub const TAIL: usize = 4096;
+    pub const TAIL_SEQ: usize = 4160;
+    pub const DURABLE_TAIL: usize = 4224;
     pub const SYNCED_HEAD: usize = 832;
     pub const STATE: usize = 896;
     pub const OVERFLOW_SINCE: usize = 960;
