@@ -756,27 +756,16 @@ impl<'a> Connection<'a> {
         }
         match cmd {
             Command::Read { len, .. } | Command::Write { len, .. } => {
-                if res <= 0 {
-                    let e = if res == 0 { Errno::Io } else { os_err(res) };
-                    return self.finish(i, Err((e, "disk I/O failed")));
+                if self.transferred(i, res, len, "disk I/O failed") {
+                    self.finish(i, Ok(()));
                 }
-                s.done += res.unsigned_abs();
-                if s.done < len {
-                    return self.submit(i);
-                }
-                self.finish(i, Ok(()));
             }
             Command::WriteZeroes { len, fast_only, .. } => {
                 if phase == Phase::ZeroWrite {
-                    if res <= 0 {
-                        let e = if res == 0 { Errno::Io } else { os_err(res) };
-                        return self.finish(i, Err((e, "writing zeroes failed")));
+                    if self.transferred(i, res, len, "writing zeroes failed") {
+                        self.after_change(i);
                     }
-                    s.done += res.unsigned_abs();
-                    if s.done < len {
-                        return self.submit(i);
-                    }
-                    return self.after_change(i);
+                    return;
                 }
                 if res == -libc::EOPNOTSUPP || res == -libc::EINVAL {
                     s.phase = match phase {
@@ -822,6 +811,24 @@ impl<'a> Connection<'a> {
                 self.finish(i, Err((Errno::Io, "internal: unexpected completion")));
             }
         }
+    }
+
+    /// Account `res` bytes read or written for slot `i` out of `len`: true
+    /// when all are done; otherwise the rest was resubmitted, or the request
+    /// finished with an error (`what`), and false.
+    fn transferred(&mut self, i: usize, res: i32, len: u32, what: &'static str) -> bool {
+        if res <= 0 {
+            let e = if res == 0 { Errno::Io } else { os_err(res) };
+            self.finish(i, Err((e, what)));
+            return false;
+        }
+        let s = &mut self.slots[i];
+        s.done += res.unsigned_abs();
+        if s.done < len {
+            self.submit(i);
+            return false;
+        }
+        true
     }
 
     /// A trim or zero reached the disk: sync for FUA, or finish.
