@@ -1,0 +1,211 @@
+//! The plain encoding of ring records inside a batch, before compression.
+//!
+//! A batch's plain bytes are records back to back, each a 40-byte header
+//! followed by its payload. The decoder checks every record against the
+//! batch header (count, first and last sequence, order) before the caller
+//! applies any of them.
+
+use crate::error::WireError;
+use crate::frame::{le32, le64, BatchHeader};
+
+// Format: record inside a batch (40-byte header, then the payload)
+//   off  size  field
+//   0    8     sequence
+//   8    8     disk offset (MARK: 0)
+//   16   4     disk bytes covered (MARK: name length)
+//   20   1     kind: 1 WRITE, 2 TRIM, 3 ZERO, 4 MARK
+//   21   1     flags: bit 0 AFTER_GAP (the sequence may jump here)
+//   22   2     reserved (0)
+//   24   8     capture time, ns since the Unix epoch
+//   32   4     payload length (WRITE: = disk bytes; MARK: name length; else 0)
+//   36   4     reserved (0)
+//   40   n     payload
+/// Length of a record header inside a batch.
+pub const RECORD_HEADER_LEN: usize = 40;
+/// Record flag: the sequence may jump to this record (records lost to a torn tail).
+pub const RECORD_AFTER_GAP: u8 = 1;
+/// Longest MARK name.
+pub const MAX_MARK_NAME: u32 = 4096;
+
+/// What a record does to the replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum RecordKind {
+    /// Write the payload at the offset.
+    Write = 1,
+    /// Discard the extent (reads as zeroes afterwards).
+    Trim = 2,
+    /// Zero the extent.
+    Zero = 3,
+    /// A named point in the stream; changes nothing.
+    Mark = 4,
+}
+
+/// A record decoded from a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WireRecord<'a> {
+    /// Sequence.
+    pub seq: u64,
+    /// What it does.
+    pub kind: RecordKind,
+    /// Disk offset.
+    pub offset: u64,
+    /// Disk bytes covered (MARK: name length).
+    pub len: u32,
+    /// The sequence may jump to this record.
+    pub after_gap: bool,
+    /// Capture time, ns since the epoch.
+    pub time_ns: u64,
+    /// WRITE data, MARK name.
+    pub payload: &'a [u8],
+}
+
+impl WireRecord<'_> {
+    /// Append the encoding to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.seq.to_le_bytes());
+        out.extend_from_slice(&self.offset.to_le_bytes());
+        out.extend_from_slice(&self.len.to_le_bytes());
+        out.push(self.kind as u8);
+        out.push(if self.after_gap { RECORD_AFTER_GAP } else { 0 });
+        out.extend_from_slice(&[0, 0]);
+        out.extend_from_slice(&self.time_ns.to_le_bytes());
+        // Payloads come from ring records, at most 64 MiB.
+        out.extend_from_slice(&u32::try_from(self.payload.len()).unwrap_or(u32::MAX).to_le_bytes());
+        out.extend_from_slice(&[0, 0, 0, 0]);
+        out.extend_from_slice(self.payload);
+    }
+
+    /// Bytes this record takes in a batch.
+    pub fn encoded_len(&self) -> usize {
+        RECORD_HEADER_LEN + self.payload.len()
+    }
+
+    /// First disk byte after the extent.
+    pub fn end(&self) -> Option<u64> {
+        self.offset.checked_add(u64::from(self.len))
+    }
+}
+
+/// Iterates over a batch's plain records, checking each one and, at the
+/// end, the count and the last sequence against the batch header. Stops
+/// after the first error.
+#[derive(Debug)]
+pub struct RecordIter<'a> {
+    plain: &'a [u8],
+    header: BatchHeader,
+    at: usize,
+    seen: u32,
+    prev_seq: u64,
+    failed: bool,
+}
+
+impl<'a> RecordIter<'a> {
+    /// Records of a batch whose plain bytes passed [`BatchHeader::check_plain`].
+    pub fn new(header: BatchHeader, plain: &'a [u8]) -> RecordIter<'a> {
+        RecordIter {
+            plain,
+            header,
+            at: 0,
+            seen: 0,
+            prev_seq: 0,
+            failed: false,
+        }
+    }
+
+    fn bad(&mut self, detail: String) -> Option<Result<WireRecord<'a>, WireError>> {
+        self.failed = true;
+        Some(Err(WireError::Invalid {
+            what: "batch record",
+            detail: format!(
+                "batch {}..={}, record {}: {detail}",
+                self.header.first_seq, self.header.last_seq, self.seen
+            ),
+        }))
+    }
+
+    fn next_record(&mut self) -> Option<Result<WireRecord<'a>, WireError>> {
+        let rest = &self.plain[self.at..];
+        if rest.is_empty() {
+            if self.seen != self.header.count || self.prev_seq != self.header.last_seq {
+                let (seen, last) = (self.seen, self.prev_seq);
+                return self.bad(format!(
+                    "batch ended after {seen} records at seq {last}; header says {} ending at {}",
+                    self.header.count, self.header.last_seq
+                ));
+            }
+            return None;
+        }
+        if rest.len() < RECORD_HEADER_LEN {
+            return self.bad(format!("{} bytes left, less than a record header", rest.len()));
+        }
+        if self.seen == self.header.count {
+            return self.bad("more records than the header's count".into());
+        }
+        let seq = le64(rest, 0);
+        let offset = le64(rest, 8);
+        let len = le32(rest, 16);
+        let kind = match rest[20] {
+            1 => RecordKind::Write,
+            2 => RecordKind::Trim,
+            3 => RecordKind::Zero,
+            4 => RecordKind::Mark,
+            k => return self.bad(format!("unknown kind {k}")),
+        };
+        let flags = rest[21];
+        if flags & !RECORD_AFTER_GAP != 0 || rest[22] != 0 || rest[23] != 0 || le32(rest, 36) != 0 {
+            return self.bad("unknown flags or reserved bytes set".into());
+        }
+        let after_gap = flags & RECORD_AFTER_GAP != 0;
+        let time_ns = le64(rest, 24);
+        let plen = le32(rest, 32);
+        let ok_len = match kind {
+            RecordKind::Write => plen == len && len > 0,
+            RecordKind::Trim | RecordKind::Zero => plen == 0 && len > 0,
+            RecordKind::Mark => plen == len && len <= MAX_MARK_NAME && offset == 0,
+        };
+        if !ok_len {
+            return self.bad(format!("{kind:?} with length {len} and payload {plen}"));
+        }
+        if offset.checked_add(u64::from(len)).is_none() {
+            return self.bad("extent wraps around".into());
+        }
+        let total = RECORD_HEADER_LEN + plen as usize;
+        if rest.len() < total {
+            return self.bad(format!("payload of {plen} bytes runs past the batch"));
+        }
+        let expected_first = self.seen == 0;
+        let ordered = if expected_first {
+            seq == self.header.first_seq
+        } else {
+            seq == self.prev_seq + 1 || (after_gap && seq > self.prev_seq)
+        };
+        if !ordered {
+            let prev = self.prev_seq;
+            return self.bad(format!("sequence {seq} after {prev} (first {})", self.header.first_seq));
+        }
+        self.prev_seq = seq;
+        self.seen += 1;
+        self.at += total;
+        Some(Ok(WireRecord {
+            seq,
+            kind,
+            offset,
+            len,
+            after_gap,
+            time_ns,
+            payload: &rest[RECORD_HEADER_LEN..total],
+        }))
+    }
+}
+
+impl<'a> Iterator for RecordIter<'a> {
+    type Item = Result<WireRecord<'a>, WireError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed {
+            return None;
+        }
+        self.next_record()
+    }
+}
