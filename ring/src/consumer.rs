@@ -10,6 +10,57 @@ use crate::error::{Error, Result};
 use crate::file::{RingFile, Role, Scanned};
 use crate::format::*;
 
+/// Where a shipper's connection stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u64)]
+pub enum LinkState {
+    /// No shipper has run.
+    None = 0,
+    /// Connecting (first attempt).
+    Connecting = 1,
+    /// Connected and shipping.
+    Connected = 2,
+    /// The last attempt failed; retrying after a pause.
+    Retrying = 3,
+}
+
+impl LinkState {
+    /// From the stored value.
+    pub fn from_u64(v: u64) -> LinkState {
+        match v {
+            1 => LinkState::Connecting,
+            2 => LinkState::Connected,
+            3 => LinkState::Retrying,
+            _ => LinkState::None,
+        }
+    }
+
+    /// Name for status output.
+    pub fn name(self) -> &'static str {
+        match self {
+            LinkState::None => "none",
+            LinkState::Connecting => "connecting",
+            LinkState::Connected => "connected",
+            LinkState::Retrying => "retrying",
+        }
+    }
+}
+
+/// The shipper's progress as published in the ring file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShipProgress {
+    /// Newest sequence acknowledged durable by the recovery site.
+    pub acked_seq: u64,
+    /// Connection state.
+    pub state: LinkState,
+    /// Record bytes shipped (before compression), cumulative.
+    pub plain_bytes: u64,
+    /// Frame bytes sent (after compression), cumulative.
+    pub wire_bytes: u64,
+    /// Record bytes per second, recent.
+    pub rate: u64,
+}
+
 /// A record read from the ring; its payload lives in the [`Batch`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Record<'a> {
@@ -244,6 +295,47 @@ impl Consumer {
         self.rf.set(live::DURABLE_TAIL, tail);
         self.last_durable = std::time::Instant::now();
         Ok(())
+    }
+
+    /// Forget what was read and not released: the next [`Consumer::read`]
+    /// starts again at the oldest unreleased record. A shipper calls this
+    /// after losing its connection, to resend what was not acknowledged.
+    pub fn rewind(&mut self) {
+        self.read_pos = self.rf.get(live::TAIL);
+        self.read_seq = self.rf.get(live::TAIL_SEQ);
+        self.unreleased.clear();
+    }
+
+    /// Sequence of the oldest unreleased record.
+    pub fn tail_seq(&self) -> u64 {
+        self.rf.get(live::TAIL_SEQ)
+    }
+
+    /// Sequence the producer gives its next record.
+    pub fn head_next_seq(&self) -> u64 {
+        self.rf.get(live::NEXT_SEQ)
+    }
+
+    /// Bytes of the ring holding unreleased records.
+    pub fn used_bytes(&self) -> u64 {
+        self.rf.get(live::HEAD).saturating_sub(self.rf.get(live::TAIL))
+    }
+
+    /// The ring's state flags (`format::STATE_*`).
+    pub fn state(&self) -> u64 {
+        self.rf.get(live::STATE)
+    }
+
+    /// Publish the shipper's progress in the ring file, where `ring status`
+    /// and the splitter's metrics read it.
+    pub fn publish(&self, p: &ShipProgress) {
+        self.rf.set(live::SHIP_ACKED_SEQ, p.acked_seq);
+        self.rf.set(live::SHIP_STATE, p.state as u64);
+        self.rf.set(live::SHIP_PLAIN_BYTES, p.plain_bytes);
+        self.rf.set(live::SHIP_WIRE_BYTES, p.wire_bytes);
+        self.rf.set(live::SHIP_RATE, p.rate);
+        self.rf.set(live::SHIP_PID, u64::from(std::process::id()));
+        self.rf.set(live::SHIP_UPDATED_NS, crate::file::wall_clock_ns());
     }
 
     /// The dirty extents (changes that overflowed the ring).

@@ -85,6 +85,15 @@ pub(crate) mod hdr {
 //   4096  tail          consumer: position of the first unreleased record
 //   4160  tail_seq      consumer: sequence of the first unreleased record
 //   4224  durable_tail  consumer: a tail known durable; space below it is reusable
+// and the shipper's progress, for status and metrics (informational; 0 when
+// no shipper ever ran):
+//   4288  ship_acked_seq    newest sequence the recovery site acknowledged durable
+//   4352  ship_state        0 none, 1 connecting, 2 connected, 3 retrying after an error
+//   4416  ship_plain_bytes  record bytes shipped (before compression), cumulative
+//   4480  ship_wire_bytes   frame bytes sent (after compression), cumulative
+//   4544  ship_updated_ns   when the shipper last updated these, ns since the epoch
+//   4608  ship_rate         record bytes per second shipped, recent
+//   4672  ship_pid          process id of the shipper
 /// Byte offsets of the live header fields.
 pub(crate) mod live {
     pub const HEAD: usize = 512;
@@ -92,6 +101,13 @@ pub(crate) mod live {
     pub const TAIL: usize = 4096;
     pub const TAIL_SEQ: usize = 4160;
     pub const DURABLE_TAIL: usize = 4224;
+    pub const SHIP_ACKED_SEQ: usize = 4288;
+    pub const SHIP_STATE: usize = 4352;
+    pub const SHIP_PLAIN_BYTES: usize = 4416;
+    pub const SHIP_WIRE_BYTES: usize = 4480;
+    pub const SHIP_UPDATED_NS: usize = 4544;
+    pub const SHIP_RATE: usize = 4608;
+    pub const SHIP_PID: usize = 4672;
     pub const SYNCED_HEAD: usize = 832;
     pub const STATE: usize = 896;
     pub const OVERFLOW_SINCE: usize = 960;

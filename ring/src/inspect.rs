@@ -49,6 +49,19 @@ pub struct Status {
     pub crash_dirty: bool,
     /// The last producer closed cleanly.
     pub clean: bool,
+    /// The shipper's last published progress, if a shipper ever ran.
+    pub shipper: Option<ShipperStatus>,
+}
+
+/// A shipper's progress, read from the ring file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShipperStatus {
+    /// The progress numbers.
+    pub progress: crate::ShipProgress,
+    /// When they were published (ns since the epoch).
+    pub updated_ns: u64,
+    /// The shipper's process id.
+    pub pid: u64,
 }
 
 /// Read a ring's status.
@@ -98,6 +111,22 @@ pub fn status(path: &Path) -> Result<Status> {
         producer_pid: rf.get(live::PRODUCER_PID),
         crash_dirty: state & STATE_CRASH_DIRTY != 0,
         clean: state & STATE_CLEAN != 0,
+        shipper: shipper_status(&rf),
+    })
+}
+
+fn shipper_status(rf: &RingFile) -> Option<ShipperStatus> {
+    let updated_ns = rf.get(live::SHIP_UPDATED_NS);
+    (updated_ns != 0).then(|| ShipperStatus {
+        progress: crate::ShipProgress {
+            acked_seq: rf.get(live::SHIP_ACKED_SEQ),
+            state: crate::LinkState::from_u64(rf.get(live::SHIP_STATE)),
+            plain_bytes: rf.get(live::SHIP_PLAIN_BYTES),
+            wire_bytes: rf.get(live::SHIP_WIRE_BYTES),
+            rate: rf.get(live::SHIP_RATE),
+        },
+        updated_ns,
+        pid: rf.get(live::SHIP_PID),
     })
 }
 

@@ -32,9 +32,9 @@ mod producer;
 mod shm;
 
 pub use bitmap::Extent;
-pub use consumer::{Batch, Consumer, Record};
+pub use consumer::{Batch, Consumer, LinkState, Record, ShipProgress};
 pub use error::{Error, Result};
 pub use file::{uuid_string, wall_clock_ns, CreateOptions, DiskIdentity, Layout};
 pub use format::Kind;
-pub use inspect::{dump, status, DumpEntry, Status};
+pub use inspect::{dump, status, DumpEntry, ShipperStatus, Status};
 pub use producer::{Appended, Change, FullPolicy, Lane, Producer, Recovery, SyncPlan};

@@ -1,0 +1,37 @@
+//! The recovery site: accepts shippers over mutual TLS, applies their
+//! records to replicas in sequence order, and serves each replica read-only
+//! over NBD.
+//!
+//! Per protected disk (its disk id) the target keeps a replica (a sparse
+//! file in the data folder, or an export of an upstream NBD server) and a
+//! state file with the applied sequence. A batch is verified whole, applied
+//! in order, made durable, the applied sequence recorded atomically, and
+//! only then acknowledged; a replayed batch is skipped record by record.
+//!
+//! It is *not* the shipper's retry logic nor the ring: a connection that
+//! fails is simply dropped, and the shipper reconnects and resumes from the
+//! applied sequence the hello reply gives it. Recovery points, test
+//! failover and failover are later work.
+//!
+//! # Layout
+//! - [`server`]: the daemon (listeners, threads, live status).
+//! - [`session`]: one shipper's connection: TLS, hello, enrolment, apply loop.
+//! - [`state`]: the state file format (applied sequence, consistency).
+//! - [`replica`]: file and NBD-backed replicas.
+//! - [`registry`]: the replicas, claims, live numbers.
+//! - [`export`]: read-only NBD exports of the replicas.
+//! - [`status`]: `status` output and Prometheus metrics.
+//! - [`pki`]: the site's certificate authority.
+
+pub mod error;
+pub mod export;
+pub mod pki;
+pub mod registry;
+pub mod replica;
+pub mod server;
+pub mod session;
+pub mod state;
+pub mod status;
+
+pub use error::{Error, Result};
+pub use server::{Target, TargetConfig};

@@ -1,0 +1,191 @@
+//! `nbd-target`: the recovery site daemon, its status, and its small PKI.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use nbd_target::replica::ReplicaSpec;
+use nbd_target::{Target, TargetConfig};
+
+/// blockship nbd-target: the recovery site.
+///
+/// Accepts shippers over TLS 1.3 with mutual certificate authentication,
+/// applies their records in sequence order to one replica per protected disk,
+/// and serves every replica read-only over NBD (export name = disk id).
+#[derive(Parser, Debug)]
+#[command(version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run the recovery site until SIGINT or SIGTERM.
+    ///
+    /// Each replica lives in DATA_DIR/<disk id>/ (replica.img, state,
+    /// live.json) unless --backend puts its bytes on an upstream NBD server.
+    /// A batch is acknowledged only once applied, synced, and its sequence
+    /// recorded durably.
+    #[command(after_help = "Examples:
+  nbd-target pki init --dir /etc/blockship/pki --san dr.example.com
+  nbd-target serve --listen 0.0.0.0:10811 --data-dir /var/lib/blockship --tls /etc/blockship/pki/target
+  nbd-target serve --listen 127.0.0.1:10811 --data-dir dr --tls pki/target --backend db=nbd://127.0.0.1:10900/db
+  nbdinfo nbd://127.0.0.1:10810/db")]
+    Serve(ServeArgs),
+    /// Show every replica: applied sequence, consistency, RPO lag, waiting
+    /// bytes, compression, throughput, connection.
+    Status {
+        /// The data folder the daemon uses.
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make and issue certificates.
+    Pki {
+        #[command(subcommand)]
+        command: PkiCmd,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct ServeArgs {
+    /// Address to accept shippers on.
+    #[arg(long, value_name = "ADDR")]
+    listen: SocketAddr,
+    /// Folder of the replicas and their state.
+    #[arg(long, value_name = "DIR")]
+    data_dir: PathBuf,
+    /// TLS folder with ca.pem, cert.pem, key.pem (as `pki init` writes to PKI/target).
+    #[arg(long, value_name = "DIR")]
+    tls: PathBuf,
+    /// Serve the replicas read-only over NBD here ("off" to disable).
+    /// Keep it on loopback or a trusted network: NBD is not encrypted.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:10810")]
+    nbd_listen: String,
+    /// Keep disk ID's replica on an upstream NBD server: ID=nbd://HOST:PORT/EXPORT.
+    /// Repeat for several disks.
+    #[arg(long, value_name = "ID=URI")]
+    backend: Vec<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
+}
+
+#[derive(Subcommand, Debug)]
+enum PkiCmd {
+    /// Make a certificate authority in DIR and the target's TLS folder in DIR/target.
+    Init {
+        /// Where to put the CA (ca.pem, ca-key.pem) and target/.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// Extra names (DNS or IP) shippers will use to reach the target;
+        /// localhost, 127.0.0.1 and ::1 are always included.
+        #[arg(long, value_name = "NAME")]
+        san: Vec<String>,
+    },
+    /// Make a shipper's TLS folder, enrolled for the given disks only.
+    Issue {
+        /// The CA folder made by `pki init`.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// The shipper's name (certificate common name, shown in logs).
+        #[arg(long, value_name = "NAME")]
+        name: String,
+        /// A disk id this shipper may write. Repeat for several.
+        #[arg(long = "disk", value_name = "ID", required = true)]
+        disks: Vec<String>,
+        /// Output folder (ca.pem, cert.pem, key.pem) for the shipper's --tls.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Days the certificate is valid.
+        #[arg(long, default_value_t = nbd_target::pki::DEFAULT_DAYS)]
+        days: u32,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_millis()
+        .init();
+    match Cli::parse().command {
+        Cmd::Serve(a) => serve(a),
+        Cmd::Status { data_dir, json } => {
+            let v = nbd_target::status::collect(&data_dir)
+                .with_context(|| format!("cannot read {}", data_dir.display()))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", nbd_target::status::render_text(&v));
+            }
+            Ok(())
+        }
+        Cmd::Pki { command } => match command {
+            PkiCmd::Init { dir, san } => {
+                nbd_target::pki::init(&dir, &san)
+                    .with_context(|| format!("cannot make the CA in {}", dir.display()))?;
+                println!("CA in {0}; the target's TLS folder is {0}/target", dir.display());
+                println!("issue shipper folders with: nbd-target pki issue --dir {} --name NAME --disk ID --out DIR", dir.display());
+                Ok(())
+            }
+            PkiCmd::Issue { dir, name, disks, out, days } => {
+                nbd_target::pki::issue(&dir, &name, &disks, &out, days)
+                    .with_context(|| format!("cannot issue a certificate for {name}"))?;
+                println!("shipper TLS folder {} for {name}, disks {disks:?}", out.display());
+                Ok(())
+            }
+        },
+    }
+}
+
+fn serve(a: ServeArgs) -> anyhow::Result<()> {
+    let mut backends = HashMap::new();
+    for b in &a.backend {
+        let Some((id, uri)) = b.split_once('=') else {
+            bail!("--backend {b:?}: expected ID=nbd://HOST:PORT/EXPORT");
+        };
+        wire::identity::validate_disk_id(id).with_context(|| format!("--backend {b:?}"))?;
+        backends.insert(id.to_string(), ReplicaSpec::parse_nbd_uri(uri)?);
+    }
+    let nbd_listen = if a.nbd_listen == "off" {
+        None
+    } else {
+        Some(
+            a.nbd_listen
+                .parse()
+                .with_context(|| format!("--nbd-listen {:?} is not an address", a.nbd_listen))?,
+        )
+    };
+    let cfg = TargetConfig {
+        listen: a.listen,
+        data_dir: a.data_dir.clone(),
+        tls_dir: a.tls.clone(),
+        nbd_listen,
+        backends,
+    };
+    let target = Target::bind(&cfg).context("cannot start the target")?;
+    let stop = target.stop_flag();
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone()).context("cannot install signal handlers")?;
+    }
+    if let Some(m) = a.metrics {
+        let reg = target.registry();
+        metrics::serve(m, Arc::new(move || nbd_target::status::metrics_text(&reg)))
+            .with_context(|| format!("cannot serve metrics on {m}"))?;
+    }
+    if let Some(addr) = target.local_addr() {
+        log::info!("accepting shippers on {addr} (TLS 1.3, client certificates required)");
+    }
+    if let Some(addr) = target.nbd_addr() {
+        log::info!("replicas served read-only over NBD on {addr} (export name = disk id)");
+    }
+    log::info!("data folder {}", a.data_dir.display());
+    target.run().context("the target failed")?;
+    log::info!("stopped cleanly");
+    Ok(())
+}

@@ -1,0 +1,478 @@
+//! One shipper's connection: TLS with a verified certificate, the hello,
+//! the enrolment check, then batches verified whole, applied in sequence
+//! order, made durable, the applied sequence recorded, and acknowledged.
+
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use transport::link::{LinkError, Received};
+use transport::Link;
+use wire::frame::*;
+use wire::{RecordIter, RecordKind, WireError};
+
+use crate::registry::{Claim, Registry, STATE_FILE};
+use crate::replica::ReplicaWriter;
+use crate::state::{now_ns, Reason, ReplicaState, StateFile};
+
+/// How long a silent peer is given before the connection is dropped.
+pub const PEER_TIMEOUT: Duration = Duration::from_secs(15);
+/// How often a heartbeat goes out on an idle connection.
+pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+/// Applied bytes after which the target makes them durable and acknowledges
+/// even if more batches are already waiting.
+const COMMIT_BYTES: u64 = 64 << 20;
+/// Age of the oldest unacknowledged batch after which the target commits.
+const COMMIT_AGE: Duration = Duration::from_millis(50);
+
+/// Why a session ended.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The link failed (socket, TLS, a bad frame).
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    /// The peer broke the protocol, or was refused: what was sent it.
+    #[error("{0}")]
+    Refused(String),
+    /// The peer said why it closed.
+    #[error("the shipper closed with an error: {0}")]
+    Peer(String),
+}
+
+impl From<WireError> for SessionError {
+    fn from(e: WireError) -> Self {
+        SessionError::Link(LinkError::Wire(e))
+    }
+}
+
+impl From<std::io::Error> for SessionError {
+    fn from(e: std::io::Error) -> Self {
+        SessionError::Link(LinkError::Io(e))
+    }
+}
+
+/// What a session needs from the daemon.
+#[derive(Debug, Clone)]
+pub struct SessionContext {
+    /// The replicas.
+    pub registry: Arc<Registry>,
+    /// TLS server configuration (client certificates required).
+    pub tls: Arc<rustls::ServerConfig>,
+    /// Set to stop.
+    pub stop: Arc<AtomicBool>,
+}
+
+/// Serve one shipper connection until it ends; log how it ended.
+pub fn serve(sock: TcpStream, ctx: &SessionContext) {
+    let peer = sock
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "?".into());
+    match run(sock, ctx) {
+        Ok(()) => log::info!("shipper {peer}: connection closed"),
+        Err(e) => log::warn!("shipper {peer}: {e}"),
+    }
+}
+
+fn refuse(link: &mut Link, code: ErrorCode, message: String) -> SessionError {
+    let mut b = Vec::new();
+    ErrorMsg {
+        code,
+        message: message.clone(),
+    }
+    .encode(&mut b);
+    if link.send(FrameType::Error, &b).is_ok() {
+        let _ = link.flush(Duration::from_millis(500));
+    }
+    SessionError::Refused(message)
+}
+
+fn wait_frame(link: &mut Link, timeout: Duration) -> Result<Received, SessionError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        link.pump()?;
+        if let Some(r) = link.next_frame()? {
+            return Ok(r);
+        }
+        if link.eof() {
+            return Err(SessionError::Refused("the shipper closed the connection".into()));
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(SessionError::Refused("no hello within 10 s".into()));
+        }
+        link.wait(left.min(Duration::from_millis(100)))?;
+    }
+}
+
+fn run(sock: TcpStream, ctx: &SessionContext) -> Result<(), SessionError> {
+    let tls = rustls::ServerConnection::new(ctx.tls.clone()).map_err(LinkError::Tls)?;
+    let mut link = Link::new(tls, sock)?;
+    link.handshake(Duration::from_secs(10)).map_err(|e| {
+        SessionError::Refused(format!("TLS handshake failed, nothing accepted: {e}"))
+    })?;
+    let id = link
+        .tls
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(transport::tls::peer_identity)
+        .unwrap_or_default();
+
+    let rx = wait_frame(&mut link, Duration::from_secs(10))?;
+    if rx.header.ftype != FrameType::Hello {
+        let m = format!("expected HELLO, got {}", rx.header.ftype.name());
+        return Err(refuse(&mut link, ErrorCode::Protocol, m));
+    }
+    let hello = match Hello::decode(link.body(&rx)) {
+        Ok(h) => h,
+        Err(e) => return Err(refuse(&mut link, ErrorCode::Protocol, format!("bad HELLO: {e}"))),
+    };
+    link.consume(&rx);
+    if hello.min_version > PROTOCOL_VERSION || hello.max_version < MIN_PROTOCOL_VERSION {
+        let m = format!(
+            "no common protocol version: the shipper speaks {}..={}, this target {MIN_PROTOCOL_VERSION}..={PROTOCOL_VERSION}",
+            hello.min_version, hello.max_version
+        );
+        return Err(refuse(&mut link, ErrorCode::Version, m));
+    }
+    if !id.disks.iter().any(|d| *d == hello.disk_id) {
+        let m = format!(
+            "certificate {:?} may write disks {:?}, not {:?}: nothing written (issue it with `nbd-target pki issue --disk {}`)",
+            id.name, id.disks, hello.disk_id, hello.disk_id
+        );
+        return Err(refuse(&mut link, ErrorCode::Forbidden, m));
+    }
+    let Some(claim) = ctx.registry.claim(&hello.disk_id) else {
+        let m = format!("another shipper is connected for disk {:?}", hello.disk_id);
+        return Err(refuse(&mut link, ErrorCode::Busy, m));
+    };
+    let mut s = match Session::open(&claim, &hello) {
+        Ok(s) => s,
+        Err((code, m)) => return Err(refuse(&mut link, code, m)),
+    };
+    {
+        let mut l = claim.0.live();
+        l.connected = true;
+        l.peer = link.peer();
+        l.peer_name = id.name.clone();
+        l.applied_seq = s.state.state.applied_seq;
+        l.last_error.clear();
+    }
+    log::info!(
+        "shipper {} ({:?}) replicating disk {:?} into {}: applied seq {}, resuming after it{}",
+        link.peer(),
+        id.name,
+        hello.disk_id,
+        claim.0.spec.describe(),
+        s.state.state.applied_seq,
+        if s.state.state.consistent() {
+            String::new()
+        } else {
+            format!("; replica not consistent: {}", s.state.state.reason.explain())
+        }
+    );
+    let reply = HelloReply {
+        version: PROTOCOL_VERSION.min(hello.max_version),
+        flags: if s.state.state.consistent() { REPLY_CONSISTENT } else { 0 },
+        applied_seq: s.state.state.applied_seq,
+        max_body: MAX_BODY,
+    };
+    link.send(FrameType::HelloReply, &reply.encode())?;
+    let r = s.apply_loop(&mut link, &claim, &ctx.stop);
+    if let Err(e) = &r {
+        claim.0.live().last_error = e.to_string();
+    }
+    // Whatever happened, what was applied and synced stays recorded.
+    let _ = s.commit(&mut link, &claim);
+    if r.is_ok() {
+        link.close();
+    }
+    r
+}
+
+struct Session {
+    writer: ReplicaWriter,
+    state: StateFile,
+    disk_size: u64,
+    /// Highest sequence applied (durable once committed).
+    pending: u64,
+    uncommitted: u64,
+    uncommitted_since: Option<Instant>,
+    plain: Vec<u8>,
+    dec: zstd::bulk::Decompressor<'static>,
+}
+
+impl Session {
+    fn open(claim: &Claim, hello: &Hello) -> Result<Session, (ErrorCode, String)> {
+        let e = &claim.0;
+        std::fs::create_dir_all(&e.dir).map_err(|err| {
+            (ErrorCode::ReplicaIo, format!("cannot create {}: {err}", e.dir.display()))
+        })?;
+        let fresh = ReplicaState {
+            applied_seq: 0,
+            ring_id: hello.ring_id,
+            disk_size: hello.disk_size,
+            reason: if hello.flags & HELLO_NEEDS_INITIAL_SYNC != 0 {
+                Reason::NeedsInitialSync
+            } else {
+                Reason::None
+            },
+            since_seq: 0,
+            updated_ns: now_ns(),
+        };
+        let mut state = StateFile::open_or_create(&e.dir.join(STATE_FILE), fresh)
+            .map_err(|err| (ErrorCode::ReplicaIo, err.to_string()))?;
+        if state.state.disk_size != hello.disk_size {
+            return Err((
+                ErrorCode::Mismatch,
+                format!(
+                    "disk {:?} has {} bytes but its replica was made for {}: a resized disk needs a new replica",
+                    hello.disk_id, hello.disk_size, state.state.disk_size
+                ),
+            ));
+        }
+        let mut changed = false;
+        if state.state.ring_id != hello.ring_id {
+            log::warn!(
+                "disk {:?}: the source's ring was recreated; its sequence numbers start again and the replica needs a full sync",
+                hello.disk_id
+            );
+            state.state.ring_id = hello.ring_id;
+            state.state.applied_seq = 0;
+            state.state.reason = Reason::RingReplaced;
+            changed = true;
+        }
+        let applied = state.state.applied_seq;
+        if hello.tail_seq > applied + 1 {
+            if state.state.consistent() {
+                log::warn!(
+                    "disk {:?}: the source released records {}..{} before this replica received them",
+                    hello.disk_id,
+                    applied + 1,
+                    hello.tail_seq
+                );
+                state.state.reason = Reason::MissedRecords;
+                state.state.since_seq = hello.tail_seq;
+                changed = true;
+            }
+        }
+        if changed {
+            state
+                .save()
+                .map_err(|err| (ErrorCode::ReplicaIo, err.to_string()))?;
+        }
+        let writer = e
+            .spec
+            .open_writer(hello.disk_size)
+            .map_err(|err| (ErrorCode::ReplicaIo, err.to_string()))?;
+        let dec = zstd::bulk::Decompressor::new()
+            .map_err(|err| (ErrorCode::Internal, format!("zstd: {err}")))?;
+        Ok(Session {
+            writer,
+            disk_size: hello.disk_size,
+            pending: applied.max(hello.tail_seq.saturating_sub(1)),
+            state,
+            uncommitted: 0,
+            uncommitted_since: None,
+            plain: Vec::new(),
+            dec,
+        })
+    }
+
+    fn apply_loop(&mut self, link: &mut Link, claim: &Claim, stop: &AtomicBool) -> Result<(), SessionError> {
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            link.pump()?;
+            let mut progressed = false;
+            while let Some(rx) = link.next_frame()? {
+                progressed = true;
+                self.frame(link, &rx, claim)?;
+                link.consume(&rx);
+                if self.uncommitted >= COMMIT_BYTES {
+                    break;
+                }
+            }
+            if self.pending > self.state.state.applied_seq {
+                let old = self.uncommitted_since.is_some_and(|t| t.elapsed() >= COMMIT_AGE);
+                let more_waiting = {
+                    link.pump()?;
+                    link.next_frame()?.is_some()
+                };
+                if !more_waiting || old || self.uncommitted >= COMMIT_BYTES {
+                    self.commit(link, claim)?;
+                }
+            }
+            if link.last_tx.elapsed() >= HEARTBEAT_EVERY {
+                let hb = Heartbeat {
+                    now_ns: now_ns(),
+                    seq: self.state.state.applied_seq,
+                    ..Heartbeat::default()
+                };
+                link.send(FrameType::Heartbeat, &hb.encode())?;
+            }
+            if link.eof() {
+                return Ok(());
+            }
+            if link.last_rx.elapsed() >= PEER_TIMEOUT {
+                return Err(SessionError::Refused(format!(
+                    "nothing heard for {} s: dropping the connection",
+                    PEER_TIMEOUT.as_secs()
+                )));
+            }
+            if !progressed {
+                link.wait(Duration::from_millis(100))?;
+            }
+        }
+    }
+
+    fn frame(&mut self, link: &mut Link, rx: &Received, claim: &Claim) -> Result<(), SessionError> {
+        match rx.header.ftype {
+            FrameType::Batch => {
+                let r = self.batch(link.body(rx), claim);
+                match r {
+                    Ok(()) => Ok(()),
+                    Err((code, m)) => Err(refuse(link, code, m)),
+                }
+            }
+            FrameType::Heartbeat => {
+                let hb = Heartbeat::decode(link.body(rx))?;
+                let mut l = claim.0.live();
+                l.source_head_seq = hb.seq;
+                l.oldest_pending_ns = hb.oldest_pending_ns;
+                l.records_waiting = hb.records_waiting;
+                l.bytes_waiting = hb.bytes_waiting;
+                l.updated_ns = now_ns();
+                Ok(())
+            }
+            FrameType::Error => {
+                let e = ErrorMsg::decode(link.body(rx))?;
+                Err(SessionError::Peer(e.message))
+            }
+            t => {
+                let m = format!("unexpected {} frame from a shipper", t.name());
+                Err(refuse(link, ErrorCode::Protocol, m))
+            }
+        }
+    }
+
+    /// Verify a whole batch, then apply its records above the applied sequence.
+    fn batch(&mut self, body: &[u8], claim: &Claim) -> Result<(), (ErrorCode, String)> {
+        let proto = |e: WireError| (ErrorCode::Protocol, format!("rejected batch, nothing applied: {e}"));
+        let h = BatchHeader::decode(body).map_err(proto)?;
+        let payload = &body[BATCH_HEADER_LEN..];
+        let plain: &[u8] = match h.codec {
+            Codec::Stored => payload,
+            Codec::Zstd => {
+                self.plain.clear();
+                self.plain.reserve(h.plain_len as usize);
+                let n = self
+                    .dec
+                    .decompress_to_buffer(payload, &mut self.plain)
+                    .map_err(|e| {
+                        (
+                            ErrorCode::Protocol,
+                            format!(
+                                "rejected batch {}..={}, nothing applied: zstd payload does not decode: {e}",
+                                h.first_seq, h.last_seq
+                            ),
+                        )
+                    })?;
+                &self.plain[..n]
+            }
+        };
+        h.check_plain(plain).map_err(proto)?;
+        let mut first_gap = false;
+        for (i, r) in RecordIter::new(h, plain).enumerate() {
+            let r = r.map_err(proto)?;
+            if i == 0 {
+                first_gap = r.after_gap;
+            }
+            if r.kind != RecordKind::Mark && r.end().is_none_or(|e| e > self.disk_size) {
+                return Err(proto(WireError::Invalid {
+                    what: "record extent",
+                    detail: format!(
+                        "seq {}: {}+{} is outside the {}-byte disk",
+                        r.seq, r.offset, r.len, self.disk_size
+                    ),
+                }));
+            }
+        }
+        if h.last_seq <= self.pending {
+            return Ok(()); // a replay: already applied
+        }
+        if h.first_seq > self.pending + 1 && !first_gap {
+            return Err((
+                ErrorCode::Sequence,
+                format!(
+                    "batch starts at seq {} but the replica has applied up to {}: records in between are missing",
+                    h.first_seq, self.pending
+                ),
+            ));
+        }
+        let started = self.uncommitted_since.get_or_insert_with(Instant::now);
+        let _ = started;
+        let mut applied_bytes = 0u64;
+        for r in RecordIter::new(h, plain).flatten() {
+            if r.seq <= self.pending {
+                continue;
+            }
+            if r.seq > self.pending + 1 && self.state.state.consistent() {
+                log::warn!(
+                    "disk {:?}: the source skipped from seq {} to {} (records lost at the source); the replica needs those regions resent",
+                    claim.0.id,
+                    self.pending,
+                    r.seq
+                );
+                self.state.state.reason = Reason::SourceGap;
+                self.state.state.since_seq = r.seq;
+            }
+            let res = match r.kind {
+                RecordKind::Write => self.writer.write(r.offset, r.payload),
+                RecordKind::Trim | RecordKind::Zero => self.writer.zero(r.offset, u64::from(r.len)),
+                RecordKind::Mark => Ok(()),
+            };
+            res.map_err(|e| {
+                (
+                    ErrorCode::ReplicaIo,
+                    format!("disk {:?}: applying seq {}: {e}; will retry when the shipper reconnects", claim.0.id, r.seq),
+                )
+            })?;
+            self.pending = r.seq;
+            applied_bytes += u64::from(r.len);
+        }
+        self.uncommitted += applied_bytes;
+        let mut l = claim.0.live();
+        l.wire_bytes += (body.len() + FRAME_HEADER_LEN) as u64;
+        l.plain_bytes += plain.len() as u64;
+        l.batches += 1;
+        Ok(())
+    }
+
+    /// Make what was applied durable, record the applied sequence, ack it.
+    fn commit(&mut self, link: &mut Link, claim: &Claim) -> Result<(), SessionError> {
+        if self.pending <= self.state.state.applied_seq {
+            return Ok(());
+        }
+        let r = self.writer.sync().and_then(|()| {
+            self.state.state.applied_seq = self.pending;
+            self.state.save()
+        });
+        if let Err(e) = r {
+            // The state keeps the last durable sequence; the shipper resends.
+            self.state.state.applied_seq = crate::state::read(&claim.0.dir.join(STATE_FILE))
+                .ok()
+                .flatten()
+                .map_or(0, |s| s.applied_seq);
+            let m = format!("disk {:?}: {e}; will retry when the shipper reconnects", claim.0.id);
+            return Err(refuse(link, ErrorCode::ReplicaIo, m));
+        }
+        self.uncommitted = 0;
+        self.uncommitted_since = None;
+        claim.0.live().applied_seq = self.pending;
+        link.send(FrameType::Ack, &Ack { applied_seq: self.pending }.encode())?;
+        Ok(())
+    }
+}
