@@ -53,7 +53,10 @@ fn answer(s: TcpStream, render: &Render) -> std::io::Result<()> {
             body.len()
         )
     } else {
-        write!(s, "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        write!(
+            s,
+            "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
     }
 }
 
@@ -84,7 +87,10 @@ impl Text {
                 if i > 0 {
                     self.out.push(',');
                 }
-                let esc = val.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+                let esc = val
+                    .replace('\\', "\\\\")
+                    .replace('"', "\\\"")
+                    .replace('\n', "\\n");
                 let _ = write!(self.out, "{k}=\"{esc}\"");
             }
             self.out.push('}');
@@ -112,10 +118,14 @@ mod tests {
             s,
             "# HELP x_total X.\n# TYPE x_total counter\nx_total{disk=\"a\\\"b\"} 3\nx_total{disk=\"c\"} 4.5\n"
         );
-        let addr = serve("127.0.0.1:0".parse().unwrap_or_else(|_| unreachable!()), Arc::new(|| "m 1\n".into()))
-            .expect("bind on loopback");
+        let addr = serve(
+            "127.0.0.1:0".parse().unwrap_or_else(|_| unreachable!()),
+            Arc::new(|| "m 1\n".into()),
+        )
+        .expect("bind on loopback");
         let mut c = TcpStream::connect(addr).expect("connect");
-        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").expect("send");
+        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .expect("send");
         let mut got = String::new();
         std::io::Read::read_to_string(&mut c, &mut got).expect("read");
         assert!(got.starts_with("HTTP/1.1 200 OK"), "{got}");

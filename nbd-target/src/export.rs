@@ -57,7 +57,11 @@ fn exports(registry: &Registry) -> Vec<(nbd::Export, Arc<crate::registry::DiskEn
                         "blockship replica of {} at seq {} ({})",
                         e.id,
                         st.applied_seq,
-                        if st.consistent() { "consistent" } else { "not consistent" }
+                        if st.consistent() {
+                            "consistent"
+                        } else {
+                            "not consistent"
+                        }
                     ),
                     size: st.disk_size,
                     flags,
@@ -88,7 +92,7 @@ fn client(mut s: TcpStream, registry: &Registry) -> std::io::Result<()> {
         read_only: true,
         max_payload: MAX_READ,
         structured_replies: neg.structured_replies,
-        block_status: false,
+        block_status: neg.base_allocation,
     };
     let mut hb = [0u8; REQUEST_HEADER_LEN];
     let mut buf = Vec::new();
@@ -110,12 +114,40 @@ fn client(mut s: TcpStream, registry: &Registry) -> std::io::Result<()> {
                         }
                         s.write_all(&buf)?;
                     }
-                    Err(e) => reply_err(&mut s, neg.structured_replies, h.cookie, Errno::from_os(e.raw_os_error().unwrap_or(libc::EIO)), "reading the replica failed")?,
+                    Err(e) => reply_err(
+                        &mut s,
+                        neg.structured_replies,
+                        h.cookie,
+                        Errno::from_os(e.raw_os_error().unwrap_or(libc::EIO)),
+                        "reading the replica failed",
+                    )?,
                 }
             }
+            Ok(Command::BlockStatus { len, .. }) => {
+                // Conservative: the whole range reads as data.
+                let ext = [nbd::reply::Extent {
+                    length: len,
+                    flags: 0,
+                }];
+                nbd::reply::block_status_done(
+                    h.cookie,
+                    nbd::handshake::BASE_ALLOCATION_ID,
+                    &ext,
+                    &mut buf,
+                );
+                s.write_all(&buf)?;
+            }
             Ok(Command::Disconnect) => return Ok(()),
-            Ok(Command::Flush | Command::Cache { .. }) => ok(&mut s, neg.structured_replies, h.cookie)?,
-            Ok(_) => reply_err(&mut s, neg.structured_replies, h.cookie, Errno::Perm, "the replica export is read-only")?,
+            Ok(Command::Flush | Command::Cache { .. }) => {
+                ok(&mut s, neg.structured_replies, h.cookie)?
+            }
+            Ok(_) => reply_err(
+                &mut s,
+                neg.structured_replies,
+                h.cookie,
+                Errno::Perm,
+                "the replica export is read-only",
+            )?,
             Err(rej) => {
                 let mut left = rej.skip_payload as usize;
                 while left > 0 {
@@ -123,7 +155,13 @@ fn client(mut s: TcpStream, registry: &Registry) -> std::io::Result<()> {
                     s.read_exact(&mut junk[..n])?;
                     left -= n;
                 }
-                reply_err(&mut s, neg.structured_replies, h.cookie, rej.errno, rej.reason)?;
+                reply_err(
+                    &mut s,
+                    neg.structured_replies,
+                    h.cookie,
+                    rej.errno,
+                    rej.reason,
+                )?;
             }
         }
     }
@@ -137,7 +175,13 @@ fn ok(s: &mut TcpStream, structured: bool, cookie: u64) -> std::io::Result<()> {
     }
 }
 
-fn reply_err(s: &mut TcpStream, structured: bool, cookie: u64, e: Errno, why: &str) -> std::io::Result<()> {
+fn reply_err(
+    s: &mut TcpStream,
+    structured: bool,
+    cookie: u64,
+    e: Errno,
+    why: &str,
+) -> std::io::Result<()> {
     if structured {
         let mut b = [0u8; nbd::reply::ERROR_CHUNK_MAX];
         let n = nbd::reply::error_done(cookie, e, why, &mut b);

@@ -129,14 +129,26 @@ fn main() -> anyhow::Result<()> {
             PkiCmd::Init { dir, san } => {
                 nbd_target::pki::init(&dir, &san)
                     .with_context(|| format!("cannot make the CA in {}", dir.display()))?;
-                println!("CA in {0}; the target's TLS folder is {0}/target", dir.display());
+                println!(
+                    "CA in {0}; the target's TLS folder is {0}/target",
+                    dir.display()
+                );
                 println!("issue shipper folders with: nbd-target pki issue --dir {} --name NAME --disk ID --out DIR", dir.display());
                 Ok(())
             }
-            PkiCmd::Issue { dir, name, disks, out, days } => {
+            PkiCmd::Issue {
+                dir,
+                name,
+                disks,
+                out,
+                days,
+            } => {
                 nbd_target::pki::issue(&dir, &name, &disks, &out, days)
                     .with_context(|| format!("cannot issue a certificate for {name}"))?;
-                println!("shipper TLS folder {} for {name}, disks {disks:?}", out.display());
+                println!(
+                    "shipper TLS folder {} for {name}, disks {disks:?}",
+                    out.display()
+                );
                 Ok(())
             }
         },

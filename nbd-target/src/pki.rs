@@ -11,8 +11,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 
 use crate::error::{Error, Result};
@@ -151,8 +151,15 @@ mod tests {
         issue(&pki, "web-01", &["db".into(), "logs".into()], &sh, 30)
             .unwrap_or_else(|e| panic!("{e}"));
         use std::os::unix::fs::PermissionsExt;
-        for k in [pki.join("ca-key.pem"), pki.join("target/key.pem"), sh.join("key.pem")] {
-            let m = std::fs::metadata(&k).unwrap_or_else(|e| panic!("{e}")).permissions().mode();
+        for k in [
+            pki.join("ca-key.pem"),
+            pki.join("target/key.pem"),
+            sh.join("key.pem"),
+        ] {
+            let m = std::fs::metadata(&k)
+                .unwrap_or_else(|e| panic!("{e}"))
+                .permissions()
+                .mode();
             assert_eq!(m & 0o777, 0o600, "{}", k.display());
         }
         let t = transport::TlsDir::load(&pki.join("target")).unwrap_or_else(|e| panic!("{e}"));

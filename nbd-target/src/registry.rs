@@ -65,7 +65,9 @@ pub struct DiskEntry {
 impl DiskEntry {
     /// The live numbers.
     pub fn live(&self) -> MutexGuard<'_, Live> {
-        self.live.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.live
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Its persisted state, if any.
@@ -114,7 +116,10 @@ impl Registry {
 
     /// The entry for `id` (made on first use).
     pub fn entry(&self, id: &str) -> Arc<DiskEntry> {
-        let mut m = self.disks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut m = self
+            .disks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         m.entry(id.to_string())
             .or_insert_with(|| {
                 let dir = self.data_dir.join(id);
@@ -144,7 +149,10 @@ impl Registry {
 
     /// Every entry, sorted by id.
     pub fn all(&self) -> Vec<Arc<DiskEntry>> {
-        let m = self.disks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let m = self
+            .disks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut v: Vec<_> = m.values().cloned().collect();
         v.sort_by(|a, b| a.id.cmp(&b.id));
         v

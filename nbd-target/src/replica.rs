@@ -29,13 +29,21 @@ pub enum ReplicaSpec {
 impl ReplicaSpec {
     /// Parse `nbd://HOST:PORT/EXPORT`.
     pub fn parse_nbd_uri(uri: &str) -> Result<ReplicaSpec> {
-        let bad = || Error::Invalid(format!("{uri:?} is not an NBD URI like nbd://127.0.0.1:10809/export"));
+        let bad = || {
+            Error::Invalid(format!(
+                "{uri:?} is not an NBD URI like nbd://127.0.0.1:10809/export"
+            ))
+        };
         let rest = uri.strip_prefix("nbd://").ok_or_else(bad)?;
         let (addr, export) = rest.split_once('/').unwrap_or((rest, ""));
         if addr.is_empty() {
             return Err(bad());
         }
-        let addr = if addr.contains(':') { addr.to_string() } else { format!("{addr}:10809") };
+        let addr = if addr.contains(':') {
+            addr.to_string()
+        } else {
+            format!("{addr}:10809")
+        };
         Ok(ReplicaSpec::Nbd {
             addr,
             export: export.to_string(),
@@ -63,7 +71,10 @@ impl ReplicaSpec {
                     .truncate(false)
                     .open(p)
                     .map_err(io(p, "opening the replica"))?;
-                let len = f.metadata().map_err(io(p, "reading the replica's size"))?.len();
+                let len = f
+                    .metadata()
+                    .map_err(io(p, "reading the replica's size"))?
+                    .len();
                 if len == 0 {
                     f.set_len(disk_size).map_err(io(p, "sizing the replica"))?;
                 } else if len != disk_size {
@@ -120,7 +131,6 @@ impl ReplicaSpec {
     }
 }
 
-
 /// Applies changes to a replica.
 #[derive(Debug)]
 pub enum ReplicaWriter {
@@ -147,9 +157,9 @@ impl ReplicaWriter {
     /// Write `data` at `offset`.
     pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
         match self {
-            ReplicaWriter::File { f, path } => {
-                f.write_all_at(data, offset).map_err(io(path, "writing the replica"))
-            }
+            ReplicaWriter::File { f, path } => f
+                .write_all_at(data, offset)
+                .map_err(io(path, "writing the replica")),
             ReplicaWriter::Nbd { c, name } => {
                 let mut at = 0;
                 while at < data.len() {
@@ -173,13 +183,16 @@ impl ReplicaWriter {
                 if punch_hole(f, offset, len).is_ok() {
                     return Ok(());
                 }
-                let zeroes = vec![0u8; len.min(1 << 20) as usize];
+                let zeroes = vec![0u8; 1 << 20];
                 let mut at = 0;
                 while at < len {
-                    let n = (len - at).min(zeroes.len() as u64);
-                    f.write_all_at(&zeroes[..n as usize], offset + at)
+                    // At most zeroes.len() (1 MiB).
+                    let n = usize::try_from(len - at)
+                        .unwrap_or(zeroes.len())
+                        .min(zeroes.len());
+                    f.write_all_at(&zeroes[..n], offset + at)
                         .map_err(io(path, "zeroing part of the replica"))?;
-                    at += n;
+                    at += n as u64;
                 }
                 Ok(())
             }
@@ -188,10 +201,11 @@ impl ReplicaWriter {
                 while at < len {
                     // Bounded by NBD_CHUNK (4 MiB).
                     let n = u32::try_from((len - at).min(NBD_CHUNK as u64)).unwrap_or(0);
-                    c.write_zeroes(offset + at, n, false).map_err(|source| Error::Nbd {
-                        backend: name.clone(),
-                        source,
-                    })?;
+                    c.write_zeroes(offset + at, n, false)
+                        .map_err(|source| Error::Nbd {
+                            backend: name.clone(),
+                            source,
+                        })?;
                     at += u64::from(n);
                 }
                 Ok(())
@@ -202,7 +216,9 @@ impl ReplicaWriter {
     /// Make everything applied so far durable.
     pub fn sync(&mut self) -> Result<()> {
         match self {
-            ReplicaWriter::File { f, path } => f.sync_data().map_err(io(path, "syncing the replica")),
+            ReplicaWriter::File { f, path } => {
+                f.sync_data().map_err(io(path, "syncing the replica"))
+            }
             ReplicaWriter::Nbd { c, name } => c.flush().map_err(|source| Error::Nbd {
                 backend: name.clone(),
                 source,

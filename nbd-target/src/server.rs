@@ -188,7 +188,10 @@ fn live_writer(reg: &Registry, stop: &AtomicBool) {
     while !stop.load(Ordering::Relaxed) {
         for e in reg.all() {
             let mut l = e.live();
-            let (t, b) = last.get(&e.id).copied().unwrap_or((Instant::now(), l.plain_bytes));
+            let (t, b) = last
+                .get(&e.id)
+                .copied()
+                .unwrap_or((Instant::now(), l.plain_bytes));
             let dt = t.elapsed().as_secs_f64();
             if dt >= 0.9 {
                 l.rate = (l.plain_bytes - b.min(l.plain_bytes)) as f64 / dt;

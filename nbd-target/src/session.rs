@@ -96,7 +96,9 @@ fn wait_frame(link: &mut Link, timeout: Duration) -> Result<Received, SessionErr
             return Ok(r);
         }
         if link.eof() {
-            return Err(SessionError::Refused("the shipper closed the connection".into()));
+            return Err(SessionError::Refused(
+                "the shipper closed the connection".into(),
+            ));
         }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -126,7 +128,13 @@ fn run(sock: TcpStream, ctx: &SessionContext) -> Result<(), SessionError> {
     }
     let hello = match Hello::decode(link.body(&rx)) {
         Ok(h) => h,
-        Err(e) => return Err(refuse(&mut link, ErrorCode::Protocol, format!("bad HELLO: {e}"))),
+        Err(e) => {
+            return Err(refuse(
+                &mut link,
+                ErrorCode::Protocol,
+                format!("bad HELLO: {e}"),
+            ))
+        }
     };
     link.consume(&rx);
     if hello.min_version > PROTOCOL_VERSION || hello.max_version < MIN_PROTOCOL_VERSION {
@@ -136,7 +144,7 @@ fn run(sock: TcpStream, ctx: &SessionContext) -> Result<(), SessionError> {
         );
         return Err(refuse(&mut link, ErrorCode::Version, m));
     }
-    if !id.disks.iter().any(|d| *d == hello.disk_id) {
+    if !id.disks.contains(&hello.disk_id) {
         let m = format!(
             "certificate {:?} may write disks {:?}, not {:?}: nothing written (issue it with `nbd-target pki issue --disk {}`)",
             id.name, id.disks, hello.disk_id, hello.disk_id
@@ -169,12 +177,19 @@ fn run(sock: TcpStream, ctx: &SessionContext) -> Result<(), SessionError> {
         if s.state.state.consistent() {
             String::new()
         } else {
-            format!("; replica not consistent: {}", s.state.state.reason.explain())
+            format!(
+                "; replica not consistent: {}",
+                s.state.state.reason.explain()
+            )
         }
     );
     let reply = HelloReply {
         version: PROTOCOL_VERSION.min(hello.max_version),
-        flags: if s.state.state.consistent() { REPLY_CONSISTENT } else { 0 },
+        flags: if s.state.state.consistent() {
+            REPLY_CONSISTENT
+        } else {
+            0
+        },
         applied_seq: s.state.state.applied_seq,
         max_body: MAX_BODY,
     };
@@ -201,13 +216,18 @@ struct Session {
     uncommitted_since: Option<Instant>,
     plain: Vec<u8>,
     dec: zstd::bulk::Decompressor<'static>,
+    /// The state changed (consistency) and must be saved at the next commit.
+    dirty_state: bool,
 }
 
 impl Session {
     fn open(claim: &Claim, hello: &Hello) -> Result<Session, (ErrorCode, String)> {
         let e = &claim.0;
         std::fs::create_dir_all(&e.dir).map_err(|err| {
-            (ErrorCode::ReplicaIo, format!("cannot create {}: {err}", e.dir.display()))
+            (
+                ErrorCode::ReplicaIo,
+                format!("cannot create {}: {err}", e.dir.display()),
+            )
         })?;
         let fresh = ReplicaState {
             applied_seq: 0,
@@ -244,8 +264,8 @@ impl Session {
             changed = true;
         }
         let applied = state.state.applied_seq;
-        if hello.tail_seq > applied + 1 {
-            if state.state.consistent() {
+        if hello.tail_seq > applied + 1 && state.state.consistent() {
+            {
                 log::warn!(
                     "disk {:?}: the source released records {}..{} before this replica received them",
                     hello.disk_id,
@@ -256,6 +276,16 @@ impl Session {
                 state.state.since_seq = hello.tail_seq;
                 changed = true;
             }
+        }
+        if hello.flags & (HELLO_OVERFLOW | HELLO_NEEDS_VERIFY) != 0 && state.state.consistent() {
+            log::warn!(
+                "disk {:?}: the source reports {}: the replica is not consistent until the affected regions are resent",
+                hello.disk_id,
+                if hello.flags & HELLO_OVERFLOW != 0 { "a ring overflow" } else { "records lost at the source" }
+            );
+            state.state.reason = Reason::SourceGap;
+            state.state.since_seq = applied;
+            changed = true;
         }
         if changed {
             state
@@ -277,10 +307,16 @@ impl Session {
             uncommitted_since: None,
             plain: Vec::new(),
             dec,
+            dirty_state: false,
         })
     }
 
-    fn apply_loop(&mut self, link: &mut Link, claim: &Claim, stop: &AtomicBool) -> Result<(), SessionError> {
+    fn apply_loop(
+        &mut self,
+        link: &mut Link,
+        claim: &Claim,
+        stop: &AtomicBool,
+    ) -> Result<(), SessionError> {
         loop {
             if stop.load(Ordering::Relaxed) {
                 return Ok(());
@@ -295,8 +331,13 @@ impl Session {
                     break;
                 }
             }
+            if self.dirty_state && self.pending <= self.state.state.applied_seq {
+                self.commit(link, claim)?;
+            }
             if self.pending > self.state.state.applied_seq {
-                let old = self.uncommitted_since.is_some_and(|t| t.elapsed() >= COMMIT_AGE);
+                let old = self
+                    .uncommitted_since
+                    .is_some_and(|t| t.elapsed() >= COMMIT_AGE);
                 let more_waiting = {
                     link.pump()?;
                     link.next_frame()?.is_some()
@@ -339,6 +380,16 @@ impl Session {
             }
             FrameType::Heartbeat => {
                 let hb = Heartbeat::decode(link.body(rx))?;
+                if hb.source_flags & HELLO_OVERFLOW != 0 && self.state.state.consistent() {
+                    log::warn!(
+                        "disk {:?}: the source's ring overflowed: changes after seq {} are only in its dirty bitmap; the replica is not consistent until they are resent",
+                        claim.0.id,
+                        self.pending
+                    );
+                    self.state.state.reason = Reason::SourceGap;
+                    self.state.state.since_seq = self.pending;
+                    self.dirty_state = true;
+                }
                 let mut l = claim.0.live();
                 l.source_head_seq = hb.seq;
                 l.oldest_pending_ns = hb.oldest_pending_ns;
@@ -360,7 +411,12 @@ impl Session {
 
     /// Verify a whole batch, then apply its records above the applied sequence.
     fn batch(&mut self, body: &[u8], claim: &Claim) -> Result<(), (ErrorCode, String)> {
-        let proto = |e: WireError| (ErrorCode::Protocol, format!("rejected batch, nothing applied: {e}"));
+        let proto = |e: WireError| {
+            (
+                ErrorCode::Protocol,
+                format!("rejected batch, nothing applied: {e}"),
+            )
+        };
         let h = BatchHeader::decode(body).map_err(proto)?;
         let payload = &body[BATCH_HEADER_LEN..];
         let plain: &[u8] = match h.codec {
@@ -412,8 +468,9 @@ impl Session {
                 ),
             ));
         }
-        let started = self.uncommitted_since.get_or_insert_with(Instant::now);
-        let _ = started;
+        if self.uncommitted_since.is_none() {
+            self.uncommitted_since = Some(Instant::now());
+        }
         let mut applied_bytes = 0u64;
         for r in RecordIter::new(h, plain).flatten() {
             if r.seq <= self.pending {
@@ -437,7 +494,10 @@ impl Session {
             res.map_err(|e| {
                 (
                     ErrorCode::ReplicaIo,
-                    format!("disk {:?}: applying seq {}: {e}; will retry when the shipper reconnects", claim.0.id, r.seq),
+                    format!(
+                        "disk {:?}: applying seq {}: {e}; will retry when the shipper reconnects",
+                        claim.0.id, r.seq
+                    ),
                 )
             })?;
             self.pending = r.seq;
@@ -454,8 +514,16 @@ impl Session {
     /// Make what was applied durable, record the applied sequence, ack it.
     fn commit(&mut self, link: &mut Link, claim: &Claim) -> Result<(), SessionError> {
         if self.pending <= self.state.state.applied_seq {
+            if self.dirty_state {
+                self.dirty_state = false;
+                if let Err(e) = self.state.save() {
+                    let m = format!("disk {:?}: {e}", claim.0.id);
+                    return Err(refuse(link, ErrorCode::ReplicaIo, m));
+                }
+            }
             return Ok(());
         }
+        self.dirty_state = false;
         let r = self.writer.sync().and_then(|()| {
             self.state.state.applied_seq = self.pending;
             self.state.save()
@@ -466,13 +534,22 @@ impl Session {
                 .ok()
                 .flatten()
                 .map_or(0, |s| s.applied_seq);
-            let m = format!("disk {:?}: {e}; will retry when the shipper reconnects", claim.0.id);
+            let m = format!(
+                "disk {:?}: {e}; will retry when the shipper reconnects",
+                claim.0.id
+            );
             return Err(refuse(link, ErrorCode::ReplicaIo, m));
         }
         self.uncommitted = 0;
         self.uncommitted_since = None;
         claim.0.live().applied_seq = self.pending;
-        link.send(FrameType::Ack, &Ack { applied_seq: self.pending }.encode())?;
+        link.send(
+            FrameType::Ack,
+            &Ack {
+                applied_seq: self.pending,
+            }
+            .encode(),
+        )?;
         Ok(())
     }
 }

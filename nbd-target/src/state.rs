@@ -126,7 +126,11 @@ impl ReplicaState {
         let mut b = [0u8; SLOT_LEN];
         b[0..8].copy_from_slice(&STATE_MAGIC);
         b[8..12].copy_from_slice(&STATE_VERSION.to_le_bytes());
-        let flags = if self.consistent() { STATE_CONSISTENT } else { 0 };
+        let flags = if self.consistent() {
+            STATE_CONSISTENT
+        } else {
+            0
+        };
         b[12..16].copy_from_slice(&flags.to_le_bytes());
         b[16..24].copy_from_slice(&generation.to_le_bytes());
         b[24..32].copy_from_slice(&self.applied_seq.to_le_bytes());
@@ -187,7 +191,6 @@ pub struct StateFile {
     pub state: ReplicaState,
 }
 
-
 /// Read the newest valid state in `path`, if any.
 pub fn read(path: &Path) -> Result<Option<ReplicaState>> {
     match std::fs::read(path) {
@@ -224,7 +227,9 @@ impl StateFile {
             .open(path)
             .map_err(io(path, "opening the replica state"))?;
         let mut b = vec![0u8; 2 * SLOT_LEN];
-        let n = file.read_at(&mut b, 0).map_err(io(path, "reading the replica state"))?;
+        let n = file
+            .read_at(&mut b, 0)
+            .map_err(io(path, "reading the replica state"))?;
         b.truncate(n);
         let mut sf = match newest(path, &b)? {
             Some((generation, state)) => StateFile {
@@ -292,9 +297,16 @@ mod tests {
         assert_eq!(
             hex,
             concat!(
-                "4253485053544154", "01000000", "01000000", "0300000000000000",
-                "0201000000000000", "07070707070707070707070707070707",
-                "0000100000000000", "00000000", "00000000", "0500000000000000",
+                "4253485053544154",
+                "01000000",
+                "01000000",
+                "0300000000000000",
+                "0201000000000000",
+                "07070707070707070707070707070707",
+                "0000100000000000",
+                "00000000",
+                "00000000",
+                "0500000000000000",
                 "0000000000000000"
             )
         );
@@ -310,13 +322,28 @@ mod tests {
             f.state.applied_seq = s;
             f.save().unwrap_or_else(|e| panic!("{e}"));
         }
-        assert_eq!(read(&p).unwrap_or_else(|e| panic!("{e}")).map(|s| s.applied_seq), Some(5));
+        assert_eq!(
+            read(&p)
+                .unwrap_or_else(|e| panic!("{e}"))
+                .map(|s| s.applied_seq),
+            Some(5)
+        );
         // Tear the newest slot (generation 6 lives in slot 0).
-        let file = OpenOptions::new().write(true).open(&p).unwrap_or_else(|e| panic!("{e}"));
-        file.write_all_at(&[0xff; 16], 100).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(read(&p).unwrap_or_else(|e| panic!("{e}")).map(|s| s.applied_seq), Some(4));
+        let file = OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap_or_else(|e| panic!("{e}"));
+        file.write_all_at(&[0xff; 16], 100)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            read(&p)
+                .unwrap_or_else(|e| panic!("{e}"))
+                .map(|s| s.applied_seq),
+            Some(4)
+        );
         // Both torn: an error, never a silent fresh start.
-        file.write_all_at(&[0xff; 16], 600).unwrap_or_else(|e| panic!("{e}"));
+        file.write_all_at(&[0xff; 16], 600)
+            .unwrap_or_else(|e| panic!("{e}"));
         assert!(read(&p).is_err());
     }
 }

@@ -91,27 +91,55 @@ pub fn render_text(v: &Value) -> String {
     let mut s = String::new();
     let disks = v["disks"].as_array().cloned().unwrap_or_default();
     if disks.is_empty() {
-        let _ = writeln!(s, "no replicas in {} yet", v["data_dir"].as_str().unwrap_or("?"));
+        let _ = writeln!(
+            s,
+            "no replicas in {} yet",
+            v["data_dir"].as_str().unwrap_or("?")
+        );
     }
     for d in disks {
         let _ = writeln!(s, "disk {}", d["disk_id"].as_str().unwrap_or("?"));
-        let _ = writeln!(s, "  replica:        {} ({} bytes)", d["replica"].as_str().unwrap_or("?"), d["disk_size"]);
+        let _ = writeln!(
+            s,
+            "  replica:        {} ({} bytes)",
+            d["replica"].as_str().unwrap_or("?"),
+            d["disk_size"]
+        );
         let _ = writeln!(s, "  applied seq:    {}", d["applied_seq"]);
         if d["consistent"] == true {
             let _ = writeln!(s, "  consistent:     yes");
         } else {
-            let _ = writeln!(s, "  consistent:     NO: {}", d["inconsistent_explanation"].as_str().unwrap_or("unknown"));
+            let _ = writeln!(
+                s,
+                "  consistent:     NO: {}",
+                d["inconsistent_explanation"].as_str().unwrap_or("unknown")
+            );
         }
-        let _ = writeln!(s, "  connection:     {} {}", d["connection"].as_str().unwrap_or("?"), d["peer"].as_str().unwrap_or(""));
+        let _ = writeln!(
+            s,
+            "  connection:     {} {}",
+            d["connection"].as_str().unwrap_or("?"),
+            d["peer"].as_str().unwrap_or("")
+        );
         if let Some(lag) = d["rpo_lag_seconds"].as_f64() {
             let _ = writeln!(s, "  RPO lag:        {lag:.3} s");
-            let _ = writeln!(s, "  waiting:        {} records, {} bytes at the source (head seq {})", d["records_waiting"], d["bytes_waiting"], d["source_head_seq"]);
-            let _ = writeln!(s, "  throughput:     {:.1} MB/s", d["throughput_bytes_per_second"].as_f64().unwrap_or(0.0) / 1e6);
+            let _ = writeln!(
+                s,
+                "  waiting:        {} records, {} bytes at the source (head seq {})",
+                d["records_waiting"], d["bytes_waiting"], d["source_head_seq"]
+            );
+            let _ = writeln!(
+                s,
+                "  throughput:     {:.1} MB/s",
+                d["throughput_bytes_per_second"].as_f64().unwrap_or(0.0) / 1e6
+            );
         }
         let _ = writeln!(
             s,
             "  shipped:        {} bytes of records as {} bytes on the wire ({:.2}x)",
-            d["bytes_before_compression"], d["bytes_on_wire"], d["compression_ratio"].as_f64().unwrap_or(1.0)
+            d["bytes_before_compression"],
+            d["bytes_on_wire"],
+            d["compression_ratio"].as_f64().unwrap_or(1.0)
         );
         if let Some(e) = d["last_error"].as_str().filter(|e| !e.is_empty()) {
             let _ = writeln!(s, "  last error:     {e}");
@@ -125,22 +153,94 @@ pub fn metrics_text(reg: &Registry) -> String {
     let mut t = metrics::Text::new();
     let now = now_ns();
     let all = reg.all();
-    let rows: Vec<(String, Live, Option<state::ReplicaState>)> =
-        all.iter().map(|e| (e.id.clone(), e.live().clone(), e.state())).collect();
-    let each = |t: &mut metrics::Text, name: &str, kind: &str, help: &str, f: &dyn Fn(&Live, &Option<state::ReplicaState>) -> f64| {
+    let rows: Vec<(String, Live, Option<state::ReplicaState>)> = all
+        .iter()
+        .map(|e| (e.id.clone(), e.live().clone(), e.state()))
+        .collect();
+    let each = |t: &mut metrics::Text,
+                name: &str,
+                kind: &str,
+                help: &str,
+                f: &dyn Fn(&Live, &Option<state::ReplicaState>) -> f64| {
         for (id, l, st) in &rows {
             t.sample(name, kind, help, &[("disk", id)], f(l, st));
         }
     };
-    each(&mut t, "blockship_target_applied_seq", "gauge", "Newest sequence durably applied to the replica.", &|_, s| s.map_or(0.0, |s| s.applied_seq as f64));
-    each(&mut t, "blockship_target_consistent", "gauge", "1 when the replica is crash-consistent.", &|_, s| f64::from(u8::from(s.is_some_and(|s| s.consistent()))));
-    each(&mut t, "blockship_target_connected", "gauge", "1 while a shipper is connected.", &|l, _| f64::from(u8::from(l.connected)));
-    each(&mut t, "blockship_target_rpo_lag_seconds", "gauge", "Age of the oldest change not yet durable at the recovery site.", &|l, _| if l.connected { lag_seconds(l.oldest_pending_ns, now) } else { 0.0 });
-    each(&mut t, "blockship_target_records_waiting", "gauge", "Records waiting at the source.", &|l, _| l.records_waiting as f64);
-    each(&mut t, "blockship_target_bytes_waiting", "gauge", "Bytes waiting at the source.", &|l, _| l.bytes_waiting as f64);
-    each(&mut t, "blockship_target_plain_bytes_total", "counter", "Record bytes received, before compression.", &|l, _| l.plain_bytes as f64);
-    each(&mut t, "blockship_target_wire_bytes_total", "counter", "Frame bytes received, after compression.", &|l, _| l.wire_bytes as f64);
-    each(&mut t, "blockship_target_batches_total", "counter", "Batches applied.", &|l, _| l.batches as f64);
-    each(&mut t, "blockship_target_throughput_bytes_per_second", "gauge", "Record bytes applied per second, recent.", &|l, _| l.rate);
+    each(
+        &mut t,
+        "blockship_target_applied_seq",
+        "gauge",
+        "Newest sequence durably applied to the replica.",
+        &|_, s| s.map_or(0.0, |s| s.applied_seq as f64),
+    );
+    each(
+        &mut t,
+        "blockship_target_consistent",
+        "gauge",
+        "1 when the replica is crash-consistent.",
+        &|_, s| f64::from(u8::from(s.is_some_and(|s| s.consistent()))),
+    );
+    each(
+        &mut t,
+        "blockship_target_connected",
+        "gauge",
+        "1 while a shipper is connected.",
+        &|l, _| f64::from(u8::from(l.connected)),
+    );
+    each(
+        &mut t,
+        "blockship_target_rpo_lag_seconds",
+        "gauge",
+        "Age of the oldest change not yet durable at the recovery site.",
+        &|l, _| {
+            if l.connected {
+                lag_seconds(l.oldest_pending_ns, now)
+            } else {
+                0.0
+            }
+        },
+    );
+    each(
+        &mut t,
+        "blockship_target_records_waiting",
+        "gauge",
+        "Records waiting at the source.",
+        &|l, _| l.records_waiting as f64,
+    );
+    each(
+        &mut t,
+        "blockship_target_bytes_waiting",
+        "gauge",
+        "Bytes waiting at the source.",
+        &|l, _| l.bytes_waiting as f64,
+    );
+    each(
+        &mut t,
+        "blockship_target_plain_bytes_total",
+        "counter",
+        "Record bytes received, before compression.",
+        &|l, _| l.plain_bytes as f64,
+    );
+    each(
+        &mut t,
+        "blockship_target_wire_bytes_total",
+        "counter",
+        "Frame bytes received, after compression.",
+        &|l, _| l.wire_bytes as f64,
+    );
+    each(
+        &mut t,
+        "blockship_target_batches_total",
+        "counter",
+        "Batches applied.",
+        &|l, _| l.batches as f64,
+    );
+    each(
+        &mut t,
+        "blockship_target_throughput_bytes_per_second",
+        "gauge",
+        "Record bytes applied per second, recent.",
+        &|l, _| l.rate,
+    );
     t.finish()
 }

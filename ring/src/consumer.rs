@@ -306,6 +306,32 @@ impl Consumer {
         self.unreleased.clear();
     }
 
+    /// Check that `disk` is the disk this ring was made for.
+    pub fn check_disk(&self, disk: &crate::DiskIdentity) -> Result<()> {
+        self.rf.check_disk(disk)
+    }
+
+    /// Bytes published but not yet read.
+    pub fn unread_bytes(&self) -> u64 {
+        self.rf.get(live::HEAD).saturating_sub(self.read_pos)
+    }
+
+    /// Capture time of the oldest unreleased record, if any.
+    pub fn oldest_unreleased_ns(&self) -> Option<u64> {
+        let head = self.rf.get(live::HEAD);
+        let mut pos = self.rf.get(live::TAIL);
+        let seq = self.rf.get(live::TAIL_SEQ);
+        let mut scratch = Vec::new();
+        while pos < head {
+            match self.rf.read_record(pos, seq, &mut scratch, 0) {
+                Scanned::Skip(n) => pos += n,
+                Scanned::Record(h, _) => return Some(h.time_ns),
+                Scanned::Invalid(_) => return None,
+            }
+        }
+        None
+    }
+
     /// Sequence of the oldest unreleased record.
     pub fn tail_seq(&self) -> u64 {
         self.rf.get(live::TAIL_SEQ)
@@ -318,7 +344,9 @@ impl Consumer {
 
     /// Bytes of the ring holding unreleased records.
     pub fn used_bytes(&self) -> u64 {
-        self.rf.get(live::HEAD).saturating_sub(self.rf.get(live::TAIL))
+        self.rf
+            .get(live::HEAD)
+            .saturating_sub(self.rf.get(live::TAIL))
     }
 
     /// The ring's state flags (`format::STATE_*`).
@@ -335,7 +363,8 @@ impl Consumer {
         self.rf.set(live::SHIP_WIRE_BYTES, p.wire_bytes);
         self.rf.set(live::SHIP_RATE, p.rate);
         self.rf.set(live::SHIP_PID, u64::from(std::process::id()));
-        self.rf.set(live::SHIP_UPDATED_NS, crate::file::wall_clock_ns());
+        self.rf
+            .set(live::SHIP_UPDATED_NS, crate::file::wall_clock_ns());
     }
 
     /// The dirty extents (changes that overflowed the ring).

@@ -1,1 +1,37 @@
-//! stub
+//! The shipper: drains a ring to a recovery site.
+//!
+//! Reads validated records from the ring in batches bounded by bytes and by
+//! time, encodes and compresses each batch (zstd; stored when the data does
+//! not compress), sends it over TLS 1.3 with mutual authentication to an
+//! nbd-target, keeps several batches in flight, and releases ring space only
+//! for sequences the target acknowledged durable. A lost connection is
+//! retried with backoff and resumes from the applied sequence the target
+//! answers in its hello.
+//!
+//! One code path serves both ways to run it: a thread inside
+//! `splitter serve --ship-to`, or the `shipper run` daemon attached to a
+//! ring a running splitter fills.
+//!
+//! It is *not* the I/O path (writes never wait for it: the ring and its
+//! overflow bitmap decouple them) and it does not apply anything: the target
+//! does.
+//!
+//! # Layout
+//! - [`Shipper`] (`ship.rs`): configuration, the reconnect loop, the stop flag.
+//! - `session.rs`: one connection: hello, the send/ack loop, heartbeats.
+//! - `batch.rs`: a ring batch into a wire batch (encode, compress).
+//! - `pace.rs`: the `--max-rate` limiter.
+//! - [`cli`]: the shipping flags both binaries take.
+//! - [`stats`]: counters, the ring's published progress, Prometheus text.
+
+mod batch;
+pub mod cli;
+mod error;
+mod pace;
+mod session;
+mod ship;
+pub mod stats;
+
+pub use error::{Error, Result};
+pub use ship::{disk_identity, ShipConfig, Shipper};
+pub use stats::Stats;

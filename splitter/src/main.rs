@@ -38,7 +38,7 @@ enum Cmd {
   splitter serve --disk /var/lib/disks/db.img --ring /var/lib/blockship/db.ring
   splitter serve --disk /dev/vdb --socket /run/blockship/vdb.sock
   nbdinfo nbd://127.0.0.1:10809")]
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Look at or drain a ring (works while the splitter runs).
     #[command(after_help = "Examples:
   splitter ring status --ring /var/lib/blockship/db.ring --json
@@ -75,7 +75,7 @@ struct ServeArgs {
     #[arg(long, value_name = "PATH")]
     ring: Option<PathBuf>,
     /// Size of the ring's record area when it is created (K, M, G, T suffixes).
-    #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = parse_size)]
+    #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = shipper::cli::parse_size)]
     ring_size: u64,
     /// What to do when a change does not fit in the ring: record its extent
     /// in the dirty bitmap and go on (writes never wait), or block the
@@ -83,8 +83,18 @@ struct ServeArgs {
     #[arg(long, value_enum, default_value_t = RingFull::Bitmap)]
     ring_full: RingFull,
     /// Disk bytes per bit of the ring's dirty bitmap, when it is created.
-    #[arg(long, value_name = "SIZE", default_value = "64K", value_parser = parse_size)]
+    #[arg(long, value_name = "SIZE", default_value = "64K", value_parser = shipper::cli::parse_size)]
     bitmap_granularity: u64,
+    /// Ship the ring to this recovery site (HOST:PORT of `nbd-target serve
+    /// --listen`) from a thread of this process; needs --ring, --disk-id and
+    /// --tls. Without it, run `shipper run` on the ring instead.
+    #[arg(long, value_name = "HOST:PORT", requires = "ring")]
+    ship_to: Option<String>,
+    #[command(flatten)]
+    ship: shipper::cli::ShipArgs,
+    /// Serve Prometheus metrics (ring and shipper) at http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -134,40 +144,13 @@ enum RingCmd {
     },
 }
 
-fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
-        None => (s, 1u64),
-        Some((i, _)) => {
-            let m = match s[i..]
-                .to_ascii_uppercase()
-                .trim_end_matches("IB")
-                .trim_end_matches('B')
-            {
-                "" => 1,
-                "K" => 1 << 10,
-                "M" => 1 << 20,
-                "G" => 1 << 30,
-                "T" => 1 << 40,
-                other => return Err(format!("unknown size suffix {other:?} (use K, M, G or T)")),
-            };
-            (&s[..i], m)
-        }
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size like 512M or 1G"))?;
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("{s} is too large"))
-}
-
 fn main() -> anyhow::Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_timestamp_millis()
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Cmd::Serve(a) => serve(a),
+        Cmd::Serve(a) => serve(*a),
         Cmd::Ring { command } => ring_cmd(command),
     }
 }
@@ -187,6 +170,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         read_only: a.read_only,
         listen,
     };
+    let mut shipper = None;
     let capture: Arc<dyn WriteCapture> = match &a.ring {
         None => Arc::new(NoCapture),
         Some(path) => {
@@ -222,6 +206,16 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
                 }
             );
             let shares_disk_device = shares_file_system(&a.disk, path, disk.kind());
+            if let Some(target) = &a.ship_to {
+                let mut cfg = a
+                    .ship
+                    .config(path.clone(), target.clone())
+                    .map_err(anyhow::Error::msg)?;
+                cfg.disk = Some(a.disk.clone());
+                let sh = shipper::Shipper::new(cfg)
+                    .with_context(|| format!("cannot ship ring {} to {target}", path.display()))?;
+                shipper = Some(sh);
+            }
             Arc::new(RingCapture::new(Arc::new(producer), shares_disk_device))
         }
     };
@@ -232,6 +226,31 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         .shutdown_handle()
         .on_signals()
         .context("cannot install the SIGINT/SIGTERM handlers")?;
+    let stats = shipper.as_ref().map(|s| s.stats());
+    if let Some(m) = a.metrics {
+        let (ring_path, disk_id) = (a.ring.clone(), a.ship.disk_id.clone().unwrap_or_default());
+        metrics::serve(
+            m,
+            Arc::new(move || metrics_text(ring_path.as_deref(), &disk_id, stats.as_deref())),
+        )
+        .with_context(|| format!("cannot serve metrics on {m}"))?;
+    }
+    let shipping = match shipper {
+        Some(sh) => {
+            let stop = sh.stop_flag();
+            log::info!(
+                "shipping the ring to {} as disk {:?}",
+                sh.config().target,
+                sh.config().disk_id
+            );
+            let h = std::thread::Builder::new()
+                .name("shipper".into())
+                .spawn(move || sh.run())
+                .context("cannot start the shipper thread")?;
+            Some((stop, h))
+        }
+        None => None,
+    };
     log::info!(
         "serving {} ({:?}, {} bytes{}) as export {:?}",
         a.disk.display(),
@@ -243,9 +262,86 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     for addr in server.local_addrs() {
         log::info!("listening on {addr}");
     }
-    server.run().context("the NBD server failed")?;
+    let served = server.run().context("the NBD server failed");
+    if let Some((stop, h)) = shipping {
+        log::info!("stopping the shipper (it ships what is in the ring for up to 10 s)");
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        match h.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => log::error!("the shipper failed: {e}"),
+            Err(_) => log::error!("the shipper thread panicked"),
+        }
+    }
+    served?;
     log::info!("stopped cleanly");
     Ok(())
+}
+
+/// Prometheus text: the ring's state and, when shipping in-process, the shipper's.
+fn metrics_text(
+    ring_path: Option<&std::path::Path>,
+    disk_id: &str,
+    stats: Option<&shipper::Stats>,
+) -> String {
+    let mut t = metrics::Text::new();
+    let now = ring::wall_clock_ns();
+    if let Some(st) = ring_path.and_then(|p| ring::status(p).ok()) {
+        let l = [("disk", st.disk_id.as_str())];
+        t.sample(
+            "blockship_ring_capacity_bytes",
+            "gauge",
+            "Bytes in the ring's record area.",
+            &l,
+            st.capacity as f64,
+        );
+        t.sample(
+            "blockship_ring_used_bytes",
+            "gauge",
+            "Ring bytes holding unreleased records.",
+            &l,
+            st.used_bytes as f64,
+        );
+        t.sample(
+            "blockship_ring_head_seq",
+            "gauge",
+            "Sequence of the newest record.",
+            &l,
+            st.head_seq as f64,
+        );
+        t.sample(
+            "blockship_ring_records_waiting",
+            "gauge",
+            "Records not yet released by the shipper.",
+            &l,
+            st.records_waiting as f64,
+        );
+        t.sample(
+            "blockship_ring_oldest_waiting_seconds",
+            "gauge",
+            "Age of the oldest unreleased record.",
+            &l,
+            st.oldest_waiting_ns
+                .map_or(0.0, |o| now.saturating_sub(o) as f64 / 1e9),
+        );
+        t.sample(
+            "blockship_ring_overflow",
+            "gauge",
+            "1 when changes overflowed into the dirty bitmap.",
+            &l,
+            f64::from(u8::from(st.overflow)),
+        );
+        t.sample(
+            "blockship_ring_dirty_bytes",
+            "gauge",
+            "Disk bytes marked in the dirty bitmap.",
+            &l,
+            st.dirty_bytes as f64,
+        );
+    }
+    if let Some(s) = stats {
+        s.metrics(disk_id, now, &mut t);
+    }
+    t.finish()
 }
 
 /// Whether the ring file lives on the same file system as a file disk (then
@@ -293,6 +389,17 @@ fn ring_cmd(cmd: RingCmd) -> anyhow::Result<()> {
                     "records_lost": st.records_lost,
                     "clean": st.clean,
                     "producer_pid": st.producer_pid,
+                    "rpo_lag_seconds": lag.unwrap_or(0.0),
+                    "shipper": st.shipper.as_ref().map(|sh| serde_json::json!({
+                        "state": sh.progress.state.name(),
+                        "acked_seq": sh.progress.acked_seq,
+                        "bytes_before_compression": sh.progress.plain_bytes,
+                        "bytes_on_wire": sh.progress.wire_bytes,
+                        "compression_ratio": if sh.progress.wire_bytes > 0 { sh.progress.plain_bytes as f64 / sh.progress.wire_bytes as f64 } else { 1.0 },
+                        "throughput_bytes_per_second": sh.progress.rate,
+                        "updated_seconds_ago": now.saturating_sub(sh.updated_ns) as f64 / 1e9,
+                        "pid": sh.pid,
+                    })),
                 });
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
@@ -312,8 +419,28 @@ fn ring_cmd(cmd: RingCmd) -> anyhow::Result<()> {
                     st.tail_seq, st.head_seq
                 );
                 println!("records waiting:  {}", st.records_waiting);
-                if let Some(l) = lag {
-                    println!("oldest waiting:   {l:.3} s ago");
+                println!(
+                    "RPO lag:          {:.3} s (age of the oldest record not yet acknowledged)",
+                    lag.unwrap_or(0.0)
+                );
+                if let Some(sh) = &st.shipper {
+                    let p = &sh.progress;
+                    println!(
+                        "shipper:          {} (pid {}, updated {:.1} s ago), acknowledged up to seq {}",
+                        p.state.name(),
+                        sh.pid,
+                        now.saturating_sub(sh.updated_ns) as f64 / 1e9,
+                        p.acked_seq
+                    );
+                    println!(
+                        "shipped:          {} bytes of records as {} bytes on the wire ({:.2}x), {:.1} MB/s",
+                        p.plain_bytes,
+                        p.wire_bytes,
+                        if p.wire_bytes > 0 { p.plain_bytes as f64 / p.wire_bytes as f64 } else { 1.0 },
+                        p.rate as f64 / 1e6
+                    );
+                } else {
+                    println!("shipper:          none has run on this ring");
                 }
                 println!(
                     "overflow:         {}{}",

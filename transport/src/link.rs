@@ -55,7 +55,9 @@ pub struct Link {
 
 impl std::fmt::Debug for Link {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Link").field("peer", &self.sock.peer_addr().ok()).finish()
+        f.debug_struct("Link")
+            .field("peer", &self.sock.peer_addr().ok())
+            .finish()
     }
 }
 
@@ -105,7 +107,9 @@ impl Link {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out").into());
+                return Err(
+                    io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out").into(),
+                );
             }
             self.wait(left.min(Duration::from_millis(100)))?;
         }
@@ -252,11 +256,9 @@ impl Link {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "the peer stopped reading",
-                )
-                .into());
+                return Err(
+                    io::Error::new(io::ErrorKind::TimedOut, "the peer stopped reading").into(),
+                );
             }
             self.wait(left.min(Duration::from_millis(100)))?;
         }

@@ -16,7 +16,9 @@ pub enum WireError {
         need: usize,
     },
     /// Not a blockship frame (bad magic): the peer is not a blockship peer.
-    #[error("bad frame magic {0:#010x}: the peer does not speak the blockship replication protocol")]
+    #[error(
+        "bad frame magic {0:#010x}: the peer does not speak the blockship replication protocol"
+    )]
     BadMagic(u32),
     /// The frame header's own checksum failed.
     #[error("frame header checksum mismatch (stored {stored:#010x}, computed {computed:#010x}): the frame was damaged in transit")]

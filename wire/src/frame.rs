@@ -90,6 +90,8 @@ impl FrameType {
     }
 
     /// Largest body this type may have.
+    // The fixed lengths are constants far below 4 GiB.
+    #[allow(clippy::cast_possible_truncation)]
     pub fn max_body(self) -> u32 {
         match self {
             FrameType::Hello => (HELLO_FIXED + MAX_DISK_ID_LEN) as u32,
@@ -166,7 +168,9 @@ impl FrameHeader {
     pub fn decode(b: &[u8]) -> Result<FrameHeader, WireError> {
         need("frame header", b, FRAME_HEADER_LEN)?;
         if b[..4] != FRAME_MAGIC {
-            return Err(WireError::BadMagic(u32::from_be_bytes([b[0], b[1], b[2], b[3]])));
+            return Err(WireError::BadMagic(u32::from_be_bytes([
+                b[0], b[1], b[2], b[3],
+            ])));
         }
         let stored = le32(b, hdr::HEADER_CRC);
         let computed = crc32c::crc32c(&b[..hdr::HEADER_CRC]);
@@ -289,7 +293,10 @@ impl Hello {
         if b.len() != HELLO_FIXED + n {
             return Err(WireError::invalid(
                 "HELLO",
-                format!("disk id length {n} does not match a body of {} bytes", b.len()),
+                format!(
+                    "disk id length {n} does not match a body of {} bytes",
+                    b.len()
+                ),
             ));
         }
         let disk_id = std::str::from_utf8(&b[HELLO_FIXED..])
@@ -298,7 +305,10 @@ impl Hello {
         crate::identity::validate_disk_id(&disk_id)?;
         let flags = le32(b, 4);
         if flags & !HELLO_KNOWN_FLAGS != 0 {
-            return Err(WireError::invalid("HELLO flags", format!("unknown flags {flags:#x}")));
+            return Err(WireError::invalid(
+                "HELLO flags",
+                format!("unknown flags {flags:#x}"),
+            ));
         }
         let mut ring_id = [0u8; 16];
         ring_id.copy_from_slice(&b[8..24]);
@@ -317,12 +327,18 @@ impl Hello {
             return Err(WireError::invalid("HELLO", "lowest version above highest"));
         }
         if h.block_size == 0 || !h.block_size.is_power_of_two() {
-            return Err(WireError::invalid("HELLO block size", h.block_size.to_string()));
+            return Err(WireError::invalid(
+                "HELLO block size",
+                h.block_size.to_string(),
+            ));
         }
-        if h.disk_size == 0 || h.disk_size % u64::from(h.block_size) != 0 {
+        if h.disk_size == 0 || !h.disk_size.is_multiple_of(u64::from(h.block_size)) {
             return Err(WireError::invalid(
                 "HELLO disk size",
-                format!("{} is not a positive multiple of the block size", h.disk_size),
+                format!(
+                    "{} is not a positive multiple of the block size",
+                    h.disk_size
+                ),
             ));
         }
         if h.tail_seq == 0 || h.tail_seq > h.next_seq {
@@ -383,10 +399,16 @@ impl HelloReply {
             max_body: le32(b, 16),
         };
         if r.flags & !REPLY_CONSISTENT != 0 {
-            return Err(WireError::invalid("HELLO_REPLY flags", format!("{:#x}", r.flags)));
+            return Err(WireError::invalid(
+                "HELLO_REPLY flags",
+                format!("{:#x}", r.flags),
+            ));
         }
         if r.max_body < 1 << 16 {
-            return Err(WireError::invalid("HELLO_REPLY max body", r.max_body.to_string()));
+            return Err(WireError::invalid(
+                "HELLO_REPLY max body",
+                r.max_body.to_string(),
+            ));
         }
         Ok(r)
     }
@@ -394,7 +416,10 @@ impl HelloReply {
 
 fn exact(what: &'static str, b: &[u8], n: usize) -> Result<(), WireError> {
     if b.len() != n {
-        return Err(WireError::invalid(what, format!("body of {} bytes, expected {n}", b.len())));
+        return Err(WireError::invalid(
+            what,
+            format!("body of {} bytes, expected {n}", b.len()),
+        ));
     }
     Ok(())
 }
@@ -458,10 +483,18 @@ impl BatchHeader {
         let codec = match b[20] {
             0 => Codec::Stored,
             1 => Codec::Zstd,
-            c => return Err(WireError::invalid("BATCH codec", format!("unknown codec {c}"))),
+            c => {
+                return Err(WireError::invalid(
+                    "BATCH codec",
+                    format!("unknown codec {c}"),
+                ))
+            }
         };
         if b[21..24] != [0, 0, 0] {
-            return Err(WireError::invalid("BATCH header", "reserved bytes not zero"));
+            return Err(WireError::invalid(
+                "BATCH header",
+                "reserved bytes not zero",
+            ));
         }
         let h = BatchHeader {
             first_seq: le64(b, 0),
@@ -488,7 +521,10 @@ impl BatchHeader {
         if codec == Codec::Stored && payload != h.plain_len as usize {
             return Err(WireError::invalid(
                 "BATCH",
-                format!("stored payload of {payload} bytes, plain length {}", h.plain_len),
+                format!(
+                    "stored payload of {payload} bytes, plain length {}",
+                    h.plain_len
+                ),
             ));
         }
         Ok(h)
@@ -538,13 +574,15 @@ impl Ack {
     }
 }
 
-// Format: HEARTBEAT body, 40 bytes
+// Format: HEARTBEAT body, 48 bytes
 //   0    8     sender's wall clock, ns since the Unix epoch
 //   8    8     shipper: newest sequence in the ring; target: applied sequence
 //   16   8     shipper: capture time (ns) of the oldest unacknowledged record, 0 if none
 //   24   8     shipper: records waiting (read or not, unacknowledged)
 //   32   8     shipper: bytes waiting
-const HEARTBEAT_LEN: usize = 40;
+//   40   4     shipper: source flags now (HELLO_* values: overflow, verify, initial sync)
+//   44   4     reserved (0)
+const HEARTBEAT_LEN: usize = 48;
 
 /// Liveness and progress.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -559,6 +597,8 @@ pub struct Heartbeat {
     pub records_waiting: u64,
     /// Bytes waiting (shipper).
     pub bytes_waiting: u64,
+    /// The source's state now (HELLO_* flags; shipper).
+    pub source_flags: u32,
 }
 
 impl Heartbeat {
@@ -577,6 +617,7 @@ impl Heartbeat {
         {
             b[i * 8..i * 8 + 8].copy_from_slice(&v.to_le_bytes());
         }
+        b[40..44].copy_from_slice(&self.source_flags.to_le_bytes());
         b
     }
 
@@ -589,6 +630,7 @@ impl Heartbeat {
             oldest_pending_ns: le64(b, 16),
             records_waiting: le64(b, 24),
             bytes_waiting: le64(b, 32),
+            source_flags: le32(b, 40),
         })
     }
 }

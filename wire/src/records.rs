@@ -71,7 +71,11 @@ impl WireRecord<'_> {
         out.extend_from_slice(&[0, 0]);
         out.extend_from_slice(&self.time_ns.to_le_bytes());
         // Payloads come from ring records, at most 64 MiB.
-        out.extend_from_slice(&u32::try_from(self.payload.len()).unwrap_or(u32::MAX).to_le_bytes());
+        out.extend_from_slice(
+            &u32::try_from(self.payload.len())
+                .unwrap_or(u32::MAX)
+                .to_le_bytes(),
+        );
         out.extend_from_slice(&[0, 0, 0, 0]);
         out.extend_from_slice(self.payload);
     }
@@ -137,7 +141,10 @@ impl<'a> RecordIter<'a> {
             return None;
         }
         if rest.len() < RECORD_HEADER_LEN {
-            return self.bad(format!("{} bytes left, less than a record header", rest.len()));
+            return self.bad(format!(
+                "{} bytes left, less than a record header",
+                rest.len()
+            ));
         }
         if self.seen == self.header.count {
             return self.bad("more records than the header's count".into());
@@ -182,7 +189,10 @@ impl<'a> RecordIter<'a> {
         };
         if !ordered {
             let prev = self.prev_seq;
-            return self.bad(format!("sequence {seq} after {prev} (first {})", self.header.first_seq));
+            return self.bad(format!(
+                "sequence {seq} after {prev} (first {})",
+                self.header.first_seq
+            ));
         }
         self.prev_seq = seq;
         self.seen += 1;

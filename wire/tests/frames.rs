@@ -1,4 +1,4 @@
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 //! Golden byte vectors for every frame type, round trips, and random bytes
 //! fed to every decoder (never a panic).
 
@@ -45,36 +45,82 @@ fn golden_bodies() {
     assert_eq!(
         hex(&v),
         concat!(
-            "0100", "0100", "01000000", "abababababababababababababababab",
-            "0000004000000000", "00100000", "00000000", "0500000000000000",
-            "0900000000000000", "0200", "6462"
+            "0100",
+            "0100",
+            "01000000",
+            "abababababababababababababababab",
+            "0000004000000000",
+            "00100000",
+            "00000000",
+            "0500000000000000",
+            "0900000000000000",
+            "0200",
+            "6462"
         )
     );
     assert_eq!(Hello::decode(&v).unwrap(), hello());
 
-    let r = HelloReply { version: 1, flags: REPLY_CONSISTENT, applied_seq: 0x0102, max_body: MAX_BODY };
+    let r = HelloReply {
+        version: 1,
+        flags: REPLY_CONSISTENT,
+        applied_seq: 0x0102,
+        max_body: MAX_BODY,
+    };
     assert_eq!(
         hex(&r.encode()),
-        concat!("0100", "0000", "01000000", "0201000000000000", "00100002", "000000000000000000000000")
+        concat!(
+            "0100",
+            "0000",
+            "01000000",
+            "0201000000000000",
+            "00100002",
+            "000000000000000000000000"
+        )
     );
     assert_eq!(HelloReply::decode(&r.encode()).unwrap(), r);
 
-    let b = BatchHeader { first_seq: 3, last_seq: 4, count: 2, codec: Codec::Zstd, plain_len: 0x50, plain_crc: 0xdeadbeef };
+    let b = BatchHeader {
+        first_seq: 3,
+        last_seq: 4,
+        count: 2,
+        codec: Codec::Zstd,
+        plain_len: 0x50,
+        plain_crc: 0xdeadbeef,
+    };
     assert_eq!(
         hex(&b.encode()),
-        "030000000000000004000000000000000200000001000000" .to_owned() + "50000000efbeadde"
+        "030000000000000004000000000000000200000001000000".to_owned() + "50000000efbeadde"
     );
 
-    assert_eq!(hex(&Ack { applied_seq: 0x1122 }.encode()), "22110000000000000000000000000000");
+    assert_eq!(
+        hex(&Ack {
+            applied_seq: 0x1122
+        }
+        .encode()),
+        "22110000000000000000000000000000"
+    );
 
-    let hb = Heartbeat { now_ns: 1, seq: 2, oldest_pending_ns: 3, records_waiting: 4, bytes_waiting: 5 };
+    let hb = Heartbeat {
+        now_ns: 1,
+        seq: 2,
+        oldest_pending_ns: 3,
+        records_waiting: 4,
+        bytes_waiting: 5,
+        source_flags: 2,
+    };
     assert_eq!(
         hex(&hb.encode()),
-        "0100000000000000020000000000000003000000000000000400000000000000".to_owned() + "0500000000000000"
+        "0100000000000000020000000000000003000000000000000400000000000000".to_owned()
+            + "0500000000000000"
+            + "0200000000000000"
     );
     assert_eq!(Heartbeat::decode(&hb.encode()).unwrap(), hb);
 
-    ErrorMsg { code: ErrorCode::Forbidden, message: "no".into() }.encode(&mut v);
+    ErrorMsg {
+        code: ErrorCode::Forbidden,
+        message: "no".into(),
+    }
+    .encode(&mut v);
     assert_eq!(hex(&v), "030002006e6f");
     assert_eq!(ErrorMsg::decode(&v).unwrap().code, ErrorCode::Forbidden);
 }
@@ -82,13 +128,29 @@ fn golden_bodies() {
 #[test]
 fn golden_record() {
     let mut v = Vec::new();
-    WireRecord { seq: 9, kind: RecordKind::Write, offset: 4096, len: 2, after_gap: true, time_ns: 0x10, payload: b"hi" }
-        .encode(&mut v);
+    WireRecord {
+        seq: 9,
+        kind: RecordKind::Write,
+        offset: 4096,
+        len: 2,
+        after_gap: true,
+        time_ns: 0x10,
+        payload: b"hi",
+    }
+    .encode(&mut v);
     assert_eq!(
         hex(&v),
         concat!(
-            "0900000000000000", "0010000000000000", "02000000", "01", "01", "0000",
-            "1000000000000000", "02000000", "00000000", "6869"
+            "0900000000000000",
+            "0010000000000000",
+            "02000000",
+            "01",
+            "01",
+            "0000",
+            "1000000000000000",
+            "02000000",
+            "00000000",
+            "6869"
         )
     );
     assert_eq!(v.len(), RECORD_HEADER_LEN + 2);
@@ -111,19 +173,39 @@ fn batch_plain(recs: &[WireRecord<'_>]) -> (BatchHeader, Vec<u8>) {
 }
 
 fn rec(seq: u64, kind: RecordKind, payload: &[u8]) -> WireRecord<'_> {
-    WireRecord { seq, kind, offset: 0, len: if kind == RecordKind::Trim { 4096 } else { payload.len() as u32 }, after_gap: false, time_ns: 0, payload }
+    WireRecord {
+        seq,
+        kind,
+        offset: 0,
+        len: if kind == RecordKind::Trim {
+            4096
+        } else {
+            payload.len() as u32
+        },
+        after_gap: false,
+        time_ns: 0,
+        payload,
+    }
 }
 
 #[test]
 fn records_checked_against_the_batch() {
-    let (h, plain) = batch_plain(&[rec(1, RecordKind::Write, b"abc"), rec(2, RecordKind::Trim, b"")]);
+    let (h, plain) = batch_plain(&[
+        rec(1, RecordKind::Write, b"abc"),
+        rec(2, RecordKind::Trim, b""),
+    ]);
     h.check_plain(&plain).unwrap();
-    let got: Vec<_> = RecordIter::new(h, &plain).collect::<Result<_, _>>().unwrap();
+    let got: Vec<_> = RecordIter::new(h, &plain)
+        .collect::<Result<_, _>>()
+        .unwrap();
     assert_eq!(got.len(), 2);
     assert_eq!(got[0].payload, b"abc");
 
     // A gap without the flag is refused; with the flag it is fine.
-    let (h, plain) = batch_plain(&[rec(1, RecordKind::Write, b"a"), rec(3, RecordKind::Write, b"b")]);
+    let (h, plain) = batch_plain(&[
+        rec(1, RecordKind::Write, b"a"),
+        rec(3, RecordKind::Write, b"b"),
+    ]);
     assert!(RecordIter::new(h, &plain).any(|r| r.is_err()));
     let mut r3 = rec(3, RecordKind::Write, b"b");
     r3.after_gap = true;
@@ -141,13 +223,21 @@ fn records_checked_against_the_batch() {
     // A flipped byte fails the plain checksum.
     let (h, mut plain) = batch_plain(&[rec(1, RecordKind::Write, b"abc")]);
     plain[41] ^= 1;
-    assert!(matches!(h.check_plain(&plain), Err(WireError::RecordsChecksum { .. })));
+    assert!(matches!(
+        h.check_plain(&plain),
+        Err(WireError::RecordsChecksum { .. })
+    ));
 }
 
 #[test]
 fn framing_rejects_damage_with_names() {
     let mut stream = Vec::new();
-    write_frame(&mut stream, FrameType::Ack, &Ack { applied_seq: 1 }.encode()).unwrap();
+    write_frame(
+        &mut stream,
+        FrameType::Ack,
+        &Ack { applied_seq: 1 }.encode(),
+    )
+    .unwrap();
     let mut body = Vec::new();
     let h = read_frame(&mut &stream[..], &mut body).unwrap();
     assert_eq!(h.ftype, FrameType::Ack);
@@ -161,7 +251,12 @@ fn framing_rejects_damage_with_names() {
         assert!(!e.is_empty());
     }
     // Oversized: a valid header claiming a body larger than the type allows.
-    let mut big = FrameHeader { ftype: FrameType::Batch, len: MAX_BODY + 1, body_crc: 0 }.encode();
+    let mut big = FrameHeader {
+        ftype: FrameType::Batch,
+        len: MAX_BODY + 1,
+        body_crc: 0,
+    }
+    .encode();
     let e = FrameHeader::decode(&big).unwrap_err();
     assert!(matches!(e, WireError::Oversized { .. }), "{e}");
     big[4] = 99;
@@ -171,7 +266,10 @@ fn framing_rejects_damage_with_names() {
     h[4] = 42;
     let crc = crc32c::crc32c(&h[..16]);
     h[16..20].copy_from_slice(&crc.to_le_bytes());
-    assert_eq!(FrameHeader::decode(&h).unwrap_err(), WireError::UnknownType(42));
+    assert_eq!(
+        FrameHeader::decode(&h).unwrap_err(),
+        WireError::UnknownType(42)
+    );
     // Truncated stream: an I/O error, not a panic.
     assert!(read_frame(&mut &stream[..30], &mut body).is_err());
 }

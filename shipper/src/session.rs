@@ -1,0 +1,340 @@
+//! One connection to the target: TLS, hello, then a loop that sends
+//! batches while the window has room, takes acknowledgements (releasing
+//! ring space), sends heartbeats, and publishes progress.
+
+use std::collections::VecDeque;
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use ring::LinkState;
+use transport::link::LinkError;
+use transport::Link;
+use wire::frame::*;
+
+use crate::error::{Error, Result};
+use crate::pace::Pacer;
+use crate::ship::Shipper;
+
+/// A target silent this long is considered gone.
+const PEER_TIMEOUT: Duration = Duration::from_secs(15);
+/// Heartbeat period (also carries lag and waiting counts to the target).
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+/// How often progress is published in the ring file.
+const PUBLISH_EVERY: Duration = Duration::from_millis(100);
+/// Most records per batch.
+const MAX_RECORDS: usize = 1 << 16;
+
+struct InFlight {
+    last_seq: u64,
+    plain: u64,
+    first_time_ns: u64,
+}
+
+fn link_err(sh: &Shipper) -> impl Fn(LinkError) -> Error + '_ {
+    move |source| Error::Link {
+        target: sh.cfg.target.clone(),
+        source,
+    }
+}
+
+fn connect(sh: &Shipper) -> Result<Link> {
+    let target = &sh.cfg.target;
+    let io = |e: std::io::Error| Error::Link {
+        target: target.clone(),
+        source: LinkError::Io(e),
+    };
+    let addr = target
+        .to_socket_addrs()
+        .map_err(io)?
+        .next()
+        .ok_or_else(|| Error::Invalid(format!("{target} resolves to no address")))?;
+    let sock = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(io)?;
+    let conn = rustls::ClientConnection::new(sh.tls.clone(), sh.server_name.clone())
+        .map_err(|e| link_err(sh)(LinkError::Tls(e)))?;
+    let mut link = Link::new(conn, sock).map_err(io)?;
+    link.handshake(Duration::from_secs(10))
+        .map_err(link_err(sh))?;
+    Ok(link)
+}
+
+fn refused(sh: &Shipper, body: &[u8]) -> Error {
+    match ErrorMsg::decode(body) {
+        Ok(m) => Error::Refused {
+            target: sh.cfg.target.clone(),
+            code: Some(m.code),
+            message: m.message,
+        },
+        Err(e) => link_err(sh)(LinkError::Wire(e)),
+    }
+}
+
+/// The ring's state as HELLO_* flags.
+fn source_flags(c: &ring::Consumer) -> u32 {
+    let st = c.state();
+    let mut flags = 0;
+    if st & ring::format::STATE_NEEDS_INITIAL_SYNC != 0 {
+        flags |= HELLO_NEEDS_INITIAL_SYNC;
+    }
+    if st & ring::format::STATE_OVERFLOW != 0 {
+        flags |= HELLO_OVERFLOW;
+    }
+    if st & ring::format::STATE_NEEDS_VERIFY != 0 {
+        flags |= HELLO_NEEDS_VERIFY;
+    }
+    flags
+}
+
+fn hello(sh: &mut Shipper, link: &mut Link) -> Result<HelloReply> {
+    let c = &sh.consumer;
+    let flags = source_flags(c);
+    let h = Hello {
+        min_version: MIN_PROTOCOL_VERSION,
+        max_version: PROTOCOL_VERSION,
+        flags,
+        ring_id: c.disk_id(),
+        disk_size: c.disk_size(),
+        block_size: BLOCK_SIZE,
+        tail_seq: c.tail_seq().max(1),
+        next_seq: c.head_next_seq().max(c.tail_seq()).max(1),
+        disk_id: sh.cfg.disk_id.clone(),
+    };
+    let mut b = Vec::new();
+    h.encode(&mut b);
+    link.send(FrameType::Hello, &b)
+        .map_err(|e| link_err(sh)(LinkError::Io(e)))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        link.pump().map_err(link_err(sh))?;
+        if let Some(rx) = link
+            .next_frame()
+            .map_err(|e| link_err(sh)(LinkError::Wire(e)))?
+        {
+            let body = link.body(&rx);
+            let r = match rx.header.ftype {
+                FrameType::HelloReply => {
+                    HelloReply::decode(body).map_err(|e| link_err(sh)(LinkError::Wire(e)))
+                }
+                FrameType::Error => Err(refused(sh, body)),
+                t => Err(Error::Refused {
+                    target: sh.cfg.target.clone(),
+                    code: None,
+                    message: format!("answered the hello with {}", t.name()),
+                }),
+            };
+            link.consume(&rx);
+            return r;
+        }
+        if link.eof() || Instant::now() >= deadline {
+            return Err(Error::Refused {
+                target: sh.cfg.target.clone(),
+                code: None,
+                message: "no answer to the hello (closed or timed out)".into(),
+            });
+        }
+        link.wait(Duration::from_millis(50))
+            .map_err(|e| link_err(sh)(LinkError::Io(e)))?;
+    }
+}
+
+/// Run one connection until it fails or the shipper is stopped and drained.
+pub(crate) fn run(sh: &mut Shipper) -> Result<()> {
+    let mut link = connect(sh)?;
+    let target = sh.cfg.target.clone();
+    let lerr = move |source: LinkError| Error::Link {
+        target: target.clone(),
+        source,
+    };
+    sh.stats.connects.fetch_add(1, Ordering::Relaxed);
+    let reply = hello(sh, &mut link)?;
+    let applied = reply.applied_seq;
+    sh.stats.set_state(LinkState::Connected);
+    sh.stats.acked_seq.store(applied, Ordering::Relaxed);
+    log::info!(
+        "connected to {} for disk {:?}: the replica has applied up to seq {applied}{}; shipping from seq {}",
+        sh.cfg.target,
+        sh.cfg.disk_id,
+        if reply.flags & REPLY_CONSISTENT == 0 { " (not consistent yet)" } else { "" },
+        (applied + 1).max(sh.consumer.next_seq())
+    );
+    let mut inflight: VecDeque<InFlight> = VecDeque::new();
+    let mut inflight_bytes = 0u64;
+    let mut pacer = Pacer::new(sh.cfg.max_rate);
+    let mut waiting_since: Option<Instant> = None;
+    let mut last_publish = Instant::now() - PUBLISH_EVERY;
+    let mut rate_mark = (Instant::now(), sh.stats.plain_bytes.load(Ordering::Relaxed));
+    let mut drain_deadline: Option<Instant> = None;
+    let mut hdr = [0u8; BATCH_HEADER_LEN];
+    loop {
+        if drain_deadline.is_none() && sh.stop.load(Ordering::Relaxed) {
+            drain_deadline = Some(Instant::now() + sh.cfg.drain_timeout);
+        }
+        link.pump().map_err(&lerr)?;
+        // Acknowledgements and other frames from the target.
+        while let Some(rx) = link.next_frame().map_err(|e| lerr(LinkError::Wire(e)))? {
+            match rx.header.ftype {
+                FrameType::Ack => {
+                    let a = Ack::decode(link.body(&rx)).map_err(|e| lerr(LinkError::Wire(e)))?;
+                    while inflight
+                        .front()
+                        .is_some_and(|f| f.last_seq <= a.applied_seq)
+                    {
+                        if let Some(f) = inflight.pop_front() {
+                            inflight_bytes -= f.plain;
+                        }
+                    }
+                    sh.consumer.release(a.applied_seq)?;
+                    sh.stats
+                        .acked_seq
+                        .fetch_max(a.applied_seq, Ordering::Relaxed);
+                }
+                FrameType::Heartbeat => {}
+                FrameType::Error => {
+                    let e = refused(sh, link.body(&rx));
+                    return Err(e);
+                }
+                t => {
+                    return Err(Error::Refused {
+                        target: sh.cfg.target.clone(),
+                        code: None,
+                        message: format!("sent an unexpected {} frame", t.name()),
+                    })
+                }
+            }
+            link.consume(&rx);
+        }
+        // Send while the window has room.
+        loop {
+            if inflight_bytes >= sh.cfg.window_bytes || !pacer.wait().is_zero() {
+                break;
+            }
+            let unread = sh.consumer.unread_bytes();
+            if unread == 0 {
+                waiting_since = None;
+                break;
+            }
+            let since = *waiting_since.get_or_insert_with(Instant::now);
+            if !inflight.is_empty()
+                && unread < sh.cfg.batch_bytes as u64
+                && since.elapsed() < sh.cfg.batch_delay
+                && drain_deadline.is_none()
+            {
+                break;
+            }
+            let n = sh
+                .consumer
+                .read(MAX_RECORDS, sh.cfg.batch_bytes, &mut sh.batch)?;
+            if n == 0 {
+                break;
+            }
+            waiting_since = None;
+            let last = sh.batch.last_seq().unwrap_or(0);
+            let Some(b) = sh.encoder.build(&sh.batch, applied)? else {
+                // Everything in it was already applied at the target.
+                sh.consumer.release(last)?;
+                continue;
+            };
+            hdr.copy_from_slice(&b.header.encode());
+            let frame_len = (FRAME_HEADER_LEN + BATCH_HEADER_LEN + b.payload.len()) as u64;
+            let plain = u64::from(b.header.plain_len);
+            link.send_parts(FrameType::Batch, &[&hdr, b.payload])
+                .map_err(|e| lerr(LinkError::Io(e)))?;
+            inflight.push_back(InFlight {
+                last_seq: b.header.last_seq,
+                plain,
+                first_time_ns: b.first_time_ns,
+            });
+            inflight_bytes += plain;
+            pacer.sent(frame_len);
+            sh.stats
+                .sent_seq
+                .store(b.header.last_seq, Ordering::Relaxed);
+            sh.stats.plain_bytes.fetch_add(plain, Ordering::Relaxed);
+            sh.stats.wire_bytes.fetch_add(frame_len, Ordering::Relaxed);
+            sh.stats.batches.fetch_add(1, Ordering::Relaxed);
+            link.pump().map_err(&lerr)?;
+        }
+        // Progress, lag, heartbeats.
+        let oldest = match inflight.front() {
+            Some(f) => f.first_time_ns,
+            None if sh.consumer.unread_bytes() == 0 => 0,
+            None => sh.stats.oldest_pending_ns.load(Ordering::Relaxed).max(1),
+        };
+        sh.stats.oldest_pending_ns.store(oldest, Ordering::Relaxed);
+        if last_publish.elapsed() >= PUBLISH_EVERY {
+            last_publish = Instant::now();
+            let acked = sh.stats.acked_seq.load(Ordering::Relaxed);
+            let head = sh.consumer.head_next_seq().saturating_sub(1);
+            sh.stats
+                .records_waiting
+                .store(head.saturating_sub(acked), Ordering::Relaxed);
+            sh.stats
+                .bytes_waiting
+                .store(sh.consumer.used_bytes(), Ordering::Relaxed);
+            sh.stats.tls_bytes.store(link.bytes_out, Ordering::Relaxed);
+            let dt = rate_mark.0.elapsed().as_secs_f64();
+            if dt >= 1.0 {
+                let now = sh.stats.plain_bytes.load(Ordering::Relaxed);
+                let bytes = now - rate_mark.1;
+                let ms = u64::try_from(rate_mark.0.elapsed().as_millis())
+                    .unwrap_or(u64::MAX)
+                    .max(1);
+                sh.stats
+                    .rate
+                    .store(bytes.saturating_mul(1000) / ms, Ordering::Relaxed);
+                rate_mark = (Instant::now(), now);
+            }
+            sh.consumer.publish(&sh.stats.progress());
+        }
+        if link.last_tx.elapsed() >= HEARTBEAT_EVERY {
+            let hb = Heartbeat {
+                now_ns: ring::wall_clock_ns(),
+                seq: sh.consumer.head_next_seq().saturating_sub(1),
+                oldest_pending_ns: if oldest > 1 {
+                    oldest
+                } else if sh.consumer.unread_bytes() > 0 {
+                    sh.consumer.oldest_unreleased_ns().unwrap_or(0)
+                } else {
+                    0
+                },
+                records_waiting: sh.stats.records_waiting.load(Ordering::Relaxed),
+                bytes_waiting: sh.stats.bytes_waiting.load(Ordering::Relaxed),
+                source_flags: source_flags(&sh.consumer),
+            };
+            link.send(FrameType::Heartbeat, &hb.encode())
+                .map_err(|e| lerr(LinkError::Io(e)))?;
+        }
+        if let Some(d) = drain_deadline {
+            let done = inflight.is_empty() && sh.consumer.unread_bytes() == 0;
+            if done || Instant::now() >= d {
+                if !done {
+                    log::warn!(
+                        "stopping with {} records not yet acknowledged; they stay in the ring for the next run",
+                        sh.stats.records_waiting.load(Ordering::Relaxed)
+                    );
+                }
+                link.close();
+                return Ok(());
+            }
+        }
+        if link.eof() {
+            return Err(Error::Refused {
+                target: sh.cfg.target.clone(),
+                code: None,
+                message: "closed the connection".into(),
+            });
+        }
+        if link.last_rx.elapsed() >= PEER_TIMEOUT {
+            return Err(lerr(LinkError::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("nothing heard for {} s", PEER_TIMEOUT.as_secs()),
+            ))));
+        }
+        let t = if link.wants_write() {
+            Duration::from_millis(10)
+        } else {
+            Duration::from_millis(1).max(pacer.wait().min(Duration::from_millis(50)))
+        };
+        link.wait(t).map_err(|e| lerr(LinkError::Io(e)))?;
+    }
+}

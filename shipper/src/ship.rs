@@ -1,0 +1,215 @@
+//! [`Shipper`]: configuration, the reconnect loop with backoff, and the
+//! stop flag shared with signal handlers or the splitter.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ring::{Batch, Consumer, LinkState};
+use rustls::pki_types::ServerName;
+
+use crate::batch::Encoder;
+use crate::error::{Error, Result};
+use crate::stats::Stats;
+
+/// How a shipper runs.
+#[derive(Debug, Clone)]
+pub struct ShipConfig {
+    /// The ring to drain.
+    pub ring: PathBuf,
+    /// The protected disk (checked against the ring's identity).
+    pub disk: Option<PathBuf>,
+    /// The target, HOST:PORT.
+    pub target: String,
+    /// The disk's id at the recovery site.
+    pub disk_id: String,
+    /// TLS folder (ca.pem, cert.pem, key.pem).
+    pub tls_dir: PathBuf,
+    /// zstd level (0: never compress).
+    pub zstd_level: i32,
+    /// Most record bytes per batch.
+    pub batch_bytes: usize,
+    /// How long a partial batch may wait for more records while others are in flight.
+    pub batch_delay: Duration,
+    /// Most record bytes sent and not yet acknowledged.
+    pub window_bytes: u64,
+    /// Bytes per second on the wire (None: unlimited).
+    pub max_rate: Option<u64>,
+    /// On stop, how long to keep shipping what is already in the ring.
+    pub drain_timeout: Duration,
+}
+
+impl ShipConfig {
+    /// Defaults for everything but the four things that must be given.
+    pub fn new(ring: PathBuf, target: String, disk_id: String, tls_dir: PathBuf) -> ShipConfig {
+        ShipConfig {
+            ring,
+            disk: None,
+            target,
+            disk_id,
+            tls_dir,
+            zstd_level: 1,
+            batch_bytes: 4 << 20,
+            batch_delay: Duration::from_millis(2),
+            window_bytes: 64 << 20,
+            max_rate: None,
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A shipper attached to a ring, ready to run.
+pub struct Shipper {
+    pub(crate) cfg: ShipConfig,
+    pub(crate) consumer: Consumer,
+    pub(crate) tls: Arc<rustls::ClientConfig>,
+    pub(crate) server_name: ServerName<'static>,
+    pub(crate) stats: Arc<Stats>,
+    pub(crate) stop: Arc<AtomicBool>,
+    pub(crate) encoder: Encoder,
+    pub(crate) batch: Batch,
+}
+
+impl std::fmt::Debug for Shipper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shipper").field("cfg", &self.cfg).finish()
+    }
+}
+
+/// The identity of a disk, to check that a ring belongs to it.
+pub fn disk_identity(path: &Path) -> std::io::Result<ring::DiskIdentity> {
+    use std::io::Seek;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let mut f = std::fs::File::open(path)?;
+    let m = f.metadata()?;
+    let (size, fingerprint) = if m.file_type().is_block_device() {
+        (f.seek(std::io::SeekFrom::End(0))?, [m.rdev(), 0])
+    } else {
+        (m.len(), [m.dev(), m.ino()])
+    };
+    let canon = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    Ok(ring::DiskIdentity {
+        size,
+        fingerprint,
+        path: canon.display().to_string(),
+    })
+}
+
+impl Shipper {
+    /// Open the ring as its consumer, check the disk, load TLS.
+    pub fn new(cfg: ShipConfig) -> Result<Shipper> {
+        wire::identity::validate_disk_id(&cfg.disk_id)
+            .map_err(|e| Error::Invalid(e.to_string()))?;
+        let host = match cfg.target.rsplit_once(':') {
+            Some((h, p)) if p.parse::<u16>().is_ok() && !h.is_empty() => {
+                h.trim_start_matches('[').trim_end_matches(']').to_string()
+            }
+            _ => {
+                return Err(Error::Invalid(format!(
+                    "target {:?} is not HOST:PORT",
+                    cfg.target
+                )))
+            }
+        };
+        let server_name = ServerName::try_from(host.clone())
+            .map_err(|_| Error::Invalid(format!("{host:?} is not a host name or address")))?;
+        let tls = transport::TlsDir::load(&cfg.tls_dir)?.client_config()?;
+        let consumer = Consumer::open(&cfg.ring)?;
+        if let Some(d) = &cfg.disk {
+            let id = disk_identity(d)
+                .map_err(|e| Error::Invalid(format!("cannot open disk {}: {e}", d.display())))?;
+            consumer.check_disk(&id)?;
+        }
+        let encoder = Encoder::new(cfg.zstd_level)?;
+        Ok(Shipper {
+            cfg,
+            consumer,
+            tls,
+            server_name,
+            stats: Arc::new(Stats::default()),
+            stop: Arc::new(AtomicBool::new(false)),
+            encoder,
+            batch: Batch::new(),
+        })
+    }
+
+    /// Live counters.
+    pub fn stats(&self) -> Arc<Stats> {
+        self.stats.clone()
+    }
+
+    /// Set to stop (after shipping what is in the ring, up to the drain timeout).
+    pub fn stop_flag(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ShipConfig {
+        &self.cfg
+    }
+
+    /// Ship until stopped. Connection failures are retried with backoff; only
+    /// a damaged ring ends the loop with an error.
+    pub fn run(mut self) -> Result<()> {
+        let mut backoff = Duration::from_millis(100);
+        let mut first = true;
+        self.stats.set_state(LinkState::Connecting);
+        self.consumer.publish(&self.stats.progress());
+        loop {
+            if self.stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let started = Instant::now();
+            match crate::session::run(&mut self) {
+                Ok(()) => break,
+                Err(e @ Error::Ring(_)) => {
+                    self.stats.set_error(&e.to_string());
+                    self.stats.set_state(LinkState::Retrying);
+                    self.consumer.publish(&self.stats.progress());
+                    return Err(e);
+                }
+                Err(e) => {
+                    if started.elapsed() > Duration::from_secs(10) {
+                        backoff = Duration::from_millis(100);
+                    }
+                    let msg = e.to_string();
+                    if first || self.stats.last_error() != msg {
+                        log::warn!("{msg}; retrying in {:.1} s", backoff.as_secs_f64());
+                    } else {
+                        log::debug!("{msg}; retrying in {:.1} s", backoff.as_secs_f64());
+                    }
+                    first = false;
+                    let fatal_ish = matches!(
+                        &e,
+                        Error::Refused {
+                            code: Some(
+                                wire::ErrorCode::Forbidden
+                                    | wire::ErrorCode::Version
+                                    | wire::ErrorCode::Mismatch
+                            ),
+                            ..
+                        }
+                    );
+                    self.stats.set_error(&msg);
+                    self.stats.set_state(LinkState::Retrying);
+                    self.consumer.rewind();
+                    self.consumer.publish(&self.stats.progress());
+                    let until = Instant::now()
+                        + if fatal_ish {
+                            Duration::from_secs(30)
+                        } else {
+                            backoff
+                        };
+                    while Instant::now() < until && !self.stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        self.consumer.sync()?;
+        self.consumer.publish(&self.stats.progress());
+        Ok(())
+    }
+}
