@@ -68,6 +68,16 @@ BS_DEPS_BENCH=(
   cmd:python3:python3
 )
 
+# What scripts/bench/replicate uses.
+# shellcheck disable=SC2034
+BS_DEPS_REPLICATE=(
+  cmd:fio:fio
+  cmd:nbdinfo:libnbd-bin
+  cmd:python3:python3
+  cmd:cmp:diffutils
+  cmd:numfmt:coreutils
+)
+
 # bs_apt_update — `apt-get update`, at most once per run of a script (a later
 # call does nothing unless BS_APT_FORCE_UPDATE=1, after adding a source, say).
 _BS_APT_UPDATED=0

@@ -6,6 +6,8 @@
 //! This crate is not part of the product; it exists so the end-to-end tests
 //! share one way of starting servers and one teardown.
 
+pub mod site;
+
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
