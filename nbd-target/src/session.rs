@@ -83,7 +83,8 @@ fn refuse(link: &mut Link, code: ErrorCode, message: String) -> SessionError {
     }
     .encode(&mut b);
     if link.send(FrameType::Error, &b).is_ok() {
-        let _ = link.flush(Duration::from_millis(500));
+        // The shipper must read why, not a connection reset.
+        link.linger_close(Duration::from_secs(2));
     }
     SessionError::Refused(message)
 }

@@ -164,12 +164,21 @@ pub(crate) fn run(sh: &mut Shipper) -> Result<()> {
     let mut last_publish = Instant::now() - PUBLISH_EVERY;
     let mut rate_mark = (Instant::now(), sh.stats.plain_bytes.load(Ordering::Relaxed));
     let mut drain_deadline: Option<Instant> = None;
+    let mut last_heartbeat = Instant::now();
     let mut hdr = [0u8; BATCH_HEADER_LEN];
     loop {
         if drain_deadline.is_none() && sh.stop.load(Ordering::Relaxed) {
             drain_deadline = Some(Instant::now() + sh.cfg.drain_timeout);
         }
-        link.pump().map_err(&lerr)?;
+        if let Err(e) = link.pump() {
+            // The target may have said why before the connection broke.
+            if let Ok(Some(rx)) = link.next_frame() {
+                if rx.header.ftype == FrameType::Error {
+                    return Err(refused(sh, link.body(&rx)));
+                }
+            }
+            return Err(lerr(e));
+        }
         // Acknowledgements and other frames from the target.
         while let Some(rx) = link.next_frame().map_err(|e| lerr(LinkError::Wire(e)))? {
             match rx.header.ftype {
@@ -286,7 +295,10 @@ pub(crate) fn run(sh: &mut Shipper) -> Result<()> {
             }
             sh.consumer.publish(&sh.stats.progress());
         }
-        if link.last_tx.elapsed() >= HEARTBEAT_EVERY {
+        // Every second, also while batches flow: it carries lag and the
+        // ring's flags (overflow) to the target.
+        if last_heartbeat.elapsed() >= HEARTBEAT_EVERY {
+            last_heartbeat = Instant::now();
             let hb = Heartbeat {
                 now_ns: ring::wall_clock_ns(),
                 seq: sh.consumer.head_next_seq().saturating_sub(1),
@@ -318,6 +330,13 @@ pub(crate) fn run(sh: &mut Shipper) -> Result<()> {
             }
         }
         if link.eof() {
+            // Frames that arrived with the close (an ERROR saying why) come first.
+            while let Ok(Some(rx)) = link.next_frame() {
+                if rx.header.ftype == FrameType::Error {
+                    return Err(refused(sh, link.body(&rx)));
+                }
+                link.consume(&rx);
+            }
             return Err(Error::Refused {
                 target: sh.cfg.target.clone(),
                 code: None,

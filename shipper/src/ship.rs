@@ -164,6 +164,7 @@ impl Shipper {
             match crate::session::run(&mut self) {
                 Ok(()) => break,
                 Err(e @ Error::Ring(_)) => {
+                    log::error!("shipping stopped: {e}");
                     self.stats.set_error(&e.to_string());
                     self.stats.set_state(LinkState::Retrying);
                     self.consumer.publish(&self.stats.progress());

@@ -25,7 +25,10 @@ impl Proc {
             .expect("open log");
         let child = Command::new(bin(name))
             .args(args)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("BS_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(logf)
             .spawn()
@@ -76,7 +79,11 @@ impl Proc {
             if Instant::now() > deadline {
                 let _ = c.kill();
                 let _ = c.wait();
-                panic!("{} did not stop within 30 s of SIGTERM; log:\n{}", self.name, self.log_text());
+                panic!(
+                    "{} did not stop within 30 s of SIGTERM; log:\n{}",
+                    self.name,
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -94,7 +101,10 @@ impl Proc {
                 panic!("{} exited before logging {needle:?}; log:\n{t}", self.name);
             }
             if Instant::now() > deadline {
-                panic!("{} did not log {needle:?} within {secs} s; log:\n{t}", self.name);
+                panic!(
+                    "{} did not log {needle:?} within {secs} s; log:\n{t}",
+                    self.name
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -116,8 +126,14 @@ pub struct Pki {
 impl Pki {
     /// `nbd-target pki init` in `dir`.
     pub fn init(dir: &Path) -> Pki {
-        crate::run(Command::new(bin("nbd-target")).args(["pki", "init", "--dir"]).arg(dir));
-        Pki { dir: dir.to_path_buf() }
+        crate::run(
+            Command::new(bin("nbd-target"))
+                .args(["pki", "init", "--dir"])
+                .arg(dir),
+        );
+        Pki {
+            dir: dir.to_path_buf(),
+        }
     }
 
     /// The target's TLS folder.
@@ -128,7 +144,9 @@ impl Pki {
     /// Issue a shipper folder `out` for `disks`, valid `days`.
     pub fn issue(&self, name: &str, disks: &[&str], out: &Path, days: u32) -> PathBuf {
         let mut c = Command::new(bin("nbd-target"));
-        c.args(["pki", "issue", "--dir"]).arg(&self.dir).args(["--name", name]);
+        c.args(["pki", "issue", "--dir"])
+            .arg(&self.dir)
+            .args(["--name", name]);
         for d in disks {
             c.args(["--disk", d]);
         }
@@ -170,7 +188,14 @@ impl Target {
         Target::launch(dir, &data_dir, tls, "127.0.0.1:0", "127.0.0.1:0", extra)
     }
 
-    fn launch(dir: &Path, data_dir: &Path, tls: &Path, listen: &str, nbd: &str, extra: Vec<String>) -> Target {
+    fn launch(
+        dir: &Path,
+        data_dir: &Path,
+        tls: &Path,
+        listen: &str,
+        nbd: &str,
+        extra: Vec<String>,
+    ) -> Target {
         let mut args: Vec<String> = vec![
             "serve".into(),
             "--listen".into(),
@@ -199,9 +224,21 @@ impl Target {
 
     /// Start again on the same addresses (after a kill).
     pub fn restart(&mut self) {
-        let dir = self.proc.log.parent().expect("log in a folder").to_path_buf();
+        let dir = self
+            .proc
+            .log
+            .parent()
+            .expect("log in a folder")
+            .to_path_buf();
         self.proc.kill9();
-        let t = Target::launch(&dir, &self.data_dir, &self.tls, &self.addr.clone(), &self.nbd_addr.clone(), self.extra.clone());
+        let t = Target::launch(
+            &dir,
+            &self.data_dir,
+            &self.tls,
+            &self.addr.clone(),
+            &self.nbd_addr.clone(),
+            self.extra.clone(),
+        );
         *self = t;
     }
 
@@ -212,7 +249,13 @@ impl Target {
 
     /// `nbd-target status --json`.
     pub fn status(&self) -> serde_json::Value {
-        let out = crate::run(Command::new(bin("nbd-target")).arg("status").arg("--data-dir").arg(&self.data_dir).arg("--json"));
+        let out = crate::run(
+            Command::new(bin("nbd-target"))
+                .arg("status")
+                .arg("--data-dir")
+                .arg(&self.data_dir)
+                .arg("--json"),
+        );
         serde_json::from_slice(&out.stdout).expect("status JSON")
     }
 
@@ -228,7 +271,11 @@ impl Target {
 
 /// `splitter ring status --json` of `ring`.
 pub fn ring_status(ring: &Path) -> serde_json::Value {
-    let out = crate::run(Command::new(bin("splitter")).args(["ring", "status", "--json", "--ring"]).arg(ring));
+    let out = crate::run(
+        Command::new(bin("splitter"))
+            .args(["ring", "status", "--json", "--ring"])
+            .arg(ring),
+    );
     serde_json::from_slice(&out.stdout).expect("ring status JSON")
 }
 
@@ -259,7 +306,13 @@ pub fn wait_converged(ring: &Path, target: &Target, disk_id: &str, secs: u64) {
 /// Panic unless files `a` and `b` hold the same bytes; names the first difference.
 pub fn assert_same(a: &Path, b: &Path) {
     let (x, y) = (crate::read(a), crate::read(b));
-    assert_eq!(x.len(), y.len(), "{} and {} differ in size", a.display(), b.display());
+    assert_eq!(
+        x.len(),
+        y.len(),
+        "{} and {} differ in size",
+        a.display(),
+        b.display()
+    );
     if let Some(i) = x.iter().zip(&y).position(|(p, q)| p != q) {
         panic!(
             "{} and {} differ first at byte {i} (block {})",
@@ -271,7 +324,13 @@ pub fn assert_same(a: &Path, b: &Path) {
 }
 
 /// Arguments for `shipper run`.
-pub fn shipper_args(ring: &Path, disk: &Path, target: &str, disk_id: &str, tls: &Path) -> Vec<String> {
+pub fn shipper_args(
+    ring: &Path,
+    disk: &Path,
+    target: &str,
+    disk_id: &str,
+    tls: &Path,
+) -> Vec<String> {
     vec![
         "run".into(),
         "--ring".into(),

@@ -264,6 +264,26 @@ impl Link {
         }
     }
 
+    /// After a final frame (an error): send what is queued and close_notify,
+    /// shut down our direction, and read (discarding) until the peer closes
+    /// or `timeout` passes, so the peer reads the final frame instead of a
+    /// connection reset.
+    pub fn linger_close(&mut self, timeout: Duration) {
+        self.tls.send_close_notify();
+        let deadline = Instant::now() + timeout;
+        let _ = self.flush(timeout);
+        let _ = self.sock.shutdown(std::net::Shutdown::Write);
+        while !self.eof && Instant::now() < deadline {
+            if self.pump().is_err() {
+                break;
+            }
+            self.inbuf.clear();
+            self.start = 0;
+            let _ = self.wait(Duration::from_millis(50));
+        }
+        let _ = self.sock.shutdown(std::net::Shutdown::Both);
+    }
+
     /// Send TLS close_notify and close the socket, best effort.
     pub fn close(mut self) {
         self.tls.send_close_notify();

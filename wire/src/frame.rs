@@ -13,12 +13,12 @@ pub const FRAME_HEADER_LEN: usize = 24;
 pub const PROTOCOL_VERSION: u16 = 1;
 /// Oldest protocol version this code speaks.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
-/// Largest body of any frame: a batch of up to 32 MiB of plain records
-/// (stored uncompressed) plus its header. Anything larger is rejected
-/// before a byte of it is buffered.
-pub const MAX_BODY: u32 = (32 << 20) + 4096;
-/// Largest plain (decoded) size of a batch's records.
-pub const MAX_PLAIN: u32 = 32 << 20;
+/// Largest plain (decoded) size of a batch's records: one record of the
+/// ring's largest payload (64 MiB) with its header fits.
+pub const MAX_PLAIN: u32 = (64 << 20) + 4096;
+/// Largest body of any frame: a batch of MAX_PLAIN bytes sent stored, plus
+/// its header. Anything larger is rejected before a byte of it is buffered.
+pub const MAX_BODY: u32 = MAX_PLAIN + 4096;
 /// Longest error message carried.
 pub const MAX_MESSAGE: usize = 4096;
 /// The block size a replica is addressed in (hello field).
