@@ -178,7 +178,7 @@ fn converges_into_nbdkit_backends() {
         } else {
             nk.arg("file").arg(format!("file={}", backing.display()));
         }
-        let mut nbdkit = nk.spawn().unwrap();
+        let _nbdkit = KillOnDrop(nk.spawn().unwrap());
         let backend = format!("{DISK}=nbd://127.0.0.1:{port}/rep");
         std::thread::sleep(Duration::from_millis(300));
         let Some(s) = setup(&["--backend", &backend]) else {
@@ -202,8 +202,16 @@ fn converges_into_nbdkit_backends() {
             !s.target.replica(DISK).exists(),
             "an NBD-backed replica keeps no file"
         );
-        let _ = nbdkit.kill();
-        let _ = nbdkit.wait();
+    }
+}
+
+/// A child process killed and reaped when dropped.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
@@ -353,7 +361,7 @@ fn pump(mut from: TcpStream, mut to: TcpStream, mode: &AtomicU8, to_target: bool
                 return;
             }
             FLIP if to_target && n > 100 => {
-                let i = rng.range(0, n as u64) as usize;
+                let i = usize::try_from(rng.range(0, n as u64)).unwrap();
                 buf[i] ^= 0x10;
                 mode.store(PASS, Ordering::SeqCst);
             }
