@@ -8,6 +8,14 @@ use wire::{RecordKind, WireRecord};
 
 use crate::error::{Error, Result};
 
+/// Bytes of a large batch compressed first to see whether it compresses.
+const SAMPLE: usize = 64 << 10;
+
+/// `packed` bytes are at least 3% fewer than `plain`.
+fn shrinks(packed: usize, plain: usize) -> bool {
+    packed < plain - plain / 32
+}
+
 /// Reusable buffers and compressor for building batches.
 pub struct Encoder {
     plain: Vec<u8>,
@@ -95,9 +103,18 @@ impl Encoder {
             let bound = zstd::zstd_safe::compress_bound(self.plain.len());
             self.packed.clear();
             self.packed.reserve(bound);
-            if let Ok(n) = z.compress_to_buffer(&self.plain, &mut self.packed) {
-                if n < self.plain.len() - self.plain.len() / 32 {
-                    codec = Codec::Zstd;
+            // A large batch of data that does not compress (random,
+            // encrypted, already compressed) is recognised from a sample,
+            // so it does not cost a full zstd pass.
+            let worth_it = self.plain.len() < 4 * SAMPLE
+                || z.compress_to_buffer(&self.plain[..SAMPLE], &mut self.packed)
+                    .is_ok_and(|n| shrinks(n, SAMPLE));
+            self.packed.clear();
+            if worth_it {
+                if let Ok(n) = z.compress_to_buffer(&self.plain, &mut self.packed) {
+                    if shrinks(n, self.plain.len()) {
+                        codec = Codec::Zstd;
+                    }
                 }
             }
         }
@@ -118,5 +135,96 @@ impl Encoder {
             payload,
             first_time_ns: first_time,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wire::RecordIter;
+
+    fn ring_batch(data: &[u8]) -> (tempfile::TempDir, Batch) {
+        let d = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let disk = ring::DiskIdentity {
+            size: 64 << 20,
+            fingerprint: [1, 2],
+            path: "disk".into(),
+        };
+        let opts = ring::CreateOptions {
+            capacity: 16 << 20,
+            granularity: 65536,
+            disk_holds_data: false,
+        };
+        let (p, _) = ring::Producer::open_or_create(
+            &d.path().join("r"),
+            &opts,
+            &disk,
+            ring::FullPolicy::Bitmap,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        for (i, chunk) in data.chunks(65536).enumerate() {
+            p.append(ring::Change::Write {
+                offset: i as u64 * 65536,
+                data: chunk,
+            })
+            .unwrap_or_else(|e| panic!("{e}"));
+        }
+        let mut c = ring::Consumer::open(&d.path().join("r")).unwrap_or_else(|e| panic!("{e}"));
+        let mut b = Batch::new();
+        c.read(1 << 16, 64 << 20, &mut b)
+            .unwrap_or_else(|e| panic!("{e}"));
+        (d, b)
+    }
+
+    fn decode(built: &Built<'_>) -> Vec<u8> {
+        match built.header.codec {
+            Codec::Stored => built.payload.to_vec(),
+            Codec::Zstd => zstd::bulk::decompress(built.payload, built.header.plain_len as usize)
+                .unwrap_or_else(|e| panic!("{e}")),
+        }
+    }
+
+    #[test]
+    fn compressible_batches_shrink_random_ones_go_stored_and_both_round_trip() {
+        let text: Vec<u8> = (0..(1 << 20))
+            .map(|i| b"blockship replicates "[i % 21])
+            .collect();
+        let mut random = vec![0u8; 1 << 20];
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for b in random.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x.to_le_bytes()[0];
+        }
+        for (data, want) in [(&text, Codec::Zstd), (&random, Codec::Stored)] {
+            let (_d, batch) = ring_batch(data);
+            let mut e = Encoder::new(1).unwrap_or_else(|e| panic!("{e}"));
+            let built = e
+                .build(&batch, 0)
+                .unwrap_or_else(|e| panic!("{e}"))
+                .unwrap_or_else(|| panic!("empty"));
+            assert_eq!(built.header.codec, want);
+            let plain = decode(&built);
+            built
+                .header
+                .check_plain(&plain)
+                .unwrap_or_else(|e| panic!("{e}"));
+            let mut got = Vec::new();
+            for r in RecordIter::new(built.header, &plain) {
+                got.extend_from_slice(r.unwrap_or_else(|e| panic!("{e}")).payload);
+            }
+            assert_eq!(&got, data);
+            // Records at or below the applied sequence are not sent again.
+            let built = e
+                .build(&batch, 10)
+                .unwrap_or_else(|e| panic!("{e}"))
+                .unwrap_or_else(|| panic!("empty"));
+            assert_eq!(built.header.first_seq, 11);
+            assert!(e
+                .build(&batch, 16)
+                .unwrap_or_else(|e| panic!("{e}"))
+                .is_none());
+        }
     }
 }
