@@ -616,3 +616,138 @@ fn refuses_wrong_ca_expired_certificate_other_disk_and_plain_tcp() {
     assert!(!s.target.data_dir.join(DISK).exists());
     drop(sp);
 }
+
+/// An HTTP GET of `path` on `addr`, returning the body.
+fn http_get(addr: &str, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out.split("\r\n\r\n").nth(1).unwrap_or("").to_string()
+}
+
+fn metrics_addr(log: &str) -> String {
+    let l = log.lines().find(|l| l.contains("Prometheus metrics on http://")).unwrap();
+    l.split("http://").nth(1).unwrap().trim_end_matches("/metrics").trim().to_string()
+}
+
+#[test]
+fn one_target_serves_two_disks_from_two_shippers_with_status_and_metrics() {
+    if !have_tool("nbdcopy") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::init(&dir.path().join("pki"));
+    let shp = pki.issue("host-a", &["db", "logs"], &dir.path().join("shp"), 30);
+    let target = Target::start(dir.path(), &pki.target_tls(), &["--metrics", "127.0.0.1:0"]);
+    let mut splitters = Vec::new();
+    for (i, id) in ["db", "logs"].iter().enumerate() {
+        let sub = dir.path().join(id);
+        std::fs::create_dir(&sub).unwrap();
+        let disk = sub.join("disk.img");
+        let ring = sub.join("disk.ring");
+        make_disk(&disk, 32 * MIB);
+        let sp = Splitter::start(&sub, &disk, &[
+            "--ring", ring.to_str().unwrap(), "--ring-size", "64M",
+            "--ship-to", &target.addr, "--disk-id", id, "--tls", shp.to_str().unwrap(),
+            "--metrics", "127.0.0.1:0",
+        ]);
+        let mut c = sp.client();
+        let mut buf = vec![0u8; 1 << 20];
+        for k in 0..8u64 {
+            blockship::pattern(&mut buf, k * 10 + i as u64);
+            c.write(k * 3 * MIB, &buf, false).unwrap();
+        }
+        c.trim(MIB, 65536).unwrap();
+        c.flush().unwrap();
+        splitters.push((sp, disk, ring, id.to_string()));
+    }
+    for (sp, disk, ring, id) in &splitters {
+        wait_converged(ring, &target, id, 60);
+        assert_same(disk, &target.replica(id));
+        let copy = dir.path().join(format!("{id}.copy"));
+        run(Command::new("nbdcopy").arg(format!("nbd://{}/{id}", target.nbd_addr)).arg(&copy));
+        assert_same(disk, &copy);
+        let m = http_get(&metrics_addr(&sp.log_text()), "/metrics");
+        assert!(m.contains("blockship_shipper_acked_seq{disk=\""), "{m}");
+        assert!(m.contains("blockship_ring_records_waiting"), "{m}");
+    }
+    let st = target.status();
+    let disks = st["disks"].as_array().unwrap();
+    assert_eq!(disks.len(), 2, "{st}");
+    for d in disks {
+        assert_eq!(d["consistent"], true, "{d}");
+        assert_eq!(d["connection"], "connected", "{d}");
+        assert!(d["bytes_before_compression"].as_u64().unwrap() > 8 * MIB, "{d}");
+    }
+    let m = http_get(&metrics_addr(&target.proc.log_text()), "/metrics");
+    assert!(m.contains("blockship_target_applied_seq{disk=\"db\"}"), "{m}");
+    assert!(m.contains("blockship_target_applied_seq{disk=\"logs\"}"), "{m}");
+    assert!(m.contains("blockship_target_rpo_lag_seconds"), "{m}");
+    let text = run(Command::new(blockship::bin("nbd-target")).args(["status", "--data-dir"]).arg(&target.data_dir));
+    let text = String::from_utf8_lossy(&text.stdout).to_string();
+    assert!(text.contains("disk db") && text.contains("disk logs") && text.contains("consistent:     yes"), "{text}");
+}
+
+#[test]
+fn a_disk_holding_data_before_its_ring_is_marked_not_consistent() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    make_disk(&disk, 16 * MIB);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&disk)
+        .unwrap()
+        .write_all(&[1u8; 65536])
+        .unwrap();
+    let pki = Pki::init(&dir.path().join("pki"));
+    let shp = pki.issue("s", &[DISK], &dir.path().join("shp"), 30);
+    let target = Target::start(dir.path(), &pki.target_tls(), &[]);
+    let ring = dir.path().join("disk.ring");
+    let sp = Splitter::start(dir.path(), &disk, &[
+        "--ring", ring.to_str().unwrap(), "--ring-size", "16M",
+        "--ship-to", &target.addr, "--disk-id", DISK, "--tls", shp.to_str().unwrap(),
+    ]);
+    let mut c = sp.client();
+    c.write(MIB, &[2u8; 4096], false).unwrap();
+    c.flush().unwrap();
+    wait_converged(&ring, &target, DISK, 30);
+    let st = target.disk_status(DISK).unwrap();
+    assert_eq!(st["consistent"], false, "{st}");
+    assert_eq!(st["inconsistent_reason"], "needs-initial-sync", "{st}");
+    let text = run(Command::new(blockship::bin("nbd-target")).args(["status", "--data-dir"]).arg(&target.data_dir));
+    assert!(String::from_utf8_lossy(&text.stdout).contains("initial sync"));
+}
+
+#[test]
+fn max_rate_limits_the_bandwidth_on_the_wire() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    make_disk(&disk, 32 * MIB);
+    let pki = Pki::init(&dir.path().join("pki"));
+    let shp = pki.issue("s", &[DISK], &dir.path().join("shp"), 30);
+    let target = Target::start(dir.path(), &pki.target_tls(), &[]);
+    let ring = dir.path().join("disk.ring");
+    let sp = Splitter::start(dir.path(), &disk, &[
+        "--ring", ring.to_str().unwrap(), "--ring-size", "64M",
+        "--ship-to", &target.addr, "--disk-id", DISK, "--tls", shp.to_str().unwrap(),
+        "--max-rate", "4M",
+    ]);
+    wait_converged(&ring, &target, DISK, 30);
+    // 12 MiB that does not compress, written at once.
+    let mut c = sp.client();
+    let mut buf = vec![0u8; 1 << 20];
+    let start = Instant::now();
+    for k in 0..12u64 {
+        blockship::pattern(&mut buf, k);
+        c.write(k * MIB, &buf, false).unwrap();
+    }
+    c.flush().unwrap();
+    assert!(start.elapsed() < Duration::from_secs(2), "writes must not wait for the shipper");
+    wait_converged(&ring, &target, DISK, 30);
+    let took = start.elapsed();
+    // The first 4 MiB batch goes at once, the next two a second apart each.
+    assert!(took >= Duration::from_millis(1800), "12 MiB at 4 MiB/s took only {took:?}");
+    assert_same(&disk, &target.replica(DISK));
+}
