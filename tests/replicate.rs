@@ -628,8 +628,16 @@ fn http_get(addr: &str, path: &str) -> String {
 }
 
 fn metrics_addr(log: &str) -> String {
-    let l = log.lines().find(|l| l.contains("Prometheus metrics on http://")).unwrap();
-    l.split("http://").nth(1).unwrap().trim_end_matches("/metrics").trim().to_string()
+    let l = log
+        .lines()
+        .find(|l| l.contains("Prometheus metrics on http://"))
+        .unwrap();
+    l.split("http://")
+        .nth(1)
+        .unwrap()
+        .trim_end_matches("/metrics")
+        .trim()
+        .to_string()
 }
 
 #[test]
@@ -648,11 +656,24 @@ fn one_target_serves_two_disks_from_two_shippers_with_status_and_metrics() {
         let disk = sub.join("disk.img");
         let ring = sub.join("disk.ring");
         make_disk(&disk, 32 * MIB);
-        let sp = Splitter::start(&sub, &disk, &[
-            "--ring", ring.to_str().unwrap(), "--ring-size", "64M",
-            "--ship-to", &target.addr, "--disk-id", id, "--tls", shp.to_str().unwrap(),
-            "--metrics", "127.0.0.1:0",
-        ]);
+        let sp = Splitter::start(
+            &sub,
+            &disk,
+            &[
+                "--ring",
+                ring.to_str().unwrap(),
+                "--ring-size",
+                "64M",
+                "--ship-to",
+                &target.addr,
+                "--disk-id",
+                id,
+                "--tls",
+                shp.to_str().unwrap(),
+                "--metrics",
+                "127.0.0.1:0",
+            ],
+        );
         let mut c = sp.client();
         let mut buf = vec![0u8; 1 << 20];
         for k in 0..8u64 {
@@ -667,7 +688,9 @@ fn one_target_serves_two_disks_from_two_shippers_with_status_and_metrics() {
         wait_converged(ring, &target, id, 60);
         assert_same(disk, &target.replica(id));
         let copy = dir.path().join(format!("{id}.copy"));
-        run(Command::new("nbdcopy").arg(format!("nbd://{}/{id}", target.nbd_addr)).arg(&copy));
+        run(Command::new("nbdcopy")
+            .arg(format!("nbd://{}/{id}", target.nbd_addr))
+            .arg(&copy));
         assert_same(disk, &copy);
         let m = http_get(&metrics_addr(&sp.log_text()), "/metrics");
         assert!(m.contains("blockship_shipper_acked_seq{disk=\""), "{m}");
@@ -679,15 +702,31 @@ fn one_target_serves_two_disks_from_two_shippers_with_status_and_metrics() {
     for d in disks {
         assert_eq!(d["consistent"], true, "{d}");
         assert_eq!(d["connection"], "connected", "{d}");
-        assert!(d["bytes_before_compression"].as_u64().unwrap() > 8 * MIB, "{d}");
+        assert!(
+            d["bytes_before_compression"].as_u64().unwrap() > 8 * MIB,
+            "{d}"
+        );
     }
     let m = http_get(&metrics_addr(&target.proc.log_text()), "/metrics");
-    assert!(m.contains("blockship_target_applied_seq{disk=\"db\"}"), "{m}");
-    assert!(m.contains("blockship_target_applied_seq{disk=\"logs\"}"), "{m}");
+    assert!(
+        m.contains("blockship_target_applied_seq{disk=\"db\"}"),
+        "{m}"
+    );
+    assert!(
+        m.contains("blockship_target_applied_seq{disk=\"logs\"}"),
+        "{m}"
+    );
     assert!(m.contains("blockship_target_rpo_lag_seconds"), "{m}");
-    let text = run(Command::new(blockship::bin("nbd-target")).args(["status", "--data-dir"]).arg(&target.data_dir));
+    let text = run(Command::new(blockship::bin("nbd-target"))
+        .args(["status", "--data-dir"])
+        .arg(&target.data_dir));
     let text = String::from_utf8_lossy(&text.stdout).to_string();
-    assert!(text.contains("disk db") && text.contains("disk logs") && text.contains("consistent:     yes"), "{text}");
+    assert!(
+        text.contains("disk db")
+            && text.contains("disk logs")
+            && text.contains("consistent:     yes"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -705,10 +744,22 @@ fn a_disk_holding_data_before_its_ring_is_marked_not_consistent() {
     let shp = pki.issue("s", &[DISK], &dir.path().join("shp"), 30);
     let target = Target::start(dir.path(), &pki.target_tls(), &[]);
     let ring = dir.path().join("disk.ring");
-    let sp = Splitter::start(dir.path(), &disk, &[
-        "--ring", ring.to_str().unwrap(), "--ring-size", "16M",
-        "--ship-to", &target.addr, "--disk-id", DISK, "--tls", shp.to_str().unwrap(),
-    ]);
+    let sp = Splitter::start(
+        dir.path(),
+        &disk,
+        &[
+            "--ring",
+            ring.to_str().unwrap(),
+            "--ring-size",
+            "16M",
+            "--ship-to",
+            &target.addr,
+            "--disk-id",
+            DISK,
+            "--tls",
+            shp.to_str().unwrap(),
+        ],
+    );
     let mut c = sp.client();
     c.write(MIB, &[2u8; 4096], false).unwrap();
     c.flush().unwrap();
@@ -716,7 +767,9 @@ fn a_disk_holding_data_before_its_ring_is_marked_not_consistent() {
     let st = target.disk_status(DISK).unwrap();
     assert_eq!(st["consistent"], false, "{st}");
     assert_eq!(st["inconsistent_reason"], "needs-initial-sync", "{st}");
-    let text = run(Command::new(blockship::bin("nbd-target")).args(["status", "--data-dir"]).arg(&target.data_dir));
+    let text = run(Command::new(blockship::bin("nbd-target"))
+        .args(["status", "--data-dir"])
+        .arg(&target.data_dir));
     assert!(String::from_utf8_lossy(&text.stdout).contains("initial sync"));
 }
 
@@ -729,11 +782,24 @@ fn max_rate_limits_the_bandwidth_on_the_wire() {
     let shp = pki.issue("s", &[DISK], &dir.path().join("shp"), 30);
     let target = Target::start(dir.path(), &pki.target_tls(), &[]);
     let ring = dir.path().join("disk.ring");
-    let sp = Splitter::start(dir.path(), &disk, &[
-        "--ring", ring.to_str().unwrap(), "--ring-size", "64M",
-        "--ship-to", &target.addr, "--disk-id", DISK, "--tls", shp.to_str().unwrap(),
-        "--max-rate", "4M",
-    ]);
+    let sp = Splitter::start(
+        dir.path(),
+        &disk,
+        &[
+            "--ring",
+            ring.to_str().unwrap(),
+            "--ring-size",
+            "64M",
+            "--ship-to",
+            &target.addr,
+            "--disk-id",
+            DISK,
+            "--tls",
+            shp.to_str().unwrap(),
+            "--max-rate",
+            "4M",
+        ],
+    );
     wait_converged(&ring, &target, DISK, 30);
     // 12 MiB that does not compress, written at once.
     let mut c = sp.client();
@@ -744,10 +810,16 @@ fn max_rate_limits_the_bandwidth_on_the_wire() {
         c.write(k * MIB, &buf, false).unwrap();
     }
     c.flush().unwrap();
-    assert!(start.elapsed() < Duration::from_secs(2), "writes must not wait for the shipper");
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "writes must not wait for the shipper"
+    );
     wait_converged(&ring, &target, DISK, 30);
     let took = start.elapsed();
     // The first 4 MiB batch goes at once, the next two a second apart each.
-    assert!(took >= Duration::from_millis(1800), "12 MiB at 4 MiB/s took only {took:?}");
+    assert!(
+        took >= Duration::from_millis(1800),
+        "12 MiB at 4 MiB/s took only {took:?}"
+    );
     assert_same(&disk, &target.replica(DISK));
 }
