@@ -730,50 +730,6 @@ fn one_target_serves_two_disks_from_two_shippers_with_status_and_metrics() {
 }
 
 #[test]
-fn a_disk_holding_data_before_its_ring_is_marked_not_consistent() {
-    let dir = tempfile::tempdir().unwrap();
-    let disk = dir.path().join("disk.img");
-    make_disk(&disk, 16 * MIB);
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&disk)
-        .unwrap()
-        .write_all(&[1u8; 65536])
-        .unwrap();
-    let pki = Pki::init(&dir.path().join("pki"));
-    let shp = pki.issue("s", &[DISK], &dir.path().join("shp"), 30);
-    let target = Target::start(dir.path(), &pki.target_tls(), &[]);
-    let ring = dir.path().join("disk.ring");
-    let sp = Splitter::start(
-        dir.path(),
-        &disk,
-        &[
-            "--ring",
-            ring.to_str().unwrap(),
-            "--ring-size",
-            "16M",
-            "--ship-to",
-            &target.addr,
-            "--disk-id",
-            DISK,
-            "--tls",
-            shp.to_str().unwrap(),
-        ],
-    );
-    let mut c = sp.client();
-    c.write(MIB, &[2u8; 4096], false).unwrap();
-    c.flush().unwrap();
-    wait_converged(&ring, &target, DISK, 30);
-    let st = target.disk_status(DISK).unwrap();
-    assert_eq!(st["consistent"], false, "{st}");
-    assert_eq!(st["inconsistent_reason"], "needs-initial-sync", "{st}");
-    let text = run(Command::new(blockship::bin("nbd-target"))
-        .args(["status", "--data-dir"])
-        .arg(&target.data_dir));
-    assert!(String::from_utf8_lossy(&text.stdout).contains("initial sync"));
-}
-
-#[test]
 fn max_rate_limits_the_bandwidth_on_the_wire() {
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("disk.img");

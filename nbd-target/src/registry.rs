@@ -27,6 +27,8 @@ pub struct Live {
     pub peer_name: String,
     /// Durably applied sequence.
     pub applied_seq: u64,
+    /// How far the current full pass got (bytes).
+    pub sync_cursor: u64,
     /// The newest sequence the source has (from heartbeats).
     pub source_head_seq: u64,
     /// Capture time of the source's oldest unacknowledged record (0: none).

@@ -184,15 +184,20 @@ fn run(sock: TcpStream, ctx: &SessionContext) -> Result<(), SessionError> {
             )
         }
     );
+    let st = s.state.state;
+    let mut flags = 0;
+    if st.consistent() {
+        flags |= REPLY_CONSISTENT;
+    }
+    if st.reason.needs_full_pass() {
+        flags |= REPLY_FULL_SYNC;
+    }
     let reply = HelloReply {
         version: PROTOCOL_VERSION.min(hello.max_version),
-        flags: if s.state.state.consistent() {
-            REPLY_CONSISTENT
-        } else {
-            0
-        },
-        applied_seq: s.state.state.applied_seq,
+        flags,
+        applied_seq: st.applied_seq,
         max_body: MAX_BODY,
+        sync_cursor: st.sync_cursor,
     };
     link.send(FrameType::HelloReply, &reply.encode())?;
     let r = s.apply_loop(&mut link, &claim, &ctx.stop);
@@ -217,8 +222,14 @@ struct Session {
     uncommitted_since: Option<Instant>,
     plain: Vec<u8>,
     dec: zstd::bulk::Decompressor<'static>,
-    /// The state changed (consistency) and must be saved at the next commit.
+    /// The state changed (consistency, sync cursor) and must be saved at the next commit.
     dirty_state: bool,
+    /// Batch frames of this connection handled (applied or skipped).
+    batches: u64,
+    /// Batch frames acknowledged.
+    batches_acked: u64,
+    /// The source's flags (HELLO_*) as last reported.
+    source_flags: u32,
 }
 
 impl Session {
@@ -241,6 +252,7 @@ impl Session {
             },
             since_seq: 0,
             updated_ns: now_ns(),
+            sync_cursor: 0,
         };
         let mut state = StateFile::open_or_create(&e.dir.join(STATE_FILE), fresh)
             .map_err(|err| (ErrorCode::ReplicaIo, err.to_string()))?;
@@ -262,6 +274,7 @@ impl Session {
             state.state.ring_id = hello.ring_id;
             state.state.applied_seq = 0;
             state.state.reason = Reason::RingReplaced;
+            state.state.sync_cursor = 0;
             changed = true;
         }
         let applied = state.state.applied_seq;
@@ -275,16 +288,26 @@ impl Session {
                 );
                 state.state.reason = Reason::MissedRecords;
                 state.state.since_seq = hello.tail_seq;
+                state.state.sync_cursor = 0;
                 changed = true;
             }
         }
-        if hello.flags & (HELLO_OVERFLOW | HELLO_NEEDS_VERIFY) != 0 && state.state.consistent() {
+        if hello.flags & HELLO_NEEDS_VERIFY != 0 && !state.state.reason.needs_full_pass() {
             log::warn!(
-                "disk {:?}: the source reports {}: the replica is not consistent until the affected regions are resent",
-                hello.disk_id,
-                if hello.flags & HELLO_OVERFLOW != 0 { "a ring overflow" } else { "records lost at the source" }
+                "disk {:?}: the source lost records (torn ring tail or unclean reboot): a full pass will compare and resend",
+                hello.disk_id
             );
             state.state.reason = Reason::SourceGap;
+            state.state.since_seq = applied;
+            state.state.sync_cursor = 0;
+            changed = true;
+        }
+        if hello.flags & HELLO_OVERFLOW != 0 && state.state.consistent() {
+            log::warn!(
+                "disk {:?}: the source's ring overflowed: the replica is not consistent until the dirty extents are resent",
+                hello.disk_id
+            );
+            state.state.reason = Reason::SourceOverflow;
             state.state.since_seq = applied;
             changed = true;
         }
@@ -309,6 +332,9 @@ impl Session {
             plain: Vec::new(),
             dec,
             dirty_state: false,
+            batches: 0,
+            batches_acked: 0,
+            source_flags: hello.flags,
         })
     }
 
@@ -332,10 +358,10 @@ impl Session {
                     break;
                 }
             }
-            if self.dirty_state && self.pending <= self.state.state.applied_seq {
-                self.commit(link, claim)?;
-            }
-            if self.pending > self.state.state.applied_seq {
+            if self.pending > self.state.state.applied_seq
+                || self.batches > self.batches_acked
+                || self.dirty_state
+            {
                 let old = self
                     .uncommitted_since
                     .is_some_and(|t| t.elapsed() >= COMMIT_AGE);
@@ -381,13 +407,14 @@ impl Session {
             }
             FrameType::Heartbeat => {
                 let hb = Heartbeat::decode(link.body(rx))?;
+                self.source_flags = hb.source_flags;
                 if hb.source_flags & HELLO_OVERFLOW != 0 && self.state.state.consistent() {
                     log::warn!(
                         "disk {:?}: the source's ring overflowed: changes after seq {} are only in its dirty bitmap; the replica is not consistent until they are resent",
                         claim.0.id,
                         self.pending
                     );
-                    self.state.state.reason = Reason::SourceGap;
+                    self.state.state.reason = Reason::SourceOverflow;
                     self.state.state.since_seq = self.pending;
                     self.dirty_state = true;
                 }
@@ -420,14 +447,17 @@ impl Session {
         };
         let h = BatchHeader::decode(body).map_err(proto)?;
         let payload = &body[BATCH_HEADER_LEN..];
+        // Taken out of self while its records are applied (put back at the
+        // end; an error ends the session anyway).
+        let mut buf = std::mem::take(&mut self.plain);
         let plain: &[u8] = match h.codec {
             Codec::Stored => payload,
             Codec::Zstd => {
-                self.plain.clear();
-                self.plain.reserve(h.plain_len as usize);
+                buf.clear();
+                buf.reserve(h.plain_len as usize);
                 let n = self
                     .dec
-                    .decompress_to_buffer(payload, &mut self.plain)
+                    .decompress_to_buffer(payload, &mut buf)
                     .map_err(|e| {
                         (
                             ErrorCode::Protocol,
@@ -437,7 +467,7 @@ impl Session {
                             ),
                         )
                     })?;
-                &self.plain[..n]
+                &buf[..n]
             }
         };
         h.check_plain(plain).map_err(proto)?;
@@ -447,7 +477,9 @@ impl Session {
             if i == 0 {
                 first_gap = r.after_gap;
             }
-            if r.kind != RecordKind::Mark && r.end().is_none_or(|e| e > self.disk_size) {
+            if !matches!(r.kind, RecordKind::Mark | RecordKind::SyncEnd)
+                && r.end().is_none_or(|e| e > self.disk_size)
+            {
                 return Err(proto(WireError::Invalid {
                     what: "record extent",
                     detail: format!(
@@ -457,9 +489,7 @@ impl Session {
                 }));
             }
         }
-        if h.last_seq <= self.pending {
-            return Ok(()); // a replay: already applied
-        }
+        self.batches += 1;
         if h.first_seq > self.pending + 1 && !first_gap {
             return Err((
                 ErrorCode::Sequence,
@@ -474,9 +504,18 @@ impl Session {
         }
         let mut applied_bytes = 0u64;
         for r in RecordIter::new(h, plain).flatten() {
-            if r.seq <= self.pending {
+            if r.kind.is_sync() {
+                // Resync records are never a replay: their data was read from
+                // the source after every ring record before them in the
+                // stream was captured, so applying them here is correct.
+                self.apply_sync(&r, claim)?;
+                applied_bytes += u64::from(r.len);
                 continue;
             }
+            if r.seq <= self.pending {
+                continue; // a replay: already applied
+            }
+            log::trace!("record {} {:?} at {}+{}", r.seq, r.kind, r.offset, r.len);
             if r.seq > self.pending + 1 && self.state.state.consistent() {
                 log::warn!(
                     "disk {:?}: the source skipped from seq {} to {} (records lost at the source); the replica needs those regions resent",
@@ -486,11 +525,16 @@ impl Session {
                 );
                 self.state.state.reason = Reason::SourceGap;
                 self.state.state.since_seq = r.seq;
+                self.state.state.sync_cursor = 0;
+                self.dirty_state = true;
             }
             let res = match r.kind {
                 RecordKind::Write => self.writer.write(r.offset, r.payload),
                 RecordKind::Trim | RecordKind::Zero => self.writer.zero(r.offset, u64::from(r.len)),
-                RecordKind::Mark => Ok(()),
+                RecordKind::Mark
+                | RecordKind::SyncData
+                | RecordKind::SyncZero
+                | RecordKind::SyncEnd => Ok(()),
             };
             res.map_err(|e| {
                 (
@@ -509,19 +553,93 @@ impl Session {
         l.wire_bytes += (body.len() + FRAME_HEADER_LEN) as u64;
         l.plain_bytes += plain.len() as u64;
         l.batches += 1;
+        drop(l);
+        self.plain = buf;
         Ok(())
     }
 
-    /// Make what was applied durable, record the applied sequence, ack it.
-    fn commit(&mut self, link: &mut Link, claim: &Claim) -> Result<(), SessionError> {
-        if self.pending <= self.state.state.applied_seq {
-            if self.dirty_state {
-                self.dirty_state = false;
-                if let Err(e) = self.state.save() {
-                    let m = format!("disk {:?}: {e}", claim.0.id);
-                    return Err(refuse(link, ErrorCode::ReplicaIo, m));
-                }
+    /// Apply one resync record: data or zeroes read from the source, or the
+    /// end of a pass (which may make the replica consistent again).
+    fn apply_sync(
+        &mut self,
+        r: &wire::WireRecord<'_>,
+        claim: &Claim,
+    ) -> Result<(), (ErrorCode, String)> {
+        let io = |e: crate::Error| {
+            (
+                ErrorCode::ReplicaIo,
+                format!(
+                    "disk {:?}: resync at offset {}: {e}; will retry when the shipper reconnects",
+                    claim.0.id, r.offset
+                ),
+            )
+        };
+        log::debug!(
+            "resync {:?} at {}+{} tag {} (applied {})",
+            r.kind,
+            r.offset,
+            r.len,
+            r.seq,
+            self.pending
+        );
+        let st = &mut self.state.state;
+        match r.kind {
+            RecordKind::SyncData => self.writer.write(r.offset, r.payload).map_err(io)?,
+            RecordKind::SyncZero => self.writer.zero(r.offset, u64::from(r.len)).map_err(io)?,
+            _ => {}
+        }
+        let overflowed = self.source_flags & HELLO_OVERFLOW != 0;
+        match r.kind {
+            RecordKind::SyncData | RecordKind::SyncZero
+                if r.full_pass && r.offset == st.sync_cursor =>
+            {
+                st.sync_cursor = r.offset + u64::from(r.len);
+                self.dirty_state = true;
             }
+            RecordKind::SyncEnd if r.offset == wire::records::SYNC_END_FULL_PASS => {
+                if st.sync_cursor >= self.disk_size && st.reason.needs_full_pass() {
+                    // Changes that overflowed during the pass still have to come.
+                    st.reason = if overflowed {
+                        Reason::SourceOverflow
+                    } else {
+                        Reason::None
+                    };
+                    log::info!(
+                        "disk {:?}: full pass complete: {}",
+                        claim.0.id,
+                        st.reason.explain()
+                    );
+                } else if !st.reason.needs_full_pass() {
+                    log::info!("disk {:?}: full pass complete", claim.0.id);
+                } else {
+                    log::warn!(
+                        "disk {:?}: a full pass ended with only {} of {} bytes covered in order; the next one starts over",
+                        claim.0.id, st.sync_cursor, self.disk_size
+                    );
+                }
+                st.sync_cursor = 0;
+                self.dirty_state = true;
+            }
+            RecordKind::SyncEnd if st.reason == Reason::SourceOverflow => {
+                log::info!(
+                    "disk {:?}: the source's dirty extents were resent: the replica is consistent",
+                    claim.0.id
+                );
+                st.reason = Reason::None;
+                self.dirty_state = true;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Make what was applied durable, record the applied sequence and the
+    /// resync progress, and acknowledge both.
+    fn commit(&mut self, link: &mut Link, claim: &Claim) -> Result<(), SessionError> {
+        if self.pending <= self.state.state.applied_seq
+            && self.batches == self.batches_acked
+            && !self.dirty_state
+        {
             return Ok(());
         }
         self.dirty_state = false;
@@ -543,14 +661,17 @@ impl Session {
         }
         self.uncommitted = 0;
         self.uncommitted_since = None;
-        claim.0.live().applied_seq = self.pending;
-        link.send(
-            FrameType::Ack,
-            &Ack {
-                applied_seq: self.pending,
-            }
-            .encode(),
-        )?;
+        self.batches_acked = self.batches;
+        {
+            let mut l = claim.0.live();
+            l.applied_seq = self.pending;
+            l.sync_cursor = self.state.state.sync_cursor;
+        }
+        let ack = Ack {
+            applied_seq: self.pending,
+            batches: self.batches,
+        };
+        link.send(FrameType::Ack, &ack.encode())?;
         Ok(())
     }
 }

@@ -32,7 +32,8 @@ pub const SLOT_LEN: usize = 512;
 //   60   4     reserved (0)
 //   64   8     updated, ns since the Unix epoch
 //   72   8     sequence at which the replica became inconsistent (0: n/a)
-//   80   428   reserved (0)
+//   80   8     full pass cursor: bytes from the start a full pass covered durably
+//   88   420   reserved (0)
 //   508  4     crc32c of bytes 0..508
 
 /// Flag: the replica is a crash-consistent image of the source at the
@@ -51,9 +52,11 @@ pub enum Reason {
     MissedRecords = 2,
     /// The source's ring was recreated: its sequence numbers restarted.
     RingReplaced = 3,
-    /// The source lost records to a torn ring tail or overflowed: the
-    /// affected regions must be resent.
+    /// The source lost changes whose extents are unknown (a torn ring
+    /// tail, a reboot without a clean stop): a full pass is needed.
     SourceGap = 4,
+    /// The source's ring overflowed: its dirty extents must be resent.
+    SourceOverflow = 5,
 }
 
 impl Reason {
@@ -63,6 +66,7 @@ impl Reason {
             2 => Reason::MissedRecords,
             3 => Reason::RingReplaced,
             4 => Reason::SourceGap,
+            5 => Reason::SourceOverflow,
             _ => Reason::None,
         }
     }
@@ -81,9 +85,23 @@ impl Reason {
                 "the source's ring was recreated: changes before it are unknown, a full sync is needed"
             }
             Reason::SourceGap => {
-                "the source lost changes (ring overflow or a torn ring tail): those regions must be resent"
+                "the source lost changes whose extents are unknown (torn ring tail or unclean reboot): a full pass is needed"
+            }
+            Reason::SourceOverflow => {
+                "the source's ring overflowed: the dirty extents are being resent"
             }
         }
+    }
+
+    /// Cured by a full pass over the disk (the others: by a dirty resync).
+    pub fn needs_full_pass(self) -> bool {
+        matches!(
+            self,
+            Reason::NeedsInitialSync
+                | Reason::MissedRecords
+                | Reason::RingReplaced
+                | Reason::SourceGap
+        )
     }
 
     /// Short name for JSON.
@@ -94,6 +112,7 @@ impl Reason {
             Reason::MissedRecords => "missed-records",
             Reason::RingReplaced => "ring-replaced",
             Reason::SourceGap => "source-gap",
+            Reason::SourceOverflow => "source-overflow",
         }
     }
 }
@@ -113,6 +132,8 @@ pub struct ReplicaState {
     pub since_seq: u64,
     /// Last update, ns since the epoch.
     pub updated_ns: u64,
+    /// How far the current full pass got (bytes from the start).
+    pub sync_cursor: u64,
 }
 
 impl ReplicaState {
@@ -139,6 +160,7 @@ impl ReplicaState {
         b[56..60].copy_from_slice(&(self.reason as u32).to_le_bytes());
         b[64..72].copy_from_slice(&self.updated_ns.to_le_bytes());
         b[72..80].copy_from_slice(&self.since_seq.to_le_bytes());
+        b[80..88].copy_from_slice(&self.sync_cursor.to_le_bytes());
         let crc = crc32c::crc32c(&b[..508]);
         b[508..512].copy_from_slice(&crc.to_le_bytes());
         b
@@ -176,6 +198,7 @@ impl ReplicaState {
                 reason,
                 since_seq: u64_at(72),
                 updated_ns: u64_at(64),
+                sync_cursor: u64_at(80),
             },
         ))
     }
@@ -287,6 +310,7 @@ mod tests {
             reason: Reason::None,
             since_seq: 0,
             updated_ns: 5,
+            sync_cursor: 0,
         }
     }
 

@@ -68,6 +68,8 @@ pub fn collect(data_dir: &Path) -> crate::error::Result<Value> {
             "inconsistent_reason": st.map_or("none", |s| s.reason.name()),
             "inconsistent_explanation": st.filter(|s| !s.consistent()).map(|s| s.reason.explain()),
             "updated_ns": st.map_or(0, |s| s.updated_ns),
+            "full_pass_needed": st.is_some_and(|s| s.reason.needs_full_pass()),
+            "full_pass_cursor": st.map_or(0, |s| s.sync_cursor),
             "connection": if connected { "connected" } else if fresh { "waiting for the shipper" } else { "target not running" },
             "peer": live.as_ref().map(|l| l["peer"].clone()),
             "peer_name": live.as_ref().map(|l| l["peer_name"].clone()),

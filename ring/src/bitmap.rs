@@ -37,6 +37,11 @@ pub(crate) fn mark(rf: &RingFile, offset: u64, len: u64) -> u64 {
     let Some((first, last)) = bit_range(rf, offset, len) else {
         return 0;
     };
+    // Counted before the bits are set: a resync that clears bits and then
+    // sees the count unchanged knows no mark raced its clear.
+    rf.shm
+        .atomic(crate::format::live::DIRTY_MARKS)
+        .fetch_add(1, Ordering::SeqCst);
     let mut newly = 0;
     let mut bit = first;
     while bit <= last {
@@ -51,7 +56,7 @@ pub(crate) fn mark(rf: &RingFile, offset: u64, len: u64) -> u64 {
         let old = rf
             .shm
             .atomic(word_offset(rf, word))
-            .fetch_or(mask, Ordering::AcqRel);
+            .fetch_or(mask, Ordering::SeqCst);
         newly += u64::from((mask & !old).count_ones());
         bit = word * 64 + hi + 1;
     }
@@ -74,7 +79,7 @@ pub(crate) fn clear(rf: &RingFile, offset: u64, len: u64) {
         let mask = !(1u64 << (bit % 64));
         rf.shm
             .atomic(word_offset(rf, bit / 64))
-            .fetch_and(mask, Ordering::AcqRel);
+            .fetch_and(mask, Ordering::SeqCst);
     }
 }
 

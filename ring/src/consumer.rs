@@ -373,8 +373,63 @@ impl Consumer {
     }
 
     /// Clear dirty extents once the receiver holds them durably (resync).
+    /// Prefer [`Consumer::clear_resent`], which handles marks racing the clear.
     pub fn clear_dirty(&self, offset: u64, len: u64) {
         bitmap::clear(&self.rf, offset, len);
+    }
+
+    /// How many times the dirty bitmap was marked (cumulative). Read it
+    /// before reading the disk for a resync.
+    pub fn dirty_marks(&self) -> u64 {
+        self.rf
+            .shm
+            .atomic(live::DIRTY_MARKS)
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The receiver holds `extents` durably, as read from the disk after
+    /// [`Consumer::dirty_marks`] returned `marks_before`: clear their bits,
+    /// unless a mark may have raced (then they stay dirty and are resent).
+    /// Returns whether they were cleared.
+    pub fn clear_resent(&self, extents: &[Extent], marks_before: u64) -> bool {
+        if self.dirty_marks() != marks_before {
+            return false;
+        }
+        for e in extents {
+            bitmap::clear(&self.rf, e.offset, e.len);
+        }
+        if self.dirty_marks() != marks_before {
+            // A change was marked between our check and our clear: its bit
+            // may be one we just cleared.
+            for e in extents {
+                bitmap::mark(&self.rf, e.offset, e.len);
+            }
+            return false;
+        }
+        true
+    }
+
+    /// Bytes of the disk marked dirty.
+    pub fn dirty_bytes(&self) -> u64 {
+        bitmap::dirty_bytes(&self.rf)
+    }
+
+    /// Set state flags (`format::STATE_*`).
+    pub fn set_state(&self, bits: u64) {
+        self.rf.set_bits(live::STATE, bits);
+    }
+
+    /// Clear state flags (`format::STATE_*`) once what they stand for is
+    /// resolved (the replica received the dirty extents, the initial sync
+    /// ended).
+    pub fn clear_state(&self, bits: u64) {
+        self.rf
+            .shm
+            .atomic(live::STATE)
+            .fetch_and(!bits, std::sync::atomic::Ordering::SeqCst);
+        if bits & STATE_OVERFLOW != 0 {
+            self.rf.set(live::OVERFLOW_SINCE, 0);
+        }
     }
 }
 

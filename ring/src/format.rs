@@ -81,6 +81,7 @@ pub(crate) mod hdr {
 //   1024  producer_pid  informational
 //   1088  records_lost  records cut from a torn tail at recovery (cumulative)
 //   1152  boot_id       16 bytes: /proc/sys/kernel/random/boot_id of the producer's boot
+//   1280  dirty_marks   times the dirty bitmap was marked, cumulative (counted before the bits are set)
 // and on page 1 (the consumer's page):
 //   4096  tail          consumer: position of the first unreleased record
 //   4160  tail_seq      consumer: sequence of the first unreleased record
@@ -114,6 +115,7 @@ pub(crate) mod live {
     pub const PRODUCER_PID: usize = 1024;
     pub const RECORDS_LOST: usize = 1088;
     pub const BOOT_ID: usize = 1152;
+    pub const DIRTY_MARKS: usize = 1280;
 }
 
 // Format: in-flight table (after the bitmap). Entries of two little-endian

@@ -84,6 +84,7 @@ impl Encoder {
                 // The first record sent after a skip may follow a gap only
                 // if the ring says so; the target checks against its applied seq.
                 after_gap: r.after_gap,
+                full_pass: false,
                 time_ns: r.time_ns,
                 payload: r.payload,
             }
@@ -94,6 +95,24 @@ impl Encoder {
         if count == 0 {
             return Ok(None);
         }
+        self.finish(first, last, count, first_time).map(Some)
+    }
+
+    /// The plain-records buffer, cleared, for a caller that encodes its own
+    /// records (the resync) before [`Encoder::finish`].
+    pub fn plain_mut(&mut self) -> &mut Vec<u8> {
+        self.plain.clear();
+        &mut self.plain
+    }
+
+    /// Compress the plain records (when worth it) and make the batch header.
+    pub fn finish(
+        &mut self,
+        first: u64,
+        last: u64,
+        count: u32,
+        first_time: u64,
+    ) -> Result<Built<'_>> {
         // The batch reader bounds plain bytes well below 4 GiB.
         let plain_len = u32::try_from(self.plain.len())
             .map_err(|_| Error::Invalid("batch larger than 4 GiB".into()))?;
@@ -123,7 +142,7 @@ impl Encoder {
         } else {
             &self.plain
         };
-        Ok(Some(Built {
+        Ok(Built {
             header: BatchHeader {
                 first_seq: first,
                 last_seq: last,
@@ -134,7 +153,7 @@ impl Encoder {
             },
             payload,
             first_time_ns: first_time,
-        }))
+        })
     }
 }
 

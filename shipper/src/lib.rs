@@ -20,6 +20,7 @@
 //! - [`Shipper`] (`ship.rs`): configuration, the reconnect loop, the stop flag.
 //! - `session.rs`: one connection: hello, the send/ack loop, heartbeats.
 //! - `batch.rs`: a ring batch into a wire batch (encode, compress).
+//! - [`resync`]: full passes and dirty-extent resends, in the ordered stream.
 //! - `pace.rs`: the `--max-rate` limiter.
 //! - [`cli`]: the shipping flags both binaries take.
 //! - [`stats`]: counters, the ring's published progress, Prometheus text.
@@ -28,6 +29,7 @@ mod batch;
 pub mod cli;
 mod error;
 mod pace;
+pub mod resync;
 mod session;
 mod ship;
 pub mod stats;

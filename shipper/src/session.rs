@@ -26,9 +26,10 @@ const PUBLISH_EVERY: Duration = Duration::from_millis(100);
 const MAX_RECORDS: usize = 1 << 16;
 
 struct InFlight {
-    last_seq: u64,
     plain: u64,
     first_time_ns: u64,
+    /// Batch number in this connection.
+    batch: u64,
 }
 
 fn link_err(sh: &Shipper) -> impl Fn(LinkError) -> Error + '_ {
@@ -157,6 +158,12 @@ pub(crate) fn run(sh: &mut Shipper) -> Result<()> {
         if reply.flags & REPLY_CONSISTENT == 0 { " (not consistent yet)" } else { "" },
         (applied + 1).max(sh.consumer.next_seq())
     );
+    if let Some(r) = &mut sh.resync {
+        r.start(&reply, &sh.consumer, &sh.stats);
+    } else if reply.flags & REPLY_FULL_SYNC != 0 || sh.consumer.dirty_bytes() > 0 {
+        log::warn!("the replica needs a resync, but this shipper was not given the disk (--disk) to read it from");
+    }
+    let mut batches_sent = 0u64;
     let mut inflight: VecDeque<InFlight> = VecDeque::new();
     let mut inflight_bytes = 0u64;
     let mut pacer = Pacer::new(sh.cfg.max_rate);
@@ -184,15 +191,15 @@ pub(crate) fn run(sh: &mut Shipper) -> Result<()> {
             match rx.header.ftype {
                 FrameType::Ack => {
                     let a = Ack::decode(link.body(&rx)).map_err(|e| lerr(LinkError::Wire(e)))?;
-                    while inflight
-                        .front()
-                        .is_some_and(|f| f.last_seq <= a.applied_seq)
-                    {
+                    while inflight.front().is_some_and(|f| f.batch <= a.batches) {
                         if let Some(f) = inflight.pop_front() {
                             inflight_bytes -= f.plain;
                         }
                     }
                     sh.consumer.release(a.applied_seq)?;
+                    if let Some(r) = &mut sh.resync {
+                        r.acked(a.batches, &sh.consumer);
+                    }
                     sh.stats
                         .acked_seq
                         .fetch_max(a.applied_seq, Ordering::Relaxed);
@@ -230,9 +237,17 @@ pub(crate) fn run(sh: &mut Shipper) -> Result<()> {
             {
                 break;
             }
-            let n = sh
-                .consumer
-                .read(MAX_RECORDS, sh.cfg.batch_bytes, &mut sh.batch)?;
+            // Not past the tag of a resync batch waiting to go in between.
+            let limit = match sh.resync.as_ref().and_then(|r| r.ready_tag()) {
+                Some(t) => usize::try_from(t.saturating_sub(sh.consumer.next_seq()))
+                    .unwrap_or(MAX_RECORDS)
+                    .min(MAX_RECORDS),
+                None => MAX_RECORDS,
+            };
+            if limit == 0 {
+                break;
+            }
+            let n = sh.consumer.read(limit, sh.cfg.batch_bytes, &mut sh.batch)?;
             if n == 0 {
                 break;
             }
@@ -248,10 +263,11 @@ pub(crate) fn run(sh: &mut Shipper) -> Result<()> {
             let plain = u64::from(b.header.plain_len);
             link.send_parts(FrameType::Batch, &[&hdr, b.payload])
                 .map_err(|e| lerr(LinkError::Io(e)))?;
+            batches_sent += 1;
             inflight.push_back(InFlight {
-                last_seq: b.header.last_seq,
                 plain,
                 first_time_ns: b.first_time_ns,
+                batch: batches_sent,
             });
             inflight_bytes += plain;
             pacer.sent(frame_len);
@@ -263,8 +279,45 @@ pub(crate) fn run(sh: &mut Shipper) -> Result<()> {
             sh.stats.batches.fetch_add(1, Ordering::Relaxed);
             link.pump().map_err(&lerr)?;
         }
+        // A prepared resync batch enters the stream once every ring record
+        // below its tag was sent; then the next one is prepared.
+        if let Some(r) = &mut sh.resync {
+            let ready = r.ready_tag().is_some_and(|t| sh.consumer.next_seq() >= t);
+            if ready && inflight_bytes < sh.cfg.window_bytes && pacer.wait().is_zero() {
+                let plain = sh.encoder.plain_mut();
+                if let Some(sb) = r.take_ready(plain, batches_sent + 1) {
+                    let b = sh
+                        .encoder
+                        .finish(sb.seq, sb.seq, sb.count, ring::wall_clock_ns())?;
+                    hdr.copy_from_slice(&b.header.encode());
+                    let frame_len = (FRAME_HEADER_LEN + BATCH_HEADER_LEN + b.payload.len()) as u64;
+                    let plain = u64::from(b.header.plain_len);
+                    link.send_parts(FrameType::Batch, &[&hdr, b.payload])
+                        .map_err(|e| lerr(LinkError::Io(e)))?;
+                    batches_sent += 1;
+                    // Resync batches hold no ring records: in flight by bytes
+                    // only, acknowledged by batch count.
+                    inflight.push_back(InFlight {
+                        plain,
+                        first_time_ns: 0,
+                        batch: batches_sent,
+                    });
+                    inflight_bytes += plain;
+                    pacer.sent(frame_len);
+                    sh.stats.wire_bytes.fetch_add(frame_len, Ordering::Relaxed);
+                    sh.stats.batches.fetch_add(1, Ordering::Relaxed);
+                    link.pump().map_err(&lerr)?;
+                }
+            }
+            if drain_deadline.is_none()
+                && inflight_bytes < sh.cfg.window_bytes
+                && r.has_work(&sh.consumer)
+            {
+                r.prepare(&sh.consumer, sh.cfg.batch_bytes as u64, &sh.stats)?;
+            }
+        }
         // Progress, lag, heartbeats.
-        let oldest = match inflight.front() {
+        let oldest = match inflight.iter().find(|f| f.first_time_ns != 0) {
             Some(f) => f.first_time_ns,
             None if sh.consumer.unread_bytes() == 0 => 0,
             None => sh.stats.oldest_pending_ns.load(Ordering::Relaxed).max(1),

@@ -69,6 +69,7 @@ pub struct Shipper {
     pub(crate) stop: Arc<AtomicBool>,
     pub(crate) encoder: Encoder,
     pub(crate) batch: Batch,
+    pub(crate) resync: Option<crate::resync::Resync>,
 }
 
 impl std::fmt::Debug for Shipper {
@@ -122,6 +123,10 @@ impl Shipper {
             consumer.check_disk(&id)?;
         }
         let encoder = Encoder::new(cfg.zstd_level)?;
+        let resync = match &cfg.disk {
+            Some(d) => Some(crate::resync::Resync::open(d, consumer.disk_size())?),
+            None => None,
+        };
         Ok(Shipper {
             cfg,
             consumer,
@@ -131,6 +136,7 @@ impl Shipper {
             stop: Arc::new(AtomicBool::new(false)),
             encoder,
             batch: Batch::new(),
+            resync,
         })
     }
 

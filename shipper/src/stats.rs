@@ -33,6 +33,16 @@ pub struct Stats {
     pub records_waiting: AtomicU64,
     /// Ring bytes not yet released.
     pub bytes_waiting: AtomicU64,
+    /// Disk bytes a running full pass covers (0: none runs).
+    pub sync_full_total: AtomicU64,
+    /// Disk bytes the full pass has sent.
+    pub sync_full_done: AtomicU64,
+    /// Dirty bytes queued for resending, cumulative.
+    pub sync_dirty_total: AtomicU64,
+    /// Dirty bytes resent, cumulative.
+    pub sync_dirty_done: AtomicU64,
+    /// Disk bytes sent as zero extents (holes, zeroes), cumulative.
+    pub sync_zero_bytes: AtomicU64,
     /// The last error, for status.
     pub last_error: Mutex<String>,
 }

@@ -358,12 +358,17 @@ impl Hello {
 //   4    4     flags (REPLY_*)
 //   8    8     applied sequence: every record up to it is durable in the replica (0: none)
 //   16   4     largest frame body the target accepts
-//   20   12    reserved (0)
+//   20   4     reserved (0)
+//   24   8     full pass cursor: bytes from the start of the disk a full pass has covered durably
+
 const HELLO_REPLY_LEN: usize = 32;
 
 /// Reply flag: the replica is consistent (a crash-consistent image of the
 /// source at the applied sequence).
 pub const REPLY_CONSISTENT: u32 = 1 << 0;
+/// Reply flag: the replica needs a full pass over the disk (it was never
+/// complete, or its history is unknown); resume it at the cursor.
+pub const REPLY_FULL_SYNC: u32 = 1 << 1;
 
 /// The target's answer to a hello.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -376,6 +381,8 @@ pub struct HelloReply {
     pub applied_seq: u64,
     /// Largest frame body accepted.
     pub max_body: u32,
+    /// How far a full pass got (bytes from the start of the disk).
+    pub sync_cursor: u64,
 }
 
 impl HelloReply {
@@ -386,6 +393,7 @@ impl HelloReply {
         b[4..8].copy_from_slice(&self.flags.to_le_bytes());
         b[8..16].copy_from_slice(&self.applied_seq.to_le_bytes());
         b[16..20].copy_from_slice(&self.max_body.to_le_bytes());
+        b[24..32].copy_from_slice(&self.sync_cursor.to_le_bytes());
         b
     }
 
@@ -397,8 +405,9 @@ impl HelloReply {
             flags: le32(b, 4),
             applied_seq: le64(b, 8),
             max_body: le32(b, 16),
+            sync_cursor: le64(b, 24),
         };
-        if r.flags & !REPLY_CONSISTENT != 0 {
+        if r.flags & !(REPLY_CONSISTENT | REPLY_FULL_SYNC) != 0 {
             return Err(WireError::invalid(
                 "HELLO_REPLY flags",
                 format!("{:#x}", r.flags),
@@ -547,14 +556,18 @@ impl BatchHeader {
 
 // Format: ACK body (target → shipper), 16 bytes
 //   0    8     applied sequence, durable in the replica
-//   8    8     reserved (0)
+//   8    8     BATCH frames of this connection applied durably (resync
+//              batches take no sequence numbers: this says which are durable)
 const ACK_LEN: usize = 16;
 
-/// Everything up to `applied_seq` is durable at the target.
+/// Everything up to `applied_seq`, and the first `batches` batches of the
+/// connection, are durable at the target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ack {
     /// Durably applied sequence.
     pub applied_seq: u64,
+    /// Batches of this connection durably applied.
+    pub batches: u64,
 }
 
 impl Ack {
@@ -562,6 +575,7 @@ impl Ack {
     pub fn encode(&self) -> [u8; ACK_LEN] {
         let mut b = [0u8; ACK_LEN];
         b[0..8].copy_from_slice(&self.applied_seq.to_le_bytes());
+        b[8..16].copy_from_slice(&self.batches.to_le_bytes());
         b
     }
 
@@ -570,6 +584,7 @@ impl Ack {
         exact("ACK", b, ACK_LEN)?;
         Ok(Ack {
             applied_seq: le64(b, 0),
+            batches: le64(b, 8),
         })
     }
 }

@@ -13,8 +13,10 @@ use crate::frame::{le32, le64, BatchHeader};
 //   0    8     sequence
 //   8    8     disk offset (MARK: 0)
 //   16   4     disk bytes covered (MARK: name length)
-//   20   1     kind: 1 WRITE, 2 TRIM, 3 ZERO, 4 MARK
-//   21   1     flags: bit 0 AFTER_GAP (the sequence may jump here)
+//   20   1     kind: 1 WRITE, 2 TRIM, 3 ZERO, 4 MARK (ring records);
+//                    5 SYNC_DATA, 6 SYNC_ZERO, 7 SYNC_END (resync records)
+//   21   1     flags: bit 0 AFTER_GAP (ring records: the sequence may jump here),
+//                     bit 1 FULL_PASS (SYNC_DATA/SYNC_ZERO: part of a full pass)
 //   22   2     reserved (0)
 //   24   8     capture time, ns since the Unix epoch
 //   32   4     payload length (WRITE: = disk bytes; MARK: name length; else 0)
@@ -24,6 +26,13 @@ use crate::frame::{le32, le64, BatchHeader};
 pub const RECORD_HEADER_LEN: usize = 40;
 /// Record flag: the sequence may jump to this record (records lost to a torn tail).
 pub const RECORD_AFTER_GAP: u8 = 1;
+/// Record flag: a SYNC_DATA or SYNC_ZERO of a full pass over the disk, sent
+/// in offset order; the target counts how far the pass got.
+pub const RECORD_FULL_PASS: u8 = 2;
+/// SYNC_END offset value: a full pass over the disk ended.
+pub const SYNC_END_FULL_PASS: u64 = 1;
+/// SYNC_END offset value: every extent of the source's dirty bitmap was resent.
+pub const SYNC_END_DIRTY: u64 = 2;
 /// Longest MARK name.
 pub const MAX_MARK_NAME: u32 = 4096;
 
@@ -39,6 +48,23 @@ pub enum RecordKind {
     Zero = 3,
     /// A named point in the stream; changes nothing.
     Mark = 4,
+    /// Resync: source data read at this position of the stream (its `seq`
+    /// is the sequence of the next ring record; it does not take one).
+    SyncData = 5,
+    /// Resync: an extent of the source that reads as zeroes.
+    SyncZero = 6,
+    /// Resync: a pass ended (`offset`: SYNC_END_FULL_PASS or SYNC_END_DIRTY).
+    SyncEnd = 7,
+}
+
+impl RecordKind {
+    /// A resync record (not a ring record: it takes no sequence number).
+    pub fn is_sync(self) -> bool {
+        matches!(
+            self,
+            RecordKind::SyncData | RecordKind::SyncZero | RecordKind::SyncEnd
+        )
+    }
 }
 
 /// A record decoded from a batch.
@@ -54,6 +80,8 @@ pub struct WireRecord<'a> {
     pub len: u32,
     /// The sequence may jump to this record.
     pub after_gap: bool,
+    /// Part of a full pass (SYNC_DATA, SYNC_ZERO).
+    pub full_pass: bool,
     /// Capture time, ns since the epoch.
     pub time_ns: u64,
     /// WRITE data, MARK name.
@@ -67,7 +95,14 @@ impl WireRecord<'_> {
         out.extend_from_slice(&self.offset.to_le_bytes());
         out.extend_from_slice(&self.len.to_le_bytes());
         out.push(self.kind as u8);
-        out.push(if self.after_gap { RECORD_AFTER_GAP } else { 0 });
+        let mut flags = 0;
+        if self.after_gap {
+            flags |= RECORD_AFTER_GAP;
+        }
+        if self.full_pass {
+            flags |= RECORD_FULL_PASS;
+        }
+        out.push(flags);
         out.extend_from_slice(&[0, 0]);
         out.extend_from_slice(&self.time_ns.to_le_bytes());
         // Payloads come from ring records, at most 64 MiB.
@@ -101,6 +136,8 @@ pub struct RecordIter<'a> {
     at: usize,
     seen: u32,
     prev_seq: u64,
+    /// Sequence the next ring record must carry.
+    next_pos: u64,
     failed: bool,
 }
 
@@ -113,6 +150,7 @@ impl<'a> RecordIter<'a> {
             at: 0,
             seen: 0,
             prev_seq: 0,
+            next_pos: header.first_seq,
             failed: false,
         }
     }
@@ -157,19 +195,33 @@ impl<'a> RecordIter<'a> {
             2 => RecordKind::Trim,
             3 => RecordKind::Zero,
             4 => RecordKind::Mark,
+            5 => RecordKind::SyncData,
+            6 => RecordKind::SyncZero,
+            7 => RecordKind::SyncEnd,
             k => return self.bad(format!("unknown kind {k}")),
         };
         let flags = rest[21];
-        if flags & !RECORD_AFTER_GAP != 0 || rest[22] != 0 || rest[23] != 0 || le32(rest, 36) != 0 {
+        let allowed = match kind {
+            RecordKind::SyncData | RecordKind::SyncZero => RECORD_FULL_PASS,
+            RecordKind::SyncEnd => 0,
+            _ => RECORD_AFTER_GAP,
+        };
+        if flags & !allowed != 0 || rest[22] != 0 || rest[23] != 0 || le32(rest, 36) != 0 {
             return self.bad("unknown flags or reserved bytes set".into());
         }
         let after_gap = flags & RECORD_AFTER_GAP != 0;
+        let full_pass = flags & RECORD_FULL_PASS != 0;
         let time_ns = le64(rest, 24);
         let plen = le32(rest, 32);
         let ok_len = match kind {
             RecordKind::Write => plen == len && len > 0,
             RecordKind::Trim | RecordKind::Zero => plen == 0 && len > 0,
             RecordKind::Mark => plen == len && len <= MAX_MARK_NAME && offset == 0,
+            RecordKind::SyncData => plen == len && len > 0,
+            RecordKind::SyncZero => plen == 0 && len > 0,
+            RecordKind::SyncEnd => {
+                plen == 0 && len == 0 && matches!(offset, SYNC_END_FULL_PASS | SYNC_END_DIRTY)
+            }
         };
         if !ok_len {
             return self.bad(format!("{kind:?} with length {len} and payload {plen}"));
@@ -181,11 +233,15 @@ impl<'a> RecordIter<'a> {
         if rest.len() < total {
             return self.bad(format!("payload of {plen} bytes runs past the batch"));
         }
-        let expected_first = self.seen == 0;
-        let ordered = if expected_first {
+        // Ring records take consecutive sequence numbers (a jump only with
+        // AFTER_GAP); a resync record sits before the next ring record and
+        // carries that record's sequence without taking it.
+        let ordered = if self.seen == 0 {
             seq == self.header.first_seq
+        } else if kind.is_sync() {
+            seq == self.next_pos
         } else {
-            seq == self.prev_seq + 1 || (after_gap && seq > self.prev_seq)
+            seq == self.next_pos || (after_gap && seq > self.next_pos)
         };
         if !ordered {
             let prev = self.prev_seq;
@@ -195,6 +251,7 @@ impl<'a> RecordIter<'a> {
             ));
         }
         self.prev_seq = seq;
+        self.next_pos = if kind.is_sync() { seq } else { seq + 1 };
         self.seen += 1;
         self.at += total;
         Some(Ok(WireRecord {
@@ -203,6 +260,7 @@ impl<'a> RecordIter<'a> {
             offset,
             len,
             after_gap,
+            full_pass,
             time_ns,
             payload: &rest[RECORD_HEADER_LEN..total],
         }))

@@ -28,7 +28,14 @@ fn hello() -> Hello {
 
 #[test]
 fn golden_frame_header() {
-    let h = FrameHeader::for_body(FrameType::Ack, &Ack { applied_seq: 7 }.encode());
+    let h = FrameHeader::for_body(
+        FrameType::Ack,
+        &Ack {
+            applied_seq: 7,
+            batches: 0,
+        }
+        .encode(),
+    );
     let b = h.encode();
     assert_eq!(
         hex(&b),
@@ -65,6 +72,7 @@ fn golden_bodies() {
         flags: REPLY_CONSISTENT,
         applied_seq: 0x0102,
         max_body: MAX_BODY,
+        sync_cursor: 0x10,
     };
     assert_eq!(
         hex(&r.encode()),
@@ -74,7 +82,8 @@ fn golden_bodies() {
             "01000000",
             "0201000000000000",
             "00200004",
-            "000000000000000000000000"
+            "00000000",
+            "1000000000000000"
         )
     );
     assert_eq!(HelloReply::decode(&r.encode()).unwrap(), r);
@@ -94,10 +103,11 @@ fn golden_bodies() {
 
     assert_eq!(
         hex(&Ack {
-            applied_seq: 0x1122
+            applied_seq: 0x1122,
+            batches: 3
         }
         .encode()),
-        "22110000000000000000000000000000"
+        "22110000000000000300000000000000"
     );
 
     let hb = Heartbeat {
@@ -129,6 +139,7 @@ fn golden_bodies() {
 fn golden_record() {
     let mut v = Vec::new();
     WireRecord {
+        full_pass: false,
         seq: 9,
         kind: RecordKind::Write,
         offset: 4096,
@@ -174,6 +185,7 @@ fn batch_plain(recs: &[WireRecord<'_>]) -> (BatchHeader, Vec<u8>) {
 
 fn rec(seq: u64, kind: RecordKind, payload: &[u8]) -> WireRecord<'_> {
     WireRecord {
+        full_pass: false,
         seq,
         kind,
         offset: 0,
@@ -235,7 +247,11 @@ fn framing_rejects_damage_with_names() {
     write_frame(
         &mut stream,
         FrameType::Ack,
-        &Ack { applied_seq: 1 }.encode(),
+        &Ack {
+            applied_seq: 1,
+            batches: 1,
+        }
+        .encode(),
     )
     .unwrap();
     let mut body = Vec::new();
@@ -312,7 +328,7 @@ proptest! {
     #[test]
     fn valid_frame_with_random_prefix_damage(n in 0usize..64, bit in 0u8..8, seq in 1u64..u64::MAX) {
         let mut s = Vec::new();
-        write_frame(&mut s, FrameType::Ack, &Ack { applied_seq: seq }.encode()).unwrap();
+        write_frame(&mut s, FrameType::Ack, &Ack { applied_seq: seq, batches: seq }.encode()).unwrap();
         let i = n % s.len();
         s[i] ^= 1 << bit;
         prop_assert!(parse_frame(&s).is_err());
@@ -331,7 +347,7 @@ proptest! {
                 RecordKind::Mark => ((*l).min(4096), &payloads[i][..(*l).min(4096) as usize]),
                 _ => (*l, &[]),
             };
-            recs.push(WireRecord { seq, kind, offset: if kind == RecordKind::Mark { 0 } else { u64::from(*l) * 4096 }, len, after_gap: *gap && i > 0, time_ns: *t, payload });
+            recs.push(WireRecord { full_pass: false, seq, kind, offset: if kind == RecordKind::Mark { 0 } else { u64::from(*l) * 4096 }, len, after_gap: *gap && i > 0, time_ns: *t, payload });
             seq += 1;
         }
         let (h, plain) = batch_plain(&recs);
@@ -342,4 +358,65 @@ proptest! {
         let got: Vec<_> = RecordIter::new(h2, &body[32..]).collect::<Result<_, _>>().unwrap();
         prop_assert_eq!(got, recs);
     }
+}
+
+fn sync_rec(seq: u64, kind: RecordKind, payload: &[u8]) -> WireRecord<'_> {
+    WireRecord {
+        full_pass: kind != RecordKind::SyncEnd,
+        seq,
+        kind,
+        offset: if kind == RecordKind::SyncEnd {
+            wire::records::SYNC_END_FULL_PASS
+        } else {
+            0
+        },
+        len: if kind == RecordKind::SyncZero {
+            4096
+        } else {
+            payload.len() as u32
+        },
+        after_gap: false,
+        time_ns: 0,
+        payload,
+    }
+}
+
+#[test]
+fn resync_records_sit_between_ring_records_without_taking_a_sequence() {
+    let ok = [
+        rec(1, RecordKind::Write, b"a"),
+        sync_rec(2, RecordKind::SyncData, b"bb"),
+        sync_rec(2, RecordKind::SyncZero, b""),
+        rec(2, RecordKind::Write, b"c"),
+        sync_rec(3, RecordKind::SyncEnd, b""),
+    ];
+    let (h, plain) = batch_plain(&ok);
+    assert_eq!((h.first_seq, h.last_seq), (1, 3));
+    let got: Vec<_> = RecordIter::new(h, &plain)
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(got, ok);
+    assert!(got[1].kind.is_sync() && got[1].full_pass);
+    // A resync-only batch positioned at 7.
+    let (h, plain) = batch_plain(&[
+        sync_rec(7, RecordKind::SyncData, b"x"),
+        sync_rec(7, RecordKind::SyncEnd, b""),
+    ]);
+    assert!(RecordIter::new(h, &plain).all(|r| r.is_ok()));
+    // A resync record must carry the next ring record's sequence.
+    let (h, plain) = batch_plain(&[
+        rec(1, RecordKind::Write, b"a"),
+        sync_rec(3, RecordKind::SyncData, b"x"),
+    ]);
+    assert!(RecordIter::new(h, &plain).any(|r| r.is_err()));
+    let (h, plain) = batch_plain(&[
+        rec(4, RecordKind::Write, b"a"),
+        sync_rec(4, RecordKind::SyncData, b"x"),
+    ]);
+    assert!(RecordIter::new(h, &plain).any(|r| r.is_err()));
+    // Flags belong to their kinds: FULL_PASS on a ring record is refused.
+    let mut bad = rec(1, RecordKind::Write, b"a");
+    bad.full_pass = true;
+    let (h, plain) = batch_plain(&[bad]);
+    assert!(RecordIter::new(h, &plain).any(|r| r.is_err()));
 }

@@ -1,0 +1,395 @@
+//! Resync: sending source data read from the disk, in the ordered stream.
+//!
+//! Two kinds of pass. A **full pass** sends the whole disk, chunk by chunk
+//! in offset order (when the target says its replica needs one: a disk that
+//! held data before its ring, a recreated ring, lost records); the target
+//! records how far it got, so a killed pass resumes near where it stopped.
+//! A **dirty pass** resends the extents of the ring's dirty bitmap (changes
+//! that overflowed the ring, or were in flight at a crash); their bits are
+//! cleared only once the target acknowledged the batch durable, and only if
+//! no new mark raced the clear.
+//!
+//! Why the order is right (see docs/ARCHITECTURE.md, "Resync order"): a
+//! chunk is tagged with the ring's next sequence number T, read from the
+//! disk afterwards, and enters the stream right after ring record T-1. Every
+//! record below T was captured before the read, and the splitter captures a
+//! change only once it is on the disk, so the chunk holds their effect or
+//! newer data; every record from T on is captured after the tag was taken
+//! and applied after the chunk, in the disk's order for overlapping writes.
+//! A change that overflowed meanwhile is marked dirty after the mark count
+//! was read, so its bits survive the clear and it is sent again. The chunk
+//! carries T as its position; it takes no sequence number.
+//! Unallocated and all-zero regions travel as SYNC_ZERO extents, without data.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use ring::format::{
+    STATE_CRASH_DIRTY, STATE_NEEDS_INITIAL_SYNC, STATE_NEEDS_VERIFY, STATE_OVERFLOW,
+};
+use ring::{Consumer, Extent};
+use wire::frame::{HelloReply, REPLY_FULL_SYNC};
+use wire::records::{SYNC_END_DIRTY, SYNC_END_FULL_PASS};
+use wire::{RecordKind, WireRecord};
+
+use crate::error::{Error, Result};
+use crate::stats::Stats;
+
+/// Disk bytes per chunk (the unit read, tagged and sent).
+pub const CHUNK: u64 = 1 << 20;
+/// [`CHUNK`] as a buffer length.
+const CHUNK_BYTES: usize = 1 << 20;
+
+/// What a resync batch carried, kept until the target acknowledges it.
+#[derive(Debug)]
+struct Sent {
+    /// Batch number in this connection.
+    batch: u64,
+    /// Dirty extents it resent (to clear once durable).
+    dirty: Vec<Extent>,
+    /// The ring's dirty-mark count read before the disk was read.
+    marks: u64,
+}
+
+/// One resync batch ready to send.
+#[derive(Debug)]
+pub struct SyncBatch {
+    /// Records in it.
+    pub count: u32,
+    /// Its position (the sequence of the next ring record).
+    pub seq: u64,
+}
+
+/// The resync state of one shipper (kept across connections).
+#[derive(Debug)]
+pub struct Resync {
+    disk: File,
+    disk_size: u64,
+    /// Next offset of the full pass, if one runs.
+    full: Option<u64>,
+    /// Extents of the current dirty pass not yet sent.
+    dirty: VecDeque<Extent>,
+    /// A dirty pass runs (its end is sent once everything was acknowledged).
+    dirty_active: bool,
+    inflight: VecDeque<Sent>,
+    /// A prepared batch waiting for the stream to reach its tag: the batch,
+    /// the dirty extents in it, the mark count read before the disk was.
+    ready: Option<(SyncBatch, Vec<Extent>, u64)>,
+    ready_plain: Vec<u8>,
+    buf: Vec<u8>,
+    last_log: Instant,
+}
+
+impl Resync {
+    /// Read the source from `disk` (the protected disk itself).
+    pub fn open(disk: &Path, disk_size: u64) -> Result<Resync> {
+        let f = File::open(disk).map_err(|e| {
+            Error::Invalid(format!(
+                "cannot open disk {} for resync: {e}",
+                disk.display()
+            ))
+        })?;
+        Ok(Resync {
+            disk: f,
+            disk_size,
+            full: None,
+            dirty: VecDeque::new(),
+            dirty_active: false,
+            inflight: VecDeque::new(),
+            ready: None,
+            ready_plain: Vec::new(),
+            buf: vec![0u8; CHUNK_BYTES],
+            last_log: Instant::now(),
+        })
+    }
+
+    /// A new connection: decide what to send from the target's answer and
+    /// the ring's state. Unacknowledged work of the last connection is
+    /// simply done again (bits stay dirty until acknowledged).
+    pub fn start(&mut self, reply: &HelloReply, c: &Consumer, stats: &Stats) {
+        self.inflight.clear();
+        self.ready = None;
+        self.dirty.clear();
+        self.dirty_active = false;
+        self.full = (reply.flags & REPLY_FULL_SYNC != 0).then(|| {
+            let at = (reply.sync_cursor / CHUNK * CHUNK).min(self.disk_size);
+            log::info!(
+                "the replica needs a full pass over the disk: {} at {:.1}% ({} of {} bytes)",
+                if at == 0 { "starting" } else { "resuming" },
+                at as f64 * 100.0 / self.disk_size as f64,
+                at,
+                self.disk_size
+            );
+            at
+        });
+        stats.sync_full_total.store(
+            if self.full.is_some() {
+                self.disk_size
+            } else {
+                0
+            },
+            Ordering::Relaxed,
+        );
+        stats
+            .sync_full_done
+            .store(self.full.unwrap_or(0), Ordering::Relaxed);
+        self.maybe_start_dirty(c, stats);
+    }
+
+    fn maybe_start_dirty(&mut self, c: &Consumer, stats: &Stats) {
+        if self.dirty_active {
+            return;
+        }
+        let overflowed = c.state() & (STATE_OVERFLOW | STATE_CRASH_DIRTY) != 0;
+        let extents = c.dirty_extents();
+        if extents.is_empty() && !overflowed {
+            return;
+        }
+        let bytes: u64 = extents.iter().map(|e| e.len).sum();
+        log::info!(
+            "resending {} dirty bytes in {} extents (changes that overflowed the ring or were in flight at a crash)",
+            bytes,
+            extents.len()
+        );
+        stats.sync_dirty_total.fetch_add(bytes, Ordering::Relaxed);
+        self.dirty = extents.into();
+        self.dirty_active = true;
+    }
+
+    /// Work to send now.
+    pub fn has_work(&self, c: &Consumer) -> bool {
+        self.ready.is_none() && self.has_more(c)
+    }
+
+    fn has_more(&self, c: &Consumer) -> bool {
+        self.full.is_some()
+            || !self.dirty.is_empty()
+            || (self.dirty_active && self.inflight.is_empty())
+            || c.state() & STATE_OVERFLOW != 0
+            || c.dirty_bytes() > 0
+    }
+
+    /// Encode the next resync batch into `plain` (cleared by the caller),
+    /// at most about `max_bytes` of disk data, positioned at `seq`.
+    pub fn prepare(&mut self, c: &Consumer, max_bytes: u64, stats: &Stats) -> Result<()> {
+        if self.ready.is_some() {
+            return Ok(());
+        }
+        self.maybe_start_dirty(c, stats);
+        // The tag: every ring record below it was captured before the disk
+        // is read below, so the chunk goes into the stream after them.
+        let seq = c.head_next_seq().max(1);
+        let mut plain = std::mem::take(&mut self.ready_plain);
+        plain.clear();
+        let plain = &mut plain;
+        let mut count = 0u32;
+        let mut covered = 0u64;
+        let marks = c.dirty_marks();
+        let mut sent_dirty = Vec::new();
+        while covered < max_bytes {
+            // The full pass first (it is what makes a replica usable at all).
+            if let Some(at) = self.full {
+                if at >= self.disk_size {
+                    self.record(
+                        plain,
+                        seq,
+                        RecordKind::SyncEnd,
+                        SYNC_END_FULL_PASS,
+                        0,
+                        false,
+                    );
+                    count += 1;
+                    self.full = None;
+                    // The pass is in the stream: the ring's flags have done
+                    // their job (the target keeps its own state).
+                    c.clear_state(STATE_NEEDS_INITIAL_SYNC | STATE_NEEDS_VERIFY);
+                    log::info!("full pass sent ({} bytes)", self.disk_size);
+                    break;
+                }
+                let n = CHUNK.min(self.disk_size - at);
+                count += self.chunk(plain, seq, at, n, true, stats)?;
+                covered += n;
+                self.full = Some(at + n);
+                stats.sync_full_done.store(at + n, Ordering::Relaxed);
+                continue;
+            }
+            if let Some(e) = self.dirty.pop_front() {
+                let n = e.len.min(CHUNK);
+                if n < e.len {
+                    self.dirty.push_front(Extent {
+                        offset: e.offset + n,
+                        len: e.len - n,
+                    });
+                }
+                count += self.chunk(plain, seq, e.offset, n, false, stats)?;
+                sent_dirty.push(Extent {
+                    offset: e.offset,
+                    len: n,
+                });
+                stats.sync_dirty_done.fetch_add(n, Ordering::Relaxed);
+                covered += n;
+                continue;
+            }
+            if self.dirty_active && self.inflight.is_empty() && self.ready.is_none() && count == 0 {
+                // Everything of this pass is acknowledged; the bitmap says
+                // whether marks came in meanwhile.
+                if c.dirty_bytes() > 0 {
+                    self.dirty_active = false;
+                    self.maybe_start_dirty(c, stats);
+                    continue;
+                }
+                let before = c.dirty_marks();
+                c.clear_state(STATE_OVERFLOW | STATE_CRASH_DIRTY);
+                if c.dirty_marks() != before || c.dirty_bytes() > 0 {
+                    // A change overflowed meanwhile: keep going.
+                    c.set_state(STATE_OVERFLOW);
+                    self.dirty_active = false;
+                    self.maybe_start_dirty(c, stats);
+                    continue;
+                }
+                self.record(plain, seq, RecordKind::SyncEnd, SYNC_END_DIRTY, 0, false);
+                count += 1;
+                self.dirty_active = false;
+                log::info!(
+                    "dirty extents resent and acknowledged; the ring's overflow is resolved"
+                );
+            }
+            break;
+        }
+        if self.last_log.elapsed().as_secs() >= 5
+            && stats.sync_full_total.load(Ordering::Relaxed) > 0
+        {
+            self.last_log = Instant::now();
+            let done = stats.sync_full_done.load(Ordering::Relaxed);
+            log::info!(
+                "full pass: {:.1}% ({done} of {} bytes)",
+                done as f64 * 100.0 / self.disk_size as f64,
+                self.disk_size
+            );
+        }
+        self.ready_plain = std::mem::take(plain);
+        log::debug!("resync batch prepared: {count} records at tag {seq}");
+        if count > 0 {
+            self.ready = Some((SyncBatch { count, seq }, sent_dirty, marks));
+        }
+        Ok(())
+    }
+
+    /// The tag of the prepared batch: it may enter the stream once every
+    /// ring record below it was sent.
+    pub fn ready_tag(&self) -> Option<u64> {
+        self.ready.as_ref().map(|(b, _, _)| b.seq)
+    }
+
+    /// Hand over the prepared batch: its plain records go to `plain`; it is
+    /// batch `batch_no` of the connection.
+    pub fn take_ready(&mut self, plain: &mut Vec<u8>, batch_no: u64) -> Option<SyncBatch> {
+        let (b, dirty, marks) = self.ready.take()?;
+        plain.extend_from_slice(&self.ready_plain);
+        self.inflight.push_back(Sent {
+            batch: batch_no,
+            dirty,
+            marks,
+        });
+        Some(b)
+    }
+
+    fn record(
+        &self,
+        plain: &mut Vec<u8>,
+        seq: u64,
+        kind: RecordKind,
+        offset: u64,
+        len: u32,
+        full: bool,
+    ) {
+        let payload: &[u8] = if kind == RecordKind::SyncData {
+            &self.buf[..len as usize]
+        } else {
+            &[]
+        };
+        WireRecord {
+            seq,
+            kind,
+            offset,
+            len,
+            after_gap: false,
+            full_pass: full,
+            time_ns: ring::wall_clock_ns(),
+            payload,
+        }
+        .encode(plain);
+    }
+
+    /// Read `len` bytes at `offset` and encode them: SYNC_ZERO for holes and
+    /// zeroes, SYNC_DATA otherwise.
+    fn chunk(
+        &mut self,
+        plain: &mut Vec<u8>,
+        seq: u64,
+        offset: u64,
+        len: u64,
+        full: bool,
+        stats: &Stats,
+    ) -> Result<u32> {
+        // len <= CHUNK (1 MiB).
+        let n = usize::try_from(len).unwrap_or(0);
+        let small = u32::try_from(len).unwrap_or(0);
+        if self.is_hole(offset, len) {
+            self.record(plain, seq, RecordKind::SyncZero, offset, small, full);
+            stats.sync_zero_bytes.fetch_add(len, Ordering::Relaxed);
+            return Ok(1);
+        }
+        self.disk
+            .read_exact_at(&mut self.buf[..n], offset)
+            .map_err(|e| Error::Invalid(format!("reading the disk at {offset} for resync: {e}")))?;
+        if all_zero(&self.buf[..n]) {
+            self.record(plain, seq, RecordKind::SyncZero, offset, small, full);
+            stats.sync_zero_bytes.fetch_add(len, Ordering::Relaxed);
+        } else {
+            self.record(plain, seq, RecordKind::SyncData, offset, small, full);
+        }
+        Ok(1)
+    }
+
+    /// The whole range is unallocated (files only; block devices say no).
+    fn is_hole(&self, offset: u64, len: u64) -> bool {
+        let Ok(off) = i64::try_from(offset) else {
+            return false;
+        };
+        match nix::unistd::lseek(self.disk.as_raw_fd(), off, nix::unistd::Whence::SeekData) {
+            Ok(data) => u64::try_from(data).is_ok_and(|d| d >= offset + len),
+            Err(nix::errno::Errno::ENXIO) => true,
+            Err(_) => false,
+        }
+    }
+
+    /// The target acknowledged the first `batches` batches of this connection.
+    pub fn acked(&mut self, batches: u64, c: &Consumer) {
+        while self.inflight.front().is_some_and(|s| s.batch <= batches) {
+            if let Some(s) = self.inflight.pop_front() {
+                if !s.dirty.is_empty() && !c.clear_resent(&s.dirty, s.marks) {
+                    log::debug!(
+                        "a change was marked dirty while its extent was resent; it goes again"
+                    );
+                }
+            }
+        }
+    }
+
+    /// A full pass is running.
+    pub fn full_pass_running(&self) -> bool {
+        self.full.is_some()
+    }
+}
+
+fn all_zero(b: &[u8]) -> bool {
+    let mut words = b.chunks_exact(8);
+    words.all(|w| w.iter().fold(0u8, |a, &x| a | x) == 0)
+        && words.remainder().iter().all(|&x| x == 0)
+}
