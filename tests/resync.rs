@@ -309,3 +309,87 @@ fn writes_hammering_the_chunks_being_synced_still_converge() {
         assert_same(&disk, &t.replica(DISK));
     }
 }
+
+#[test]
+fn a_seed_differing_in_one_percent_of_chunks_costs_under_half_a_percent() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    let seed = dir.path().join("seed.img");
+    let ring = dir.path().join("disk.ring");
+    make_disk(&disk, 256 * MIB);
+    fill(&disk, 0, 256 * MIB, 3);
+    std::fs::copy(&disk, &seed).unwrap();
+    // Scattered 4 KiB writes in 1% of the chunks (3 of 256), after the seed
+    // was taken.
+    let mut rng = Rng::new(11);
+    let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+    let mut buf = vec![0u8; 4096];
+    for _ in 0..3 {
+        let chunk = rng.range(0, 256);
+        for _ in 0..2 {
+            pattern(&mut buf, rng.next_u64());
+            use std::os::unix::fs::FileExt;
+            f.write_all_at(&buf, chunk * MIB + rng.range(0, 256) * 4096)
+                .unwrap();
+        }
+    }
+    f.sync_all().unwrap();
+    let pki = Pki::init(&dir.path().join("pki"));
+    let shp = pki.issue("s", &[DISK], &dir.path().join("shp"), 30);
+    let data = dir.path().join("dr");
+    // An image of another size is refused at the first hello, clearly.
+    let small = dir.path().join("small.img");
+    make_disk(&small, 8 * MIB);
+    std::fs::write(&small, vec![1u8; 8 << 20]).unwrap();
+    run(Command::new(blockship::bin("nbd-target"))
+        .args(["seed", "--disk-id", "other", "--data-dir"])
+        .arg(&data)
+        .arg("--from")
+        .arg(&small));
+    let out = run(Command::new(blockship::bin("nbd-target"))
+        .args(["seed", "--disk-id", DISK, "--data-dir"])
+        .arg(&data)
+        .arg("--from")
+        .arg(&seed));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("seeded"));
+    let again = Command::new(blockship::bin("nbd-target"))
+        .args(["seed", "--disk-id", DISK, "--data-dir"])
+        .arg(&data)
+        .arg("--from")
+        .arg(&seed)
+        .output()
+        .unwrap();
+    assert!(
+        !again.status.success(),
+        "seeding a disk twice must be refused"
+    );
+    let t = Target::start(dir.path(), &pki.target_tls(), &[]);
+    let args = ship(&ring, &t, &shp, &["--ring-size", "16M"]);
+    let mut sp = Splitter::start(dir.path(), &disk, &strs(&args));
+    wait_consistent(&ring, &t, 60);
+    std::thread::sleep(Duration::from_millis(1200)); // a fresh live file
+    assert_same(&disk, &t.replica(DISK));
+    let st = t.disk_status(DISK).unwrap();
+    let wire = st["bytes_on_wire"].as_u64().unwrap();
+    assert!(
+        wire < 256 * MIB / 200,
+        "{wire} bytes on the wire for a 256 MiB disk: {st}"
+    );
+    assert!(sp.terminate().success());
+    // The wrong-size seed: its shipper is refused with the sizes named.
+    let ring2 = dir.path().join("other.ring");
+    let disk2 = dir.path().join("other.img");
+    make_disk(&disk2, 16 * MIB);
+    let shp2 = pki.issue("o", &["other"], &dir.path().join("shp2"), 30);
+    let log = dir.path().join("other.log");
+    let a = shipper_args(&ring2, &disk2, &t.addr, "other", &shp2);
+    let sub = dir.path().join("o");
+    std::fs::create_dir(&sub).unwrap();
+    let _sp2 = Splitter::start(
+        &sub,
+        &disk2,
+        &["--ring", ring2.to_str().unwrap(), "--ring-size", "1M"],
+    );
+    let mut sh = Proc::spawn("shipper", &a, &log);
+    sh.wait_log("but its replica was made for", 20);
+}

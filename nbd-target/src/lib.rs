@@ -22,12 +22,14 @@
 //! - [`export`]: read-only NBD exports of the replicas.
 //! - [`status`]: `status` output and Prometheus metrics.
 //! - [`pki`]: the site's certificate authority.
+//! - [`seed`]: registering an image carried to the site as a starting replica.
 
 pub mod error;
 pub mod export;
 pub mod pki;
 pub mod registry;
 pub mod replica;
+pub mod seed;
 pub mod server;
 pub mod session;
 pub mod state;

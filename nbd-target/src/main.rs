@@ -46,6 +46,22 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Register an image carried to the recovery site (on other media) as
+    /// the starting replica of a disk: the first full pass then compares it
+    /// with the source by hashes and sends only what differs.
+    #[command(after_help = "Example:
+  nbd-target seed --data-dir /var/lib/blockship --disk-id db --from /mnt/usb/db.img")]
+    Seed {
+        /// The data folder the daemon uses.
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// The disk id the shipper will use.
+        #[arg(long, value_name = "ID")]
+        disk_id: String,
+        /// The image (a copy of the disk, however old).
+        #[arg(long, value_name = "IMAGE")]
+        from: PathBuf,
+    },
     /// Make and issue certificates.
     Pki {
         #[command(subcommand)]
@@ -123,6 +139,19 @@ fn main() -> anyhow::Result<()> {
             } else {
                 print!("{}", nbd_target::status::render_text(&v));
             }
+            Ok(())
+        }
+        Cmd::Seed {
+            data_dir,
+            disk_id,
+            from,
+        } => {
+            let (size, written) = nbd_target::seed::seed(&data_dir, &disk_id, &from)
+                .with_context(|| format!("cannot seed disk {disk_id:?} from {}", from.display()))?;
+            println!(
+                "disk {disk_id:?} seeded from {} ({size} bytes, {written} bytes of data); the first full pass will compare and send only the differences",
+                from.display()
+            );
             Ok(())
         }
         Cmd::Pki { command } => match command {

@@ -213,6 +213,28 @@ impl ReplicaWriter {
         }
     }
 
+    /// Read `buf.len()` bytes at `offset` (to hash what the replica holds).
+    pub fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        match self {
+            ReplicaWriter::File { f, path } => f
+                .read_exact_at(buf, offset)
+                .map_err(io(path, "reading the replica")),
+            ReplicaWriter::Nbd { c, name } => {
+                let mut at = 0;
+                while at < buf.len() {
+                    let n = (buf.len() - at).min(NBD_CHUNK);
+                    c.read(offset + at as u64, &mut buf[at..at + n])
+                        .map_err(|source| Error::Nbd {
+                            backend: name.clone(),
+                            source,
+                        })?;
+                    at += n;
+                }
+                Ok(())
+            }
+        }
+    }
+
     /// Make everything applied so far durable.
     pub fn sync(&mut self) -> Result<()> {
         match self {

@@ -192,6 +192,9 @@ fn run(sock: TcpStream, ctx: &SessionContext) -> Result<(), SessionError> {
     if st.reason.needs_full_pass() {
         flags |= REPLY_FULL_SYNC;
     }
+    if st.reason.worth_comparing() {
+        flags |= REPLY_COMPARE;
+    }
     let reply = HelloReply {
         version: PROTOCOL_VERSION.min(hello.max_version),
         flags,
@@ -230,6 +233,13 @@ struct Session {
     batches_acked: u64,
     /// The source's flags (HELLO_*) as last reported.
     source_flags: u32,
+    /// Full-pass chunks done beyond the cursor (offset → end).
+    done_ahead: std::collections::BTreeMap<u64, u64>,
+    /// Frames to send once the current batch is handled (BLOCK_HASHES).
+    outbox: Vec<Vec<u8>>,
+    hash_buf: Vec<u8>,
+    /// Bytes a compare found equal (not sent), this connection.
+    same_bytes: u64,
 }
 
 impl Session {
@@ -266,7 +276,11 @@ impl Session {
             ));
         }
         let mut changed = false;
-        if state.state.ring_id != hello.ring_id {
+        if state.state.ring_id == [0; 16] {
+            // A seed: it belongs to whichever ring first ships to it.
+            state.state.ring_id = hello.ring_id;
+            changed = true;
+        } else if state.state.ring_id != hello.ring_id {
             log::warn!(
                 "disk {:?}: the source's ring was recreated; its sequence numbers start again and the replica needs a full sync",
                 hello.disk_id
@@ -335,6 +349,10 @@ impl Session {
             batches: 0,
             batches_acked: 0,
             source_flags: hello.flags,
+            done_ahead: std::collections::BTreeMap::new(),
+            outbox: Vec::new(),
+            hash_buf: Vec::new(),
+            same_bytes: 0,
         })
     }
 
@@ -400,6 +418,9 @@ impl Session {
         match rx.header.ftype {
             FrameType::Batch => {
                 let r = self.batch(link.body(rx), claim);
+                for body in self.outbox.drain(..) {
+                    link.send(FrameType::BlockHashes, &body)?;
+                }
                 match r {
                     Ok(()) => Ok(()),
                     Err((code, m)) => Err(refuse(link, code, m)),
@@ -531,10 +552,8 @@ impl Session {
             let res = match r.kind {
                 RecordKind::Write => self.writer.write(r.offset, r.payload),
                 RecordKind::Trim | RecordKind::Zero => self.writer.zero(r.offset, u64::from(r.len)),
-                RecordKind::Mark
-                | RecordKind::SyncData
-                | RecordKind::SyncZero
-                | RecordKind::SyncEnd => Ok(()),
+                // Resync records were handled above.
+                _ => Ok(()),
             };
             res.map_err(|e| {
                 (
@@ -582,19 +601,64 @@ impl Session {
             r.seq,
             self.pending
         );
-        let st = &mut self.state.state;
         match r.kind {
             RecordKind::SyncData => self.writer.write(r.offset, r.payload).map_err(io)?,
             RecordKind::SyncZero => self.writer.zero(r.offset, u64::from(r.len)).map_err(io)?,
+            RecordKind::SyncHash => {
+                // Compare at this position of the stream: the replica as it is
+                // after every record before the hash's tag.
+                let n = r.len as usize;
+                self.hash_buf.resize(n, 0);
+                self.writer.read(r.offset, &mut self.hash_buf).map_err(io)?;
+                if blake3::hash(&self.hash_buf).as_bytes()[..] == r.payload[..] {
+                    self.same_bytes += u64::from(r.len);
+                } else {
+                    let hashes = self
+                        .hash_buf
+                        .chunks(BLOCK_SIZE as usize)
+                        .map(|b| *blake3::hash(b).as_bytes())
+                        .collect();
+                    let mut body = Vec::new();
+                    BlockHashes {
+                        offset: r.offset,
+                        len: r.len,
+                        block_size: BLOCK_SIZE,
+                        hashes,
+                    }
+                    .encode(&mut body);
+                    self.outbox.push(body);
+                    // Done once the shipper sent the differing blocks.
+                    return Ok(());
+                }
+            }
             _ => {}
         }
         let overflowed = self.source_flags & HELLO_OVERFLOW != 0;
+        let st = &mut self.state.state;
         match r.kind {
-            RecordKind::SyncData | RecordKind::SyncZero
-                if r.full_pass && r.offset == st.sync_cursor =>
+            RecordKind::SyncData
+            | RecordKind::SyncZero
+            | RecordKind::SyncHash
+            | RecordKind::SyncChunkDone
+                if r.full_pass =>
             {
-                st.sync_cursor = r.offset + u64::from(r.len);
-                self.dirty_state = true;
+                // The cursor moves over chunks done in order; chunks done
+                // ahead of it wait in `done_ahead` (lost at a restart: the
+                // pass then compares them again).
+                let end = r.offset + u64::from(r.len);
+                if r.offset <= st.sync_cursor && end > st.sync_cursor {
+                    st.sync_cursor = end;
+                    while let Some((&o, &e)) = self.done_ahead.first_key_value() {
+                        if o > st.sync_cursor {
+                            break;
+                        }
+                        st.sync_cursor = st.sync_cursor.max(e);
+                        self.done_ahead.pop_first();
+                    }
+                    self.dirty_state = true;
+                } else if r.offset > st.sync_cursor {
+                    self.done_ahead.insert(r.offset, end);
+                }
             }
             RecordKind::SyncEnd if r.offset == wire::records::SYNC_END_FULL_PASS => {
                 if st.sync_cursor >= self.disk_size && st.reason.needs_full_pass() {

@@ -57,6 +57,9 @@ pub enum Reason {
     SourceGap = 4,
     /// The source's ring overflowed: its dirty extents must be resent.
     SourceOverflow = 5,
+    /// Seeded from an image carried to the site: a full pass compares it
+    /// with the source by hashes and sends what differs.
+    Seeded = 6,
 }
 
 impl Reason {
@@ -67,6 +70,7 @@ impl Reason {
             3 => Reason::RingReplaced,
             4 => Reason::SourceGap,
             5 => Reason::SourceOverflow,
+            6 => Reason::Seeded,
             _ => Reason::None,
         }
     }
@@ -90,6 +94,9 @@ impl Reason {
             Reason::SourceOverflow => {
                 "the source's ring overflowed: the dirty extents are being resent"
             }
+            Reason::Seeded => {
+                "seeded from an image: a full pass compares it with the source and sends the differences"
+            }
         }
     }
 
@@ -101,6 +108,15 @@ impl Reason {
                 | Reason::MissedRecords
                 | Reason::RingReplaced
                 | Reason::SourceGap
+                | Reason::Seeded
+        )
+    }
+
+    /// The replica holds data worth comparing by hashes (not an empty copy).
+    pub fn worth_comparing(self) -> bool {
+        matches!(
+            self,
+            Reason::MissedRecords | Reason::RingReplaced | Reason::SourceGap | Reason::Seeded
         )
     }
 
@@ -113,6 +129,7 @@ impl Reason {
             Reason::RingReplaced => "ring-replaced",
             Reason::SourceGap => "source-gap",
             Reason::SourceOverflow => "source-overflow",
+            Reason::Seeded => "seeded",
         }
     }
 }

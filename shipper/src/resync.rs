@@ -33,7 +33,7 @@ use ring::format::{
     STATE_CRASH_DIRTY, STATE_NEEDS_INITIAL_SYNC, STATE_NEEDS_VERIFY, STATE_OVERFLOW,
 };
 use ring::{Consumer, Extent};
-use wire::frame::{HelloReply, REPLY_FULL_SYNC};
+use wire::frame::{BlockHashes, HelloReply, REPLY_COMPARE, REPLY_FULL_SYNC};
 use wire::records::{SYNC_END_DIRTY, SYNC_END_FULL_PASS};
 use wire::{RecordKind, WireRecord};
 
@@ -81,6 +81,10 @@ pub struct Resync {
     /// the dirty extents in it, the mark count read before the disk was.
     ready: Option<(SyncBatch, Vec<Extent>, u64)>,
     ready_plain: Vec<u8>,
+    /// The full pass compares by hashes (the replica holds data).
+    compare: bool,
+    /// Chunks the target found different, with its block hashes.
+    differing: VecDeque<BlockHashes>,
     buf: Vec<u8>,
     last_log: Instant,
 }
@@ -103,6 +107,8 @@ impl Resync {
             inflight: VecDeque::new(),
             ready: None,
             ready_plain: Vec::new(),
+            compare: false,
+            differing: VecDeque::new(),
             buf: vec![0u8; CHUNK_BYTES],
             last_log: Instant::now(),
         })
@@ -114,12 +120,19 @@ impl Resync {
     pub fn start(&mut self, reply: &HelloReply, c: &Consumer, stats: &Stats) {
         self.inflight.clear();
         self.ready = None;
+        self.differing.clear();
+        self.compare = reply.flags & REPLY_COMPARE != 0;
         self.dirty.clear();
         self.dirty_active = false;
         self.full = (reply.flags & REPLY_FULL_SYNC != 0).then(|| {
             let at = (reply.sync_cursor / CHUNK * CHUNK).min(self.disk_size);
             log::info!(
-                "the replica needs a full pass over the disk: {} at {:.1}% ({} of {} bytes)",
+                "the replica needs a full pass over the disk{}: {} at {:.1}% ({} of {} bytes)",
+                if reply.flags & REPLY_COMPARE != 0 {
+                    ", comparing by hashes (it holds data)"
+                } else {
+                    ""
+                },
                 if at == 0 { "starting" } else { "resuming" },
                 at as f64 * 100.0 / self.disk_size as f64,
                 at,
@@ -167,7 +180,8 @@ impl Resync {
     }
 
     fn has_more(&self, c: &Consumer) -> bool {
-        self.full.is_some()
+        !self.differing.is_empty()
+            || self.full.is_some()
             || !self.dirty.is_empty()
             || (self.dirty_active && self.inflight.is_empty())
             || c.state() & STATE_OVERFLOW != 0
@@ -192,9 +206,20 @@ impl Resync {
         let marks = c.dirty_marks();
         let mut sent_dirty = Vec::new();
         while covered < max_bytes {
-            // The full pass first (it is what makes a replica usable at all).
+            // Blocks of compared chunks that differ come first: the target
+            // is waiting for them to count the chunks done.
+            if let Some(bh) = self.differing.pop_front() {
+                count += self.send_differing(plain, seq, &bh, stats)?;
+                covered += u64::from(bh.len);
+                continue;
+            }
+            // Then the full pass (it is what makes a replica usable at all).
             if let Some(at) = self.full {
                 if at >= self.disk_size {
+                    if self.compare && (!self.inflight.is_empty() || count > 0) {
+                        // Every BLOCK_HASHES answer must be in before the end.
+                        break;
+                    }
                     self.record(
                         plain,
                         seq,
@@ -212,6 +237,14 @@ impl Resync {
                     break;
                 }
                 let n = CHUNK.min(self.disk_size - at);
+                if self.compare {
+                    count += self.hash_chunk(plain, seq, at, n, stats)?;
+                    // Hashes are small: a batch covers more disk.
+                    covered += n / 16;
+                    self.full = Some(at + n);
+                    stats.sync_full_done.store(at + n, Ordering::Relaxed);
+                    continue;
+                }
                 count += self.chunk(plain, seq, at, n, true, stats)?;
                 covered += n;
                 self.full = Some(at + n);
@@ -353,6 +386,7 @@ impl Resync {
             stats.sync_zero_bytes.fetch_add(len, Ordering::Relaxed);
         } else {
             self.record(plain, seq, RecordKind::SyncData, offset, small, full);
+            stats.sync_data_bytes.fetch_add(len, Ordering::Relaxed);
         }
         Ok(1)
     }
@@ -367,6 +401,130 @@ impl Resync {
             Err(nix::errno::Errno::ENXIO) => true,
             Err(_) => false,
         }
+    }
+
+    /// Hash a chunk of a compared full pass: SYNC_ZERO when it reads as
+    /// zeroes (no compare needed), else SYNC_HASH with its blake3 hash.
+    fn hash_chunk(
+        &mut self,
+        plain: &mut Vec<u8>,
+        seq: u64,
+        offset: u64,
+        len: u64,
+        stats: &Stats,
+    ) -> Result<u32> {
+        let n = usize::try_from(len).unwrap_or(0);
+        let small = u32::try_from(len).unwrap_or(0);
+        if !self.is_hole(offset, len) {
+            self.disk
+                .read_exact_at(&mut self.buf[..n], offset)
+                .map_err(|e| {
+                    Error::Invalid(format!("reading the disk at {offset} for resync: {e}"))
+                })?;
+            stats.sync_compared_bytes.fetch_add(len, Ordering::Relaxed);
+            if !all_zero(&self.buf[..n]) {
+                let h = blake3::hash(&self.buf[..n]);
+                WireRecord {
+                    seq,
+                    kind: RecordKind::SyncHash,
+                    offset,
+                    len: small,
+                    after_gap: false,
+                    full_pass: true,
+                    time_ns: ring::wall_clock_ns(),
+                    payload: h.as_bytes(),
+                }
+                .encode(plain);
+                return Ok(1);
+            }
+        }
+        self.record(plain, seq, RecordKind::SyncZero, offset, small, true);
+        stats.sync_zero_bytes.fetch_add(len, Ordering::Relaxed);
+        Ok(1)
+    }
+
+    /// The target's block hashes of a chunk that differs: read the chunk
+    /// again (after the new tag), send the blocks that differ, then mark
+    /// the chunk done.
+    fn send_differing(
+        &mut self,
+        plain: &mut Vec<u8>,
+        seq: u64,
+        bh: &BlockHashes,
+        stats: &Stats,
+    ) -> Result<u32> {
+        let len = u64::from(bh.len);
+        let n = bh.len as usize;
+        let bs = bh.block_size as usize;
+        if bh
+            .offset
+            .checked_add(len)
+            .is_none_or(|e| e > self.disk_size)
+            || n > self.buf.len()
+        {
+            return Err(Error::Invalid(format!(
+                "the target sent block hashes for {}+{len}, outside the disk",
+                bh.offset
+            )));
+        }
+        self.disk
+            .read_exact_at(&mut self.buf[..n], bh.offset)
+            .map_err(|e| {
+                Error::Invalid(format!("reading the disk at {} for resync: {e}", bh.offset))
+            })?;
+        let mut count = 0;
+        let mut run: Option<(usize, usize)> = None;
+        let blocks = n.div_ceil(bs);
+        for i in 0..=blocks {
+            let differs = i < blocks && {
+                let b = &self.buf[i * bs..((i + 1) * bs).min(n)];
+                bh.hashes
+                    .get(i)
+                    .is_none_or(|h| blake3::hash(b).as_bytes() != h)
+            };
+            match (differs, run) {
+                (true, None) => run = Some((i, i + 1)),
+                (true, Some((a, _))) => run = Some((a, i + 1)),
+                (false, Some((a, b))) => {
+                    let (from, to) = (a * bs, (b * bs).min(n));
+                    let rec_len = u32::try_from(to - from).unwrap_or(0);
+                    WireRecord {
+                        seq,
+                        kind: RecordKind::SyncData,
+                        offset: bh.offset + from as u64,
+                        len: rec_len,
+                        after_gap: false,
+                        full_pass: false,
+                        time_ns: ring::wall_clock_ns(),
+                        payload: &self.buf[from..to],
+                    }
+                    .encode(plain);
+                    stats
+                        .sync_data_bytes
+                        .fetch_add(u64::from(rec_len), Ordering::Relaxed);
+                    count += 1;
+                    run = None;
+                }
+                (false, None) => {}
+            }
+        }
+        WireRecord {
+            seq,
+            kind: RecordKind::SyncChunkDone,
+            offset: bh.offset,
+            len: bh.len,
+            after_gap: false,
+            full_pass: true,
+            time_ns: ring::wall_clock_ns(),
+            payload: &[],
+        }
+        .encode(plain);
+        Ok(count + 1)
+    }
+
+    /// The target's answer to a SYNC_HASH whose chunk differs.
+    pub fn block_hashes(&mut self, bh: BlockHashes) {
+        self.differing.push_back(bh);
     }
 
     /// The target acknowledged the first `batches` batches of this connection.

@@ -205,6 +205,17 @@ pub(crate) fn run(sh: &mut Shipper) -> Result<()> {
                         .fetch_max(a.applied_seq, Ordering::Relaxed);
                 }
                 FrameType::Heartbeat => {}
+                FrameType::BlockHashes => {
+                    let bh = BlockHashes::decode(link.body(&rx))
+                        .map_err(|e| lerr(LinkError::Wire(e)))?;
+                    match &mut sh.resync {
+                        Some(r) => r.block_hashes(bh),
+                        None => return Err(Error::Invalid(
+                            "the target compares by hashes but this shipper has no disk to read"
+                                .into(),
+                        )),
+                    }
+                }
                 FrameType::Error => {
                     let e = refused(sh, link.body(&rx));
                     return Err(e);

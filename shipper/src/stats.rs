@@ -43,6 +43,10 @@ pub struct Stats {
     pub sync_dirty_done: AtomicU64,
     /// Disk bytes sent as zero extents (holes, zeroes), cumulative.
     pub sync_zero_bytes: AtomicU64,
+    /// Disk bytes read and hashed to compare with the replica, cumulative.
+    pub sync_compared_bytes: AtomicU64,
+    /// Disk bytes sent as data by resyncs, cumulative.
+    pub sync_data_bytes: AtomicU64,
     /// The last error, for status.
     pub last_error: Mutex<String>,
 }

@@ -61,6 +61,8 @@ pub enum FrameType {
     Heartbeat = 5,
     /// Either way: why the sender is closing the connection.
     Error = 6,
+    /// Target → shipper: per-block hashes of a replica chunk that differs.
+    BlockHashes = 7,
 }
 
 impl FrameType {
@@ -73,6 +75,7 @@ impl FrameType {
             4 => FrameType::Ack,
             5 => FrameType::Heartbeat,
             6 => FrameType::Error,
+            7 => FrameType::BlockHashes,
             _ => return None,
         })
     }
@@ -86,6 +89,7 @@ impl FrameType {
             FrameType::Ack => "ACK",
             FrameType::Heartbeat => "HEARTBEAT",
             FrameType::Error => "ERROR",
+            FrameType::BlockHashes => "BLOCK_HASHES",
         }
     }
 
@@ -100,6 +104,7 @@ impl FrameType {
             FrameType::Ack => ACK_LEN as u32,
             FrameType::Heartbeat => HEARTBEAT_LEN as u32,
             FrameType::Error => (ERROR_FIXED + MAX_MESSAGE) as u32,
+            FrameType::BlockHashes => (BLOCK_HASHES_FIXED + MAX_BLOCK_HASHES * 32) as u32,
         }
     }
 }
@@ -369,6 +374,9 @@ pub const REPLY_CONSISTENT: u32 = 1 << 0;
 /// Reply flag: the replica needs a full pass over the disk (it was never
 /// complete, or its history is unknown); resume it at the cursor.
 pub const REPLY_FULL_SYNC: u32 = 1 << 1;
+/// Reply flag: the replica holds data worth comparing (a seed, an earlier
+/// replica): run the full pass by hashes, sending only what differs.
+pub const REPLY_COMPARE: u32 = 1 << 2;
 
 /// The target's answer to a hello.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -407,7 +415,7 @@ impl HelloReply {
             max_body: le32(b, 16),
             sync_cursor: le64(b, 24),
         };
-        if r.flags & !(REPLY_CONSISTENT | REPLY_FULL_SYNC) != 0 {
+        if r.flags & !(REPLY_CONSISTENT | REPLY_FULL_SYNC | REPLY_COMPARE) != 0 {
             return Err(WireError::invalid(
                 "HELLO_REPLY flags",
                 format!("{:#x}", r.flags),
@@ -728,5 +736,79 @@ impl ErrorMsg {
         exact("ERROR", b, ERROR_FIXED + n)?;
         let message = String::from_utf8_lossy(&b[ERROR_FIXED..]).into_owned();
         Ok(ErrorMsg { code, message })
+    }
+}
+
+// Format: BLOCK_HASHES body (target → shipper)
+//   0    8     chunk offset (as in the SYNC_HASH it answers)
+//   8    4     chunk length
+//   12   4     block size (4096)
+//   16   4     block count N = ceil(length / block size) (<= MAX_BLOCK_HASHES)
+//   20   4     reserved (0)
+//   24   32*N  blake3 hash of each block of the replica, at the SYNC_HASH's position
+const BLOCK_HASHES_FIXED: usize = 24;
+/// Most blocks a BLOCK_HASHES frame lists.
+pub const MAX_BLOCK_HASHES: usize = 4096;
+
+/// The replica's per-block hashes of a chunk that differs from the source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockHashes {
+    /// Chunk offset.
+    pub offset: u64,
+    /// Chunk length.
+    pub len: u32,
+    /// Block size.
+    pub block_size: u32,
+    /// One blake3 hash per block.
+    pub hashes: Vec<[u8; 32]>,
+}
+
+impl BlockHashes {
+    /// Encode into `out` (cleared first).
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.clear();
+        out.extend_from_slice(&self.offset.to_le_bytes());
+        out.extend_from_slice(&self.len.to_le_bytes());
+        out.extend_from_slice(&self.block_size.to_le_bytes());
+        // At most MAX_BLOCK_HASHES, checked by the builder and the decoder.
+        out.extend_from_slice(&u32::try_from(self.hashes.len()).unwrap_or(0).to_le_bytes());
+        out.extend_from_slice(&[0; 4]);
+        for h in &self.hashes {
+            out.extend_from_slice(h);
+        }
+    }
+
+    /// Decode and validate.
+    pub fn decode(b: &[u8]) -> Result<BlockHashes, WireError> {
+        need("BLOCK_HASHES", b, BLOCK_HASHES_FIXED)?;
+        let (offset, len, block_size, n) =
+            (le64(b, 0), le32(b, 8), le32(b, 12), le32(b, 16) as usize);
+        if block_size == 0 || !block_size.is_power_of_two() || len == 0 {
+            return Err(WireError::invalid(
+                "BLOCK_HASHES",
+                format!("block size {block_size}, length {len}"),
+            ));
+        }
+        if n > MAX_BLOCK_HASHES || n != len.div_ceil(block_size) as usize {
+            return Err(WireError::invalid(
+                "BLOCK_HASHES",
+                format!("{n} hashes for {len} bytes in blocks of {block_size}"),
+            ));
+        }
+        exact("BLOCK_HASHES", b, BLOCK_HASHES_FIXED + n * 32)?;
+        let hashes = b[BLOCK_HASHES_FIXED..]
+            .chunks_exact(32)
+            .map(|c| {
+                let mut h = [0u8; 32];
+                h.copy_from_slice(c);
+                h
+            })
+            .collect();
+        Ok(BlockHashes {
+            offset,
+            len,
+            block_size,
+            hashes,
+        })
     }
 }

@@ -29,7 +29,7 @@ pub mod records;
 
 pub use error::WireError;
 pub use frame::{
-    Ack, BatchHeader, Codec, ErrorCode, ErrorMsg, FrameHeader, FrameType, Heartbeat, Hello,
-    HelloReply,
+    Ack, BatchHeader, BlockHashes, Codec, ErrorCode, ErrorMsg, FrameHeader, FrameType, Heartbeat,
+    Hello, HelloReply,
 };
 pub use records::{RecordIter, RecordKind, WireRecord};

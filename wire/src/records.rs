@@ -14,7 +14,8 @@ use crate::frame::{le32, le64, BatchHeader};
 //   8    8     disk offset (MARK: 0)
 //   16   4     disk bytes covered (MARK: name length)
 //   20   1     kind: 1 WRITE, 2 TRIM, 3 ZERO, 4 MARK (ring records);
-//                    5 SYNC_DATA, 6 SYNC_ZERO, 7 SYNC_END (resync records)
+//                    5 SYNC_DATA, 6 SYNC_ZERO, 7 SYNC_END, 8 SYNC_HASH,
+//                    9 SYNC_CHUNK_DONE (resync records)
 //   21   1     flags: bit 0 AFTER_GAP (ring records: the sequence may jump here),
 //                     bit 1 FULL_PASS (SYNC_DATA/SYNC_ZERO: part of a full pass)
 //   22   2     reserved (0)
@@ -29,6 +30,8 @@ pub const RECORD_AFTER_GAP: u8 = 1;
 /// Record flag: a SYNC_DATA or SYNC_ZERO of a full pass over the disk, sent
 /// in offset order; the target counts how far the pass got.
 pub const RECORD_FULL_PASS: u8 = 2;
+/// Largest chunk a SYNC_HASH covers (its BLOCK_HASHES answer stays small).
+pub const MAX_HASHED_CHUNK: u32 = 16 << 20;
 /// SYNC_END offset value: a full pass over the disk ended.
 pub const SYNC_END_FULL_PASS: u64 = 1;
 /// SYNC_END offset value: every extent of the source's dirty bitmap was resent.
@@ -55,6 +58,13 @@ pub enum RecordKind {
     SyncZero = 6,
     /// Resync: a pass ended (`offset`: SYNC_END_FULL_PASS or SYNC_END_DIRTY).
     SyncEnd = 7,
+    /// Resync compare: the blake3 hash (payload, 32 bytes) of the source
+    /// chunk at `offset..offset+len`; the target answers BLOCK_HASHES when
+    /// its replica differs there, and counts the chunk done when it does not.
+    SyncHash = 8,
+    /// Resync compare: the differing blocks of the chunk were sent; the
+    /// chunk is done.
+    SyncChunkDone = 9,
 }
 
 impl RecordKind {
@@ -62,7 +72,11 @@ impl RecordKind {
     pub fn is_sync(self) -> bool {
         matches!(
             self,
-            RecordKind::SyncData | RecordKind::SyncZero | RecordKind::SyncEnd
+            RecordKind::SyncData
+                | RecordKind::SyncZero
+                | RecordKind::SyncEnd
+                | RecordKind::SyncHash
+                | RecordKind::SyncChunkDone
         )
     }
 }
@@ -198,11 +212,16 @@ impl<'a> RecordIter<'a> {
             5 => RecordKind::SyncData,
             6 => RecordKind::SyncZero,
             7 => RecordKind::SyncEnd,
+            8 => RecordKind::SyncHash,
+            9 => RecordKind::SyncChunkDone,
             k => return self.bad(format!("unknown kind {k}")),
         };
         let flags = rest[21];
         let allowed = match kind {
-            RecordKind::SyncData | RecordKind::SyncZero => RECORD_FULL_PASS,
+            RecordKind::SyncData
+            | RecordKind::SyncZero
+            | RecordKind::SyncHash
+            | RecordKind::SyncChunkDone => RECORD_FULL_PASS,
             RecordKind::SyncEnd => 0,
             _ => RECORD_AFTER_GAP,
         };
@@ -222,6 +241,8 @@ impl<'a> RecordIter<'a> {
             RecordKind::SyncEnd => {
                 plen == 0 && len == 0 && matches!(offset, SYNC_END_FULL_PASS | SYNC_END_DIRTY)
             }
+            RecordKind::SyncHash => plen == 32 && len > 0 && len <= MAX_HASHED_CHUNK,
+            RecordKind::SyncChunkDone => plen == 0 && len > 0,
         };
         if !ok_len {
             return self.bad(format!("{kind:?} with length {len} and payload {plen}"));
