@@ -393,3 +393,154 @@ fn a_seed_differing_in_one_percent_of_chunks_costs_under_half_a_percent() {
     let mut sh = Proc::spawn("shipper", &a, &log);
     sh.wait_log("but its replica was made for", 20);
 }
+
+/// Run `shipper verify` with `args`; returns (exit code, stdout).
+fn verify(ring: &Path, args: &[&str]) -> (i32, String) {
+    let out = Command::new(blockship::bin("shipper"))
+        .args(["verify", "--ring"])
+        .arg(ring)
+        .args(args)
+        .args(["--timeout", "120"])
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+fn flip(path: &Path, at: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).unwrap();
+    b[0] ^= 0x5a;
+    f.write_all_at(&b, at).unwrap();
+}
+
+#[test]
+fn online_verify_under_writes_names_exactly_the_flipped_blocks_and_repairs_them() {
+    if !have_tool("fio") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    let ring = dir.path().join("disk.ring");
+    make_disk(&disk, 64 * MIB);
+    let pki = Pki::init(&dir.path().join("pki"));
+    let shp = pki.issue("s", &[DISK], &dir.path().join("shp"), 30);
+    let t = Target::start(dir.path(), &pki.target_tls(), &[]);
+    let args = ship(&ring, &t, &shp, &["--ring-size", "64M"]);
+    let mut sp = Splitter::start(dir.path(), &disk, &strs(&args));
+    let mut c = sp.client();
+    let mut buf = vec![0u8; 1 << 20];
+    for i in 0..64 {
+        pattern(&mut buf, i);
+        c.write(i * MIB, &buf, false).unwrap();
+    }
+    c.flush().unwrap();
+    wait_consistent(&ring, &t, 60);
+    // Writes go on in the second half of the disk during every verify.
+    let uri = sp.uri();
+    let d = dir.path().to_path_buf();
+    let fio = std::thread::spawn(move || {
+        run(Command::new("fio")
+            .current_dir(&d)
+            .args([
+                "--name=bg",
+                "--ioengine=nbd",
+                "--rw=randwrite",
+                "--bs=4k",
+                "--iodepth=4",
+            ])
+            .arg(format!("--uri={uri}"))
+            .args([
+                "--offset=32M",
+                "--size=32M",
+                "--time_based",
+                "--runtime=12",
+                "--rate=2m",
+            ]));
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let (code, out) = verify(&ring, &[]);
+    if code != 0 && std::env::var_os("BS_KEEP").is_some() {
+        let _ = dir.keep();
+    }
+    assert_eq!(code, 0, "a correct replica under writes: {out}");
+    assert!(out.contains("0 extents differ"), "{out}");
+    // Three bytes flipped behind the target's back.
+    let flips = [5 * MIB + 17, 20 * MIB + 4095, 31 * MIB + 8192];
+    for &f in &flips {
+        flip(&t.replica(DISK), f);
+    }
+    let (code, out) = verify(&ring, &["--json"]);
+    assert_eq!(code, 1, "{out}");
+    let json: serde_json::Value = serde_json::from_str(
+        out.lines()
+            .take_while(|l| !l.starts_with('['))
+            .collect::<Vec<_>>()
+            .join("\n")
+            .as_str(),
+    )
+    .unwrap_or_else(|e| panic!("{e}: {out}"));
+    let found: Vec<(u64, u64)> = json["differing"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["offset"].as_u64().unwrap(), e["len"].as_u64().unwrap()))
+        .collect();
+    let want: Vec<(u64, u64)> = flips.iter().map(|f| (f / 4096 * 4096, 4096)).collect();
+    assert_eq!(found, want, "{out}");
+    let (code, out) = verify(&ring, &["--repair"]);
+    assert_eq!(code, 0, "{out}");
+    fio.join().unwrap();
+    let (code, out) = verify(&ring, &[]);
+    assert_eq!(code, 0, "{out}");
+    wait_consistent(&ring, &t, 60);
+    assert!(sp.terminate().success());
+    assert_same(&disk, &t.replica(DISK));
+}
+
+#[test]
+fn verify_runs_its_own_shipper_when_none_drains_the_ring() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    let ring = dir.path().join("disk.ring");
+    make_disk(&disk, 16 * MIB);
+    let pki = Pki::init(&dir.path().join("pki"));
+    let shp = pki.issue("s", &[DISK], &dir.path().join("shp"), 30);
+    let t = Target::start(dir.path(), &pki.target_tls(), &[]);
+    let sp = Splitter::start(
+        dir.path(),
+        &disk,
+        &["--ring", ring.to_str().unwrap(), "--ring-size", "16M"],
+    );
+    let mut c = sp.client();
+    c.write(MIB, &[3u8; 65536], false).unwrap();
+    c.flush().unwrap();
+    // Without the shipper's flags: a clear error.
+    let (code, out) = verify(&ring, &[]);
+    assert_ne!(code, 0);
+    assert!(out.contains("no shipper drains"), "{out}");
+    let (code, out) = verify(
+        &ring,
+        &[
+            "--disk",
+            disk.to_str().unwrap(),
+            "--target",
+            &t.addr,
+            "--disk-id",
+            DISK,
+            "--tls",
+            shp.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("0 extents differ"), "{out}");
+    assert_same(&disk, &t.replica(DISK));
+}

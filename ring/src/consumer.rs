@@ -414,6 +414,22 @@ impl Consumer {
         bitmap::dirty_bytes(&self.rf)
     }
 
+    /// The newest online verify asked for: (id, repair); id 0: none.
+    pub fn verify_request(&self) -> (u64, bool) {
+        let v = self.rf.get(live::VERIFY_REQUEST);
+        (v >> 1, v & 1 != 0)
+    }
+
+    /// Verify `id` finished (its report is written).
+    pub fn verify_done(&self, id: u64) {
+        self.rf.set(live::VERIFY_DONE, id);
+    }
+
+    /// Bytes the running verify has compared.
+    pub fn verify_progress(&self, bytes: u64) {
+        self.rf.set(live::VERIFY_PROGRESS, bytes);
+    }
+
     /// Set state flags (`format::STATE_*`).
     pub fn set_state(&self, bits: u64) {
         self.rf.set_bits(live::STATE, bits);

@@ -95,6 +95,10 @@ pub(crate) mod hdr {
 //   4544  ship_updated_ns   when the shipper last updated these, ns since the epoch
 //   4608  ship_rate         record bytes per second shipped, recent
 //   4672  ship_pid          process id of the shipper
+// and the online-verify handshake between `shipper verify` and the shipper:
+//   4736  verify_request    id << 1 | repair: the newest verify asked for (ids count up from 1)
+//   4800  verify_done       id of the newest verify finished (its report is RING.verify.json)
+//   4864  verify_progress   disk bytes the running verify has compared
 /// Byte offsets of the live header fields.
 pub(crate) mod live {
     pub const HEAD: usize = 512;
@@ -109,6 +113,9 @@ pub(crate) mod live {
     pub const SHIP_UPDATED_NS: usize = 4544;
     pub const SHIP_RATE: usize = 4608;
     pub const SHIP_PID: usize = 4672;
+    pub const VERIFY_REQUEST: usize = 4736;
+    pub const VERIFY_DONE: usize = 4800;
+    pub const VERIFY_PROGRESS: usize = 4864;
     pub const SYNCED_HEAD: usize = 832;
     pub const STATE: usize = 896;
     pub const OVERFLOW_SINCE: usize = 960;

@@ -198,3 +198,35 @@ pub fn dump(
     }
     Ok((out, None))
 }
+
+/// Ask the shipper draining the ring at `path` for an online verify
+/// (`repair`: resend what differs). Returns the verify's id; wait for
+/// [`verify_state`] to report it done.
+pub fn request_verify(path: &Path, repair: bool) -> Result<u64> {
+    let rf = RingFile::open(path)?;
+    let a = rf.shm.atomic(live::VERIFY_REQUEST);
+    let mut cur = a.load(std::sync::atomic::Ordering::Acquire);
+    loop {
+        let id = (cur >> 1) + 1;
+        let new = id << 1 | u64::from(repair);
+        match a.compare_exchange(
+            cur,
+            new,
+            std::sync::atomic::Ordering::AcqRel,
+            std::sync::atomic::Ordering::Acquire,
+        ) {
+            Ok(_) => return Ok(id),
+            Err(v) => cur = v,
+        }
+    }
+}
+
+/// The verify handshake: (newest id requested, newest id done, bytes compared).
+pub fn verify_state(path: &Path) -> Result<(u64, u64, u64)> {
+    let rf = RingFile::open(path)?;
+    Ok((
+        rf.get(live::VERIFY_REQUEST) >> 1,
+        rf.get(live::VERIFY_DONE),
+        rf.get(live::VERIFY_PROGRESS),
+    ))
+}

@@ -36,5 +36,5 @@ pub use consumer::{Batch, Consumer, LinkState, Record, ShipProgress};
 pub use error::{Error, Result};
 pub use file::{uuid_string, wall_clock_ns, CreateOptions, DiskIdentity, Layout};
 pub use format::Kind;
-pub use inspect::{dump, status, DumpEntry, ShipperStatus, Status};
+pub use inspect::{dump, request_verify, status, verify_state, DumpEntry, ShipperStatus, Status};
 pub use producer::{Appended, Change, FullPolicy, Lane, Producer, Recovery, SyncPlan};

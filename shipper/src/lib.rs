@@ -21,6 +21,7 @@
 //! - `session.rs`: one connection: hello, the send/ack loop, heartbeats.
 //! - `batch.rs`: a ring batch into a wire batch (encode, compress).
 //! - [`resync`]: full passes and dirty-extent resends, in the ordered stream.
+//! - [`verify`]: online verify (compare by hashes under writes, report, repair).
 //! - `pace.rs`: the `--max-rate` limiter.
 //! - [`cli`]: the shipping flags both binaries take.
 //! - [`stats`]: counters, the ring's published progress, Prometheus text.
@@ -33,6 +34,7 @@ pub mod resync;
 mod session;
 mod ship;
 pub mod stats;
+pub mod verify;
 
 pub use error::{Error, Result};
 pub use ship::{disk_identity, ShipConfig, Shipper};

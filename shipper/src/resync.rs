@@ -85,13 +85,18 @@ pub struct Resync {
     compare: bool,
     /// Chunks the target found different, with its block hashes.
     differing: VecDeque<BlockHashes>,
+    /// The running online verify.
+    verify: Option<crate::verify::Verify>,
+    /// The newest verify id taken up (or done before this shipper started).
+    verify_seen: u64,
+    report_path: std::path::PathBuf,
     buf: Vec<u8>,
     last_log: Instant,
 }
 
 impl Resync {
     /// Read the source from `disk` (the protected disk itself).
-    pub fn open(disk: &Path, disk_size: u64) -> Result<Resync> {
+    pub fn open(disk: &Path, disk_size: u64, ring: &Path, verify_done: u64) -> Result<Resync> {
         let f = File::open(disk).map_err(|e| {
             Error::Invalid(format!(
                 "cannot open disk {} for resync: {e}",
@@ -109,9 +114,82 @@ impl Resync {
             ready_plain: Vec::new(),
             compare: false,
             differing: VecDeque::new(),
+            verify: None,
+            verify_seen: verify_done,
+            report_path: crate::verify::report_path(ring),
             buf: vec![0u8; CHUNK_BYTES],
             last_log: Instant::now(),
         })
+    }
+
+    /// Start a verify the ring asks for, when no pass that also compares
+    /// by hashes is running (their answers would mix).
+    fn maybe_start_verify(&mut self, c: &Consumer) -> Result<()> {
+        let (id, repair) = c.verify_request();
+        if id <= self.verify_seen
+            || self.verify.is_some()
+            || self.full.is_some()
+            || !self.differing.is_empty()
+            || !self.inflight.is_empty()
+        {
+            return Ok(());
+        }
+        self.verify_seen = id;
+        log::info!(
+            "online verify {id} starting{}: comparing the disk with the replica by hashes",
+            if repair { " (with repair)" } else { "" }
+        );
+        self.verify = Some(crate::verify::Verify::new(
+            id,
+            repair,
+            &self.disk,
+            self.disk_size,
+        )?);
+        Ok(())
+    }
+
+    /// Finish a verify whose answers are all in: write its report.
+    fn maybe_finish_verify(&mut self, c: &Consumer) {
+        let quiet = self.inflight.is_empty() && self.ready.is_none();
+        let Some(v) = self.verify.as_ref().filter(|v| v.finished(quiet)) else {
+            return;
+        };
+        let r = v.report();
+        let bytes: u64 = r.differing.iter().map(|e| e.len).sum();
+        if r.differing.is_empty() {
+            log::info!(
+                "online verify {}: {} bytes compared, no differences ({:.1} s)",
+                r.id,
+                r.compared_bytes,
+                r.seconds
+            );
+        } else {
+            log::warn!(
+                "online verify {}: {} bytes in {} extents differ{} ({:.1} s)",
+                r.id,
+                bytes,
+                r.differing.len(),
+                if r.repair {
+                    ", resent"
+                } else {
+                    "; run `shipper verify --repair` to resend them"
+                },
+                r.seconds
+            );
+        }
+        let tmp = self.report_path.with_extension("json.tmp");
+        if std::fs::write(&tmp, r.to_json().to_string())
+            .and_then(|()| std::fs::rename(&tmp, &self.report_path))
+            .is_err()
+        {
+            log::warn!(
+                "cannot write the verify report {}",
+                self.report_path.display()
+            );
+        }
+        c.verify_progress(r.compared_bytes);
+        c.verify_done(r.id);
+        self.verify = None;
     }
 
     /// A new connection: decide what to send from the target's answer and
@@ -122,6 +200,11 @@ impl Resync {
         self.ready = None;
         self.differing.clear();
         self.compare = reply.flags & REPLY_COMPARE != 0;
+        if let Some(v) = self.verify.take() {
+            // Its answers are lost with the connection: run it again.
+            log::info!("online verify {} restarts on the new connection", v.id);
+            self.verify_seen = v.id - 1;
+        }
         self.dirty.clear();
         self.dirty_active = false;
         self.full = (reply.flags & REPLY_FULL_SYNC != 0).then(|| {
@@ -180,7 +263,9 @@ impl Resync {
     }
 
     fn has_more(&self, c: &Consumer) -> bool {
-        !self.differing.is_empty()
+        self.verify.is_some()
+            || c.verify_request().0 > self.verify_seen
+            || !self.differing.is_empty()
             || self.full.is_some()
             || !self.dirty.is_empty()
             || (self.dirty_active && self.inflight.is_empty())
@@ -195,6 +280,8 @@ impl Resync {
             return Ok(());
         }
         self.maybe_start_dirty(c, stats);
+        self.maybe_finish_verify(c);
+        self.maybe_start_verify(c)?;
         // The tag: every ring record below it was captured before the disk
         // is read below, so the chunk goes into the stream after them.
         let seq = c.head_next_seq().max(1);
@@ -304,6 +391,12 @@ impl Resync {
                 done as f64 * 100.0 / self.disk_size as f64,
                 self.disk_size
             );
+        }
+        if let Some(v) = &mut self.verify {
+            if covered < max_bytes {
+                count += v.fill(plain, seq, max_bytes - covered)?;
+                c.verify_progress(v.compared());
+            }
         }
         self.ready_plain = std::mem::take(plain);
         log::debug!("resync batch prepared: {count} records at tag {seq}");
@@ -524,7 +617,10 @@ impl Resync {
 
     /// The target's answer to a SYNC_HASH whose chunk differs.
     pub fn block_hashes(&mut self, bh: BlockHashes) {
-        self.differing.push_back(bh);
+        match &mut self.verify {
+            Some(v) => v.answer(bh),
+            None => self.differing.push_back(bh),
+        }
     }
 
     /// The target acknowledged the first `batches` batches of this connection.

@@ -124,7 +124,12 @@ impl Shipper {
         }
         let encoder = Encoder::new(cfg.zstd_level)?;
         let resync = match &cfg.disk {
-            Some(d) => Some(crate::resync::Resync::open(d, consumer.disk_size())?),
+            Some(d) => Some(crate::resync::Resync::open(
+                d,
+                consumer.disk_size(),
+                &cfg.ring,
+                ring::verify_state(&cfg.ring)?.1,
+            )?),
             None => None,
         };
         Ok(Shipper {
