@@ -117,6 +117,15 @@ pub fn render_text(v: &Value) -> String {
                 d["inconsistent_explanation"].as_str().unwrap_or("unknown")
             );
         }
+        if d["full_pass_needed"] == true {
+            let size = d["disk_size"].as_u64().unwrap_or(0).max(1);
+            let at = d["full_pass_cursor"].as_u64().unwrap_or(0);
+            let _ = writeln!(
+                s,
+                "  full pass:      {:.1}% ({at} of {size} bytes done)",
+                at as f64 * 100.0 / size as f64
+            );
+        }
         let _ = writeln!(
             s,
             "  connection:     {} {}",

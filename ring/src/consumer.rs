@@ -59,6 +59,16 @@ pub struct ShipProgress {
     pub wire_bytes: u64,
     /// Record bytes per second, recent.
     pub rate: u64,
+    /// Resync now: 0 none, 1 full pass copying, 2 full pass comparing, 3 dirty extents.
+    pub sync_phase: u64,
+    /// Disk bytes the running pass covered.
+    pub sync_done: u64,
+    /// Disk bytes the running pass covers.
+    pub sync_total: u64,
+    /// When the running pass started (ns since the epoch).
+    pub sync_started_ns: u64,
+    /// Disk bytes resyncs sent as data, cumulative.
+    pub sync_data_bytes: u64,
 }
 
 /// A record read from the ring; its payload lives in the [`Batch`].
@@ -362,6 +372,11 @@ impl Consumer {
         self.rf.set(live::SHIP_PLAIN_BYTES, p.plain_bytes);
         self.rf.set(live::SHIP_WIRE_BYTES, p.wire_bytes);
         self.rf.set(live::SHIP_RATE, p.rate);
+        self.rf.set(live::SYNC_PHASE, p.sync_phase);
+        self.rf.set(live::SYNC_DONE, p.sync_done);
+        self.rf.set(live::SYNC_TOTAL, p.sync_total);
+        self.rf.set(live::SYNC_STARTED_NS, p.sync_started_ns);
+        self.rf.set(live::SYNC_DATA_BYTES, p.sync_data_bytes);
         self.rf.set(live::SHIP_PID, u64::from(std::process::id()));
         self.rf
             .set(live::SHIP_UPDATED_NS, crate::file::wall_clock_ns());

@@ -99,6 +99,12 @@ pub(crate) mod hdr {
 //   4736  verify_request    id << 1 | repair: the newest verify asked for (ids count up from 1)
 //   4800  verify_done       id of the newest verify finished (its report is RING.verify.json)
 //   4864  verify_progress   disk bytes the running verify has compared
+// and the shipper's resync (informational):
+//   4928  sync_phase        0 none, 1 full pass copying, 2 full pass comparing by hashes, 3 dirty extents
+//   4992  sync_done         disk bytes the running pass covered
+//   5056  sync_total        disk bytes the running pass covers
+//   5120  sync_started_ns   when the running pass started, ns since the epoch
+//   5184  sync_data_bytes   disk bytes resyncs sent as data, cumulative
 /// Byte offsets of the live header fields.
 pub(crate) mod live {
     pub const HEAD: usize = 512;
@@ -116,6 +122,11 @@ pub(crate) mod live {
     pub const VERIFY_REQUEST: usize = 4736;
     pub const VERIFY_DONE: usize = 4800;
     pub const VERIFY_PROGRESS: usize = 4864;
+    pub const SYNC_PHASE: usize = 4928;
+    pub const SYNC_DONE: usize = 4992;
+    pub const SYNC_TOTAL: usize = 5056;
+    pub const SYNC_STARTED_NS: usize = 5120;
+    pub const SYNC_DATA_BYTES: usize = 5184;
     pub const SYNCED_HEAD: usize = 832;
     pub const STATE: usize = 896;
     pub const OVERFLOW_SINCE: usize = 960;

@@ -234,6 +234,15 @@ impl Resync {
         stats
             .sync_full_done
             .store(self.full.unwrap_or(0), Ordering::Relaxed);
+        if self.full.is_some() {
+            let phase = if self.compare { 2 } else { 1 };
+            stats.sync_phase.store(phase, Ordering::Relaxed);
+            stats
+                .sync_started_ns
+                .store(ring::wall_clock_ns(), Ordering::Relaxed);
+        } else {
+            stats.sync_phase.store(0, Ordering::Relaxed);
+        }
         self.maybe_start_dirty(c, stats);
     }
 
@@ -253,6 +262,12 @@ impl Resync {
             extents.len()
         );
         stats.sync_dirty_total.fetch_add(bytes, Ordering::Relaxed);
+        if self.full.is_none() {
+            stats.sync_phase.store(3, Ordering::Relaxed);
+            stats
+                .sync_started_ns
+                .store(ring::wall_clock_ns(), Ordering::Relaxed);
+        }
         self.dirty = extents.into();
         self.dirty_active = true;
     }
@@ -317,6 +332,9 @@ impl Resync {
                     );
                     count += 1;
                     self.full = None;
+                    stats
+                        .sync_phase
+                        .store(if self.dirty_active { 3 } else { 0 }, Ordering::Relaxed);
                     // The pass is in the stream: the ring's flags have done
                     // their job (the target keeps its own state).
                     c.clear_state(STATE_NEEDS_INITIAL_SYNC | STATE_NEEDS_VERIFY);
@@ -375,6 +393,9 @@ impl Resync {
                 self.record(plain, seq, RecordKind::SyncEnd, SYNC_END_DIRTY, 0, false);
                 count += 1;
                 self.dirty_active = false;
+                if self.full.is_none() {
+                    stats.sync_phase.store(0, Ordering::Relaxed);
+                }
                 log::info!(
                     "dirty extents resent and acknowledged; the ring's overflow is resolved"
                 );

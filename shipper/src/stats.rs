@@ -47,6 +47,10 @@ pub struct Stats {
     pub sync_compared_bytes: AtomicU64,
     /// Disk bytes sent as data by resyncs, cumulative.
     pub sync_data_bytes: AtomicU64,
+    /// Resync now: 0 none, 1 full pass copying, 2 full pass comparing, 3 dirty extents.
+    pub sync_phase: AtomicU64,
+    /// When the running pass started (ns since the epoch).
+    pub sync_started_ns: AtomicU64,
     /// The last error, for status.
     pub last_error: Mutex<String>,
 }
@@ -60,6 +64,19 @@ impl Stats {
             plain_bytes: self.plain_bytes.load(Ordering::Relaxed),
             wire_bytes: self.wire_bytes.load(Ordering::Relaxed),
             rate: self.rate.load(Ordering::Relaxed),
+            sync_phase: self.sync_phase.load(Ordering::Relaxed),
+            sync_done: match self.sync_phase.load(Ordering::Relaxed) {
+                1 | 2 => self.sync_full_done.load(Ordering::Relaxed),
+                3 => self.sync_dirty_done.load(Ordering::Relaxed),
+                _ => 0,
+            },
+            sync_total: match self.sync_phase.load(Ordering::Relaxed) {
+                1 | 2 => self.sync_full_total.load(Ordering::Relaxed),
+                3 => self.sync_dirty_total.load(Ordering::Relaxed),
+                _ => 0,
+            },
+            sync_started_ns: self.sync_started_ns.load(Ordering::Relaxed),
+            sync_data_bytes: self.sync_data_bytes.load(Ordering::Relaxed),
         }
     }
 

@@ -277,6 +277,56 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+const PHASES: [&str; 4] = [
+    "none",
+    "full pass (copying the disk)",
+    "full pass (comparing by hashes)",
+    "resending dirty extents",
+];
+
+/// Rate (bytes/s) and ETA (s) of the running resync pass.
+fn resync_rate(p: &ring::ShipProgress, now: u64) -> (f64, Option<f64>) {
+    let secs = now.saturating_sub(p.sync_started_ns) as f64 / 1e9;
+    let rate = if secs > 0.0 {
+        p.sync_done as f64 / secs
+    } else {
+        0.0
+    };
+    let left = p.sync_total.saturating_sub(p.sync_done) as f64;
+    (rate, (rate > 0.0).then(|| left / rate))
+}
+
+fn resync_json(p: &ring::ShipProgress, now: u64) -> serde_json::Value {
+    let (rate, eta) = resync_rate(p, now);
+    serde_json::json!({
+        "phase": PHASES.get(usize::try_from(p.sync_phase).unwrap_or(0)).copied().unwrap_or("none"),
+        "done_bytes": p.sync_done,
+        "total_bytes": p.sync_total,
+        "rate_bytes_per_second": rate,
+        "eta_seconds": eta,
+        "data_bytes_sent": p.sync_data_bytes,
+    })
+}
+
+fn resync_line(p: &ring::ShipProgress, now: u64) -> Option<String> {
+    if p.sync_phase == 0 {
+        return None;
+    }
+    let (rate, eta) = resync_rate(p, now);
+    let phase = PHASES
+        .get(usize::try_from(p.sync_phase).unwrap_or(0))
+        .copied()
+        .unwrap_or("?");
+    Some(format!(
+        "{phase}: {:.1}% ({} of {} bytes), {:.1} MB/s, ETA {}; the replica is not crash-consistent until it ends",
+        p.sync_done as f64 * 100.0 / p.sync_total.max(1) as f64,
+        p.sync_done,
+        p.sync_total,
+        rate / 1e6,
+        eta.map_or("?".into(), |e| format!("{e:.0} s"))
+    ))
+}
+
 /// Prometheus text: the ring's state and, when shipping in-process, the shipper's.
 fn metrics_text(
     ring_path: Option<&std::path::Path>,
@@ -399,6 +449,7 @@ fn ring_cmd(cmd: RingCmd) -> anyhow::Result<()> {
                         "throughput_bytes_per_second": sh.progress.rate,
                         "updated_seconds_ago": now.saturating_sub(sh.updated_ns) as f64 / 1e9,
                         "pid": sh.pid,
+                        "resync": resync_json(&sh.progress, now),
                     })),
                 });
                 println!("{}", serde_json::to_string_pretty(&v)?);
@@ -439,6 +490,9 @@ fn ring_cmd(cmd: RingCmd) -> anyhow::Result<()> {
                         if p.wire_bytes > 0 { p.plain_bytes as f64 / p.wire_bytes as f64 } else { 1.0 },
                         p.rate as f64 / 1e6
                     );
+                    if let Some(line) = resync_line(p, now) {
+                        println!("resync:           {line}");
+                    }
                 } else {
                     println!("shipper:          none has run on this ring");
                 }
