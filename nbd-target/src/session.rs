@@ -195,6 +195,9 @@ fn run(sock: TcpStream, ctx: &SessionContext) -> Result<(), SessionError> {
     if st.reason.worth_comparing() {
         flags |= REPLY_COMPARE;
     }
+    if st.reason == Reason::SourceOverflow {
+        flags |= REPLY_DIRTY_PENDING;
+    }
     let reply = HelloReply {
         version: PROTOCOL_VERSION.min(hello.max_version),
         flags,

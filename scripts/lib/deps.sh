@@ -56,6 +56,7 @@ BS_DEPS_DEMO=(
   cmd:fusermount3:fuse3
   cmd:losetup:"mount|util-linux"
   cmd:mount:mount
+  cmd:python3:python3
 )
 
 # What scripts/bench/nbd uses.
@@ -73,6 +74,32 @@ BS_DEPS_BENCH=(
 BS_DEPS_REPLICATE=(
   cmd:fio:fio
   cmd:nbdinfo:libnbd-bin
+  cmd:python3:python3
+  cmd:cmp:diffutils
+  cmd:numfmt:coreutils
+)
+
+# What scripts/bench/wan-link uses (iperf3 and python3 for `wan-link check`).
+# shellcheck disable=SC2034
+BS_DEPS_WAN=(
+  cmd:ip:iproute2
+  cmd:tc:iproute2
+  cmd:setsid:util-linux
+  cmd:iperf3:iperf3
+  cmd:python3:python3
+)
+
+# What scripts/bench/sync uses (and BS_DEPS_WAN for its WAN runs).
+# shellcheck disable=SC2034
+BS_DEPS_SYNC=(
+  cmd:nbdinfo:libnbd-bin
+  cmd:nbdcopy:libnbd-bin
+  cmd:nbdkit:nbdkit
+  cmd:rsync:rsync
+  cmd:mkfs.ext4:e2fsprogs
+  cmd:losetup:"mount|util-linux"
+  cmd:mount:mount
+  cmd:ss:iproute2
   cmd:python3:python3
   cmd:cmp:diffutils
   cmd:numfmt:coreutils

@@ -33,7 +33,7 @@ use ring::format::{
     STATE_CRASH_DIRTY, STATE_NEEDS_INITIAL_SYNC, STATE_NEEDS_VERIFY, STATE_OVERFLOW,
 };
 use ring::{Consumer, Extent};
-use wire::frame::{BlockHashes, HelloReply, REPLY_COMPARE, REPLY_FULL_SYNC};
+use wire::frame::{BlockHashes, HelloReply, REPLY_COMPARE, REPLY_DIRTY_PENDING, REPLY_FULL_SYNC};
 use wire::records::{SYNC_END_DIRTY, SYNC_END_FULL_PASS};
 use wire::{RecordKind, WireRecord};
 
@@ -85,6 +85,9 @@ pub struct Resync {
     compare: bool,
     /// Chunks the target found different, with its block hashes.
     differing: VecDeque<BlockHashes>,
+    /// The target still waits for a SYNC_END(DIRTY) (the connection that
+    /// carried the last one dropped first).
+    dirty_end_owed: bool,
     /// The running online verify.
     verify: Option<crate::verify::Verify>,
     /// The newest verify id taken up (or done before this shipper started).
@@ -114,6 +117,7 @@ impl Resync {
             ready_plain: Vec::new(),
             compare: false,
             differing: VecDeque::new(),
+            dirty_end_owed: false,
             verify: None,
             verify_seen: verify_done,
             report_path: crate::verify::report_path(ring),
@@ -200,6 +204,7 @@ impl Resync {
         self.ready = None;
         self.differing.clear();
         self.compare = reply.flags & REPLY_COMPARE != 0;
+        self.dirty_end_owed = reply.flags & REPLY_DIRTY_PENDING != 0;
         if let Some(v) = self.verify.take() {
             // Its answers are lost with the connection: run it again.
             log::info!("online verify {} restarts on the new connection", v.id);
@@ -252,9 +257,12 @@ impl Resync {
         }
         let overflowed = c.state() & (STATE_OVERFLOW | STATE_CRASH_DIRTY) != 0;
         let extents = c.dirty_extents();
-        if extents.is_empty() && !overflowed {
+        if extents.is_empty() && !overflowed && !self.dirty_end_owed {
             return;
         }
+        // An empty pass still ends with SYNC_END(DIRTY) for a target that
+        // never received the last one.
+        self.dirty_end_owed = false;
         let bytes: u64 = extents.iter().map(|e| e.len).sum();
         log::info!(
             "resending {} dirty bytes in {} extents (changes that overflowed the ring or were in flight at a crash)",
@@ -286,6 +294,7 @@ impl Resync {
             || (self.dirty_active && self.inflight.is_empty())
             || c.state() & STATE_OVERFLOW != 0
             || c.dirty_bytes() > 0
+            || self.dirty_end_owed
     }
 
     /// Encode the next resync batch into `plain` (cleared by the caller),
@@ -297,6 +306,11 @@ impl Resync {
         self.maybe_start_dirty(c, stats);
         self.maybe_finish_verify(c);
         self.maybe_start_verify(c)?;
+        // The dirty-mark count first, then the tag: a change marked after
+        // the count keeps its bits; one marked before it was on the disk
+        // before the tag was taken, so every ring record it overwrote is
+        // below the tag (overlapping writes are captured in disk order).
+        let marks = c.dirty_marks();
         // The tag: every ring record below it was captured before the disk
         // is read below, so the chunk goes into the stream after them.
         let seq = c.head_next_seq().max(1);
@@ -305,7 +319,6 @@ impl Resync {
         let plain = &mut plain;
         let mut count = 0u32;
         let mut covered = 0u64;
-        let marks = c.dirty_marks();
         let mut sent_dirty = Vec::new();
         while covered < max_bytes {
             // Blocks of compared chunks that differ come first: the target

@@ -315,6 +315,7 @@ pub(crate) fn run(sh: &mut Shipper) -> Result<()> {
                     });
                     inflight_bytes += plain;
                     pacer.sent(frame_len);
+                    sh.stats.plain_bytes.fetch_add(plain, Ordering::Relaxed);
                     sh.stats.wire_bytes.fetch_add(frame_len, Ordering::Relaxed);
                     sh.stats.batches.fetch_add(1, Ordering::Relaxed);
                     link.pump().map_err(&lerr)?;

@@ -180,6 +180,12 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
             let identity = disk
                 .identity()
                 .with_context(|| format!("cannot identify disk {}", a.disk.display()))?;
+            if a.bitmap_granularity > 1 << 20 {
+                bail!(
+                    "--bitmap-granularity {} is above 1M: the resync resends dirty extents in 1 MiB chunks and clears whole granules only",
+                    a.bitmap_granularity
+                );
+            }
             let opts = ring::CreateOptions {
                 capacity: a.ring_size,
                 granularity: a.bitmap_granularity,

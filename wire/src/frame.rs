@@ -377,6 +377,9 @@ pub const REPLY_FULL_SYNC: u32 = 1 << 1;
 /// Reply flag: the replica holds data worth comparing (a seed, an earlier
 /// replica): run the full pass by hashes, sending only what differs.
 pub const REPLY_COMPARE: u32 = 1 << 2;
+/// Reply flag: the replica waits for the end of a dirty-extent resend
+/// (SYNC_END with SYNC_END_DIRTY), even if the source's bitmap is empty now.
+pub const REPLY_DIRTY_PENDING: u32 = 1 << 3;
 
 /// The target's answer to a hello.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -415,7 +418,9 @@ impl HelloReply {
             max_body: le32(b, 16),
             sync_cursor: le64(b, 24),
         };
-        if r.flags & !(REPLY_CONSISTENT | REPLY_FULL_SYNC | REPLY_COMPARE) != 0 {
+        if r.flags & !(REPLY_CONSISTENT | REPLY_FULL_SYNC | REPLY_COMPARE | REPLY_DIRTY_PENDING)
+            != 0
+        {
             return Err(WireError::invalid(
                 "HELLO_REPLY flags",
                 format!("{:#x}", r.flags),
