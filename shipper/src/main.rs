@@ -122,6 +122,9 @@ fn main() -> anyhow::Result<()> {
         )
         .with_context(|| format!("cannot serve metrics on {m}"))?;
     }
+    if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        resync_progress_bar(sh.stats());
+    }
     log::info!(
         "shipping ring {} (disk {}) to {}",
         a.ring.display(),
@@ -249,4 +252,42 @@ fn verify(v: VerifyArgs) -> anyhow::Result<()> {
         std::process::exit(1);
     }
     Ok(())
+}
+
+/// On a terminal: a progress bar for each resync pass (full pass or dirty
+/// extents) while it runs. Otherwise the shipper logs progress every 5 s.
+fn resync_progress_bar(stats: Arc<shipper::Stats>) {
+    let _ = std::thread::Builder::new().name("progress".into()).spawn(move || {
+        let mut bar: Option<(u64, indicatif::ProgressBar)> = None;
+        loop {
+            let p = stats.progress();
+            match (&bar, p.sync_phase) {
+                (Some((phase, b)), now) if *phase != now => {
+                    b.finish_and_clear();
+                    bar = None;
+                }
+                (None, 1..=3) => {
+                    let b = indicatif::ProgressBar::new(p.sync_total.max(1));
+                    let what = match p.sync_phase {
+                        1 => "full pass (copy)",
+                        2 => "full pass (compare)",
+                        _ => "dirty extents",
+                    };
+                    b.set_style(
+                        indicatif::ProgressStyle::with_template(&format!(
+                            "{what} {{bar:40}} {{bytes}}/{{total_bytes}} {{bytes_per_sec}} eta {{eta}}"
+                        ))
+                        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                    );
+                    bar = Some((p.sync_phase, b));
+                }
+                _ => {}
+            }
+            if let Some((_, b)) = &bar {
+                b.set_length(p.sync_total.max(1));
+                b.set_position(p.sync_done);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    });
 }
