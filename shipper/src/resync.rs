@@ -88,6 +88,8 @@ pub struct Resync {
     /// The target still waits for a SYNC_END(DIRTY) (the connection that
     /// carried the last one dropped first).
     dirty_end_owed: bool,
+    /// The dirty-mark count when the bitmap was last found empty.
+    marks_clean: u64,
     /// The running online verify.
     verify: Option<crate::verify::Verify>,
     /// The newest verify id taken up (or done before this shipper started).
@@ -118,6 +120,7 @@ impl Resync {
             compare: false,
             differing: VecDeque::new(),
             dirty_end_owed: false,
+            marks_clean: u64::MAX,
             verify: None,
             verify_seen: verify_done,
             report_path: crate::verify::report_path(ring),
@@ -281,11 +284,25 @@ impl Resync {
     }
 
     /// Work to send now.
-    pub fn has_work(&self, c: &Consumer) -> bool {
+    pub fn has_work(&mut self, c: &Consumer) -> bool {
         self.ready.is_none() && self.has_more(c)
     }
 
-    fn has_more(&self, c: &Consumer) -> bool {
+    /// The dirty bitmap may hold bits: scanned only when the mark count
+    /// moved since it was last found clean (a scan reads the whole bitmap).
+    fn bitmap_may_be_dirty(&mut self, c: &Consumer) -> bool {
+        let marks = c.dirty_marks();
+        if marks == self.marks_clean {
+            return false;
+        }
+        if c.dirty_bytes() > 0 {
+            return true;
+        }
+        self.marks_clean = marks;
+        false
+    }
+
+    fn has_more(&mut self, c: &Consumer) -> bool {
         self.verify.is_some()
             || c.verify_request().0 > self.verify_seen
             || !self.differing.is_empty()
@@ -293,8 +310,8 @@ impl Resync {
             || !self.dirty.is_empty()
             || (self.dirty_active && self.inflight.is_empty())
             || c.state() & STATE_OVERFLOW != 0
-            || c.dirty_bytes() > 0
             || self.dirty_end_owed
+            || self.bitmap_may_be_dirty(c)
     }
 
     /// Encode the next resync batch into `plain` (cleared by the caller),
