@@ -30,7 +30,7 @@ pub struct ShipArgs {
     #[arg(long, value_name = "MS", default_value_t = 2)]
     pub batch_delay_ms: u64,
     /// Most record bytes sent and not yet acknowledged (K, M, G suffixes).
-    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_size)]
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_size)]
     pub window: u64,
 }
 

@@ -232,7 +232,12 @@ pub(crate) fn run(sh: &mut Shipper) -> Result<()> {
         }
         // Send while the window has room.
         loop {
-            if inflight_bytes >= sh.cfg.window_bytes || !pacer.wait().is_zero() {
+            // Nothing new while ciphertext still waits for the socket: the
+            // window bounds what is unacknowledged, this bounds memory.
+            if inflight_bytes >= sh.cfg.window_bytes
+                || !pacer.wait().is_zero()
+                || link.wants_write()
+            {
                 break;
             }
             let unread = sh.consumer.unread_bytes();
@@ -294,7 +299,11 @@ pub(crate) fn run(sh: &mut Shipper) -> Result<()> {
         // below its tag was sent; then the next one is prepared.
         if let Some(r) = &mut sh.resync {
             let ready = r.ready_tag().is_some_and(|t| sh.consumer.next_seq() >= t);
-            if ready && inflight_bytes < sh.cfg.window_bytes && pacer.wait().is_zero() {
+            if ready
+                && inflight_bytes < sh.cfg.window_bytes
+                && pacer.wait().is_zero()
+                && !link.wants_write()
+            {
                 let plain = sh.encoder.plain_mut();
                 if let Some(sb) = r.take_ready(plain, batches_sent + 1) {
                     let b = sh

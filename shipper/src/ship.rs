@@ -52,7 +52,7 @@ impl ShipConfig {
             zstd_level: 1,
             batch_bytes: 4 << 20,
             batch_delay: Duration::from_millis(2),
-            window_bytes: 64 << 20,
+            window_bytes: 256 << 20,
             max_rate: None,
             drain_timeout: Duration::from_secs(10),
         }
