@@ -32,6 +32,11 @@ pub struct ShipArgs {
     /// Most record bytes sent and not yet acknowledged (K, M, G suffixes).
     #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_size)]
     pub window: u64,
+    /// Disk bytes per resync chunk: the unit a full pass reads, compares by
+    /// hash and sends (a differing chunk is then compared per 4 KiB block).
+    /// A power of two from 4K to 16M.
+    #[arg(long, value_name = "SIZE", default_value = "1M", value_parser = parse_size)]
+    pub sync_chunk: u64,
 }
 
 impl ShipArgs {
@@ -52,6 +57,7 @@ impl ShipArgs {
             usize::try_from(self.batch_size.clamp(64 << 10, 16 << 20)).unwrap_or(4 << 20);
         c.batch_delay = Duration::from_millis(self.batch_delay_ms);
         c.window_bytes = self.window.max(c.batch_bytes as u64);
+        c.sync_chunk = self.sync_chunk;
         Ok(c)
     }
 }

@@ -40,10 +40,10 @@ use wire::{RecordKind, WireRecord};
 use crate::error::{Error, Result};
 use crate::stats::Stats;
 
-/// Disk bytes per chunk (the unit read, tagged and sent).
+/// Disk bytes per chunk by default (the unit read, tagged, hashed and sent).
 pub const CHUNK: u64 = 1 << 20;
-/// [`CHUNK`] as a buffer length.
-const CHUNK_BYTES: usize = 1 << 20;
+/// Largest chunk (a compare answer lists at most 4096 blocks).
+pub const MAX_CHUNK: u64 = wire::records::MAX_HASHED_CHUNK as u64;
 
 /// What a resync batch carried, kept until the target acknowledges it.
 #[derive(Debug)]
@@ -95,13 +95,27 @@ pub struct Resync {
     /// The newest verify id taken up (or done before this shipper started).
     verify_seen: u64,
     report_path: std::path::PathBuf,
+    /// Disk bytes per chunk.
+    chunk: u64,
     buf: Vec<u8>,
     last_log: Instant,
 }
 
 impl Resync {
     /// Read the source from `disk` (the protected disk itself).
-    pub fn open(disk: &Path, disk_size: u64, ring: &Path, verify_done: u64) -> Result<Resync> {
+    pub fn open(
+        disk: &Path,
+        disk_size: u64,
+        ring: &Path,
+        verify_done: u64,
+        chunk: u64,
+    ) -> Result<Resync> {
+        if !(4096..=MAX_CHUNK).contains(&chunk) || !chunk.is_power_of_two() {
+            return Err(Error::Invalid(format!(
+                "sync chunk {chunk} must be a power of two from 4K to {}M",
+                MAX_CHUNK >> 20
+            )));
+        }
         let f = File::open(disk).map_err(|e| {
             Error::Invalid(format!(
                 "cannot open disk {} for resync: {e}",
@@ -124,7 +138,9 @@ impl Resync {
             verify: None,
             verify_seen: verify_done,
             report_path: crate::verify::report_path(ring),
-            buf: vec![0u8; CHUNK_BYTES],
+            chunk,
+            // chunk <= 16 MiB, checked above.
+            buf: vec![0u8; usize::try_from(chunk).unwrap_or(1 << 20)],
             last_log: Instant::now(),
         })
     }
@@ -216,7 +232,7 @@ impl Resync {
         self.dirty.clear();
         self.dirty_active = false;
         self.full = (reply.flags & REPLY_FULL_SYNC != 0).then(|| {
-            let at = (reply.sync_cursor / CHUNK * CHUNK).min(self.disk_size);
+            let at = (reply.sync_cursor / self.chunk * self.chunk).min(self.disk_size);
             log::info!(
                 "the replica needs a full pass over the disk{}: {} at {:.1}% ({} of {} bytes)",
                 if reply.flags & REPLY_COMPARE != 0 {
@@ -371,7 +387,7 @@ impl Resync {
                     log::info!("full pass sent ({} bytes)", self.disk_size);
                     break;
                 }
-                let n = CHUNK.min(self.disk_size - at);
+                let n = self.chunk.min(self.disk_size - at);
                 if self.compare {
                     count += self.hash_chunk(plain, seq, at, n, stats)?;
                     // Hashes are small: a batch covers more disk.
@@ -387,7 +403,7 @@ impl Resync {
                 continue;
             }
             if let Some(e) = self.dirty.pop_front() {
-                let n = e.len.min(CHUNK);
+                let n = e.len.min(self.chunk);
                 if n < e.len {
                     self.dirty.push_front(Extent {
                         offset: e.offset + n,
@@ -514,7 +530,7 @@ impl Resync {
         full: bool,
         stats: &Stats,
     ) -> Result<u32> {
-        // len <= CHUNK (1 MiB).
+        // len <= the chunk (at most 16 MiB).
         let n = usize::try_from(len).unwrap_or(0);
         let small = u32::try_from(len).unwrap_or(0);
         if self.is_hole(offset, len) {

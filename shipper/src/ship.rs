@@ -38,6 +38,8 @@ pub struct ShipConfig {
     pub max_rate: Option<u64>,
     /// On stop, how long to keep shipping what is already in the ring.
     pub drain_timeout: Duration,
+    /// Disk bytes per resync chunk (read, hashed and sent as one).
+    pub sync_chunk: u64,
 }
 
 impl ShipConfig {
@@ -55,6 +57,7 @@ impl ShipConfig {
             window_bytes: 256 << 20,
             max_rate: None,
             drain_timeout: Duration::from_secs(10),
+            sync_chunk: crate::resync::CHUNK,
         }
     }
 }
@@ -129,6 +132,7 @@ impl Shipper {
                 consumer.disk_size(),
                 &cfg.ring,
                 ring::verify_state(&cfg.ring)?.1,
+                cfg.sync_chunk,
             )?),
             None => None,
         };
