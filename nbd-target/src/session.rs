@@ -294,6 +294,22 @@ impl Session {
             state.state.sync_cursor = 0;
             changed = true;
         }
+        if hello.next_seq <= state.state.applied_seq {
+            // The source's ring went back (a power cut lost records it had
+            // shipped, and their sequence numbers are given again): take
+            // the new ones, and compare the whole disk.
+            log::warn!(
+                "disk {:?}: the source's ring is back at seq {} but the replica applied up to {}: records were lost at the source; a full pass will compare the disk",
+                hello.disk_id,
+                hello.next_seq,
+                state.state.applied_seq
+            );
+            state.state.applied_seq = hello.next_seq.saturating_sub(1);
+            state.state.reason = Reason::SourceGap;
+            state.state.since_seq = hello.next_seq;
+            state.state.sync_cursor = 0;
+            changed = true;
+        }
         let applied = state.state.applied_seq;
         if hello.tail_seq > applied + 1 && state.state.consistent() {
             {

@@ -139,8 +139,8 @@ impl Resync {
             verify_seen: verify_done,
             report_path: crate::verify::report_path(ring),
             chunk,
-            // chunk <= 16 MiB, checked above.
-            buf: vec![0u8; usize::try_from(chunk).unwrap_or(1 << 20)],
+            // chunk <= 16 MiB, checked above; dirty pieces take up to 1 MiB.
+            buf: vec![0u8; usize::try_from(chunk.max(1 << 20)).unwrap_or(1 << 20)],
             last_log: Instant::now(),
         })
     }
@@ -403,7 +403,9 @@ impl Resync {
                 continue;
             }
             if let Some(e) = self.dirty.pop_front() {
-                let n = e.len.min(self.chunk);
+                // Whole bitmap granules (at most 1 MiB) per piece, so that
+                // acknowledged pieces clear their bits.
+                let n = e.len.min(self.chunk.max(1 << 20));
                 if n < e.len {
                     self.dirty.push_front(Extent {
                         offset: e.offset + n,

@@ -77,7 +77,9 @@ fn source_flags(c: &ring::Consumer) -> u32 {
     if st & ring::format::STATE_NEEDS_INITIAL_SYNC != 0 {
         flags |= HELLO_NEEDS_INITIAL_SYNC;
     }
-    if st & ring::format::STATE_OVERFLOW != 0 {
+    // Extents a crash left in the dirty bitmap are resent like overflowed
+    // ones: the target must not call the replica consistent meanwhile.
+    if st & (ring::format::STATE_OVERFLOW | ring::format::STATE_CRASH_DIRTY) != 0 {
         flags |= HELLO_OVERFLOW;
     }
     if st & ring::format::STATE_NEEDS_VERIFY != 0 {

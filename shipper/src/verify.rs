@@ -190,7 +190,13 @@ impl Verify {
         let mut count = 0;
         let mut covered = 0u64;
         // Second answers: report, and resend when repairing.
-        while let Some(bh) = self.second.pop_front() {
+        // Bounded, so a batch stays far below the protocol's limit; the rest
+        // waits for the next batch.
+        let budget = usize::try_from(max_bytes).unwrap_or(usize::MAX).max(CHUNK);
+        while plain.len() < budget {
+            let Some(bh) = self.second.pop_front() else {
+                break;
+            };
             self.read(bh.offset, bh.len as usize)?;
             for (at, from, to) in differing_runs(&self.buf[..bh.len as usize], bh.offset, &bh) {
                 log::debug!(
@@ -219,7 +225,10 @@ impl Verify {
             }
         }
         // First answers: compare the differing blocks once more, later.
-        while let Some((bh, failed)) = self.first.pop_front() {
+        while plain.len() < budget {
+            let Some((bh, failed)) = self.first.pop_front() else {
+                break;
+            };
             self.read(bh.offset, bh.len as usize)?;
             for (at, from, to) in differing_runs(&self.buf[..bh.len as usize], bh.offset, &bh) {
                 log::debug!(
@@ -248,6 +257,7 @@ impl Verify {
     /// Every chunk was hashed and no answer is pending; `quiet`: nothing of
     /// the verify is in flight (all answers are in).
     pub fn finished(&self, quiet: bool) -> bool {
+        // (Answers still queued are not finished.)
         quiet && self.next >= self.disk_size && self.first.is_empty() && self.second.is_empty()
     }
 
