@@ -216,6 +216,18 @@ impl Consumer {
     /// payload. Returns how many (0: nothing new). A damaged record is an
     /// error naming its offset; it is never skipped.
     pub fn read(&mut self, max_records: usize, max_bytes: usize, out: &mut Batch) -> Result<usize> {
+        self.read_below(max_records, max_bytes, u64::MAX, out)
+    }
+
+    /// Like [`Consumer::read`], but stop before the first record whose
+    /// sequence is `stop_seq` or more (it stays unread).
+    pub fn read_below(
+        &mut self,
+        max_records: usize,
+        max_bytes: usize,
+        stop_seq: u64,
+        out: &mut Batch,
+    ) -> Result<usize> {
         out.clear();
         let head = self.rf.get(live::HEAD);
         let mut n = 0;
@@ -226,6 +238,7 @@ impl Consumer {
                 .read_record(self.read_pos, self.read_seq, &mut out.data, start)
             {
                 Scanned::Skip(size) => self.read_pos += size,
+                Scanned::Record(h, _) if h.seq >= stop_seq => break,
                 Scanned::Record(h, size) => {
                     self.read_pos += size;
                     self.read_seq = h.seq + 1;
@@ -319,6 +332,23 @@ impl Consumer {
     /// Check that `disk` is the disk this ring was made for.
     pub fn check_disk(&self, disk: &crate::DiskIdentity) -> Result<()> {
         self.rf.check_disk(disk)
+    }
+
+    /// Sequence of the next published record not yet read (None: all read).
+    /// Every record below a NEXT_SEQ value read earlier is published
+    /// (the producer stores HEAD before NEXT_SEQ).
+    pub fn peek_seq(&self) -> Option<u64> {
+        let head = self.rf.get(live::HEAD);
+        let mut pos = self.read_pos;
+        while pos < head {
+            match self.rf.peek_seq(pos) {
+                Err(skip) => pos += skip,
+                Ok(Some(seq)) => return Some(seq),
+                // Not a record header: the next read reports the damage.
+                Ok(None) => return Some(self.read_seq),
+            }
+        }
+        None
     }
 
     /// Bytes published but not yet read.

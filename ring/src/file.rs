@@ -442,6 +442,24 @@ impl RingFile {
         Ok(())
     }
 
+    /// The sequence of the record at `pos` from its header alone (no
+    /// payload copy, no checksum): `Err(size)` for padding to skip, `Ok(None)`
+    /// for bytes that are not a record header.
+    pub fn peek_seq(&self, pos: u64) -> std::result::Result<Option<u64>, u64> {
+        let cap = self.layout.capacity;
+        let room = cap - offset_of(pos, cap);
+        if room < RECORD_HEADER_LEN as u64 {
+            return Err(room);
+        }
+        let mut raw = [0u8; RECORD_HEADER_LEN];
+        self.shm.read(self.map_offset(pos), &mut raw);
+        match RecordHeader::decode(&raw) {
+            Some(h) if h.kind == Kind::Pad => Err(h.size().min(room).max(RECORD_ALIGN)),
+            Some(h) => Ok(Some(h.seq)),
+            None => Ok(None),
+        }
+    }
+
     /// Read the record at `pos`, expecting sequence `expect`; its payload is
     /// copied to `buf[at..at + payload_len]` (`buf` grows when too short;
     /// bytes already there are overwritten, not zeroed first). See [`Scanned`].

@@ -292,8 +292,10 @@ impl Producer {
         st.next_seq += 1;
         st.after_gap = false;
         // Publish: the consumer reads HEAD with Acquire and then the bytes.
-        self.rf.set(live::NEXT_SEQ, st.next_seq);
+        // HEAD first: whoever sees NEXT_SEQ = n finds every record below n
+        // under HEAD (the resync relies on it to place chunks).
         self.rf.set(live::HEAD, st.head);
+        self.rf.set(live::NEXT_SEQ, st.next_seq);
         Ok(Appended::Record(seq))
     }
 

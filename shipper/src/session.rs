@@ -256,16 +256,14 @@ pub(crate) fn run(sh: &mut Shipper) -> Result<()> {
                 break;
             }
             // Not past the tag of a resync batch waiting to go in between.
-            let limit = match sh.resync.as_ref().and_then(|r| r.ready_tag()) {
-                Some(t) => usize::try_from(t.saturating_sub(sh.consumer.next_seq()))
-                    .unwrap_or(MAX_RECORDS)
-                    .min(MAX_RECORDS),
-                None => MAX_RECORDS,
-            };
-            if limit == 0 {
-                break;
-            }
-            let n = sh.consumer.read(limit, sh.cfg.batch_bytes, &mut sh.batch)?;
+            let stop = sh
+                .resync
+                .as_ref()
+                .and_then(|r| r.ready_tag())
+                .unwrap_or(u64::MAX);
+            let n = sh
+                .consumer
+                .read_below(MAX_RECORDS, sh.cfg.batch_bytes, stop, &mut sh.batch)?;
             if n == 0 {
                 break;
             }
@@ -300,7 +298,14 @@ pub(crate) fn run(sh: &mut Shipper) -> Result<()> {
         // A prepared resync batch enters the stream once every ring record
         // below its tag was sent; then the next one is prepared.
         if let Some(r) = &mut sh.resync {
-            let ready = r.ready_tag().is_some_and(|t| sh.consumer.next_seq() >= t);
+            // Every ring record below the tag was sent: the next unread
+            // record (if any) is at or above it. (Not `next_seq() >= tag`:
+            // after a gap in the sequence that may never happen.)
+            let ready = r.ready_tag().is_some_and(|t| {
+                sh.consumer.next_seq() >= t
+                    || sh.consumer.unread_bytes() == 0
+                    || sh.consumer.peek_seq().is_none_or(|s| s >= t)
+            });
             if ready
                 && inflight_bytes < sh.cfg.window_bytes
                 && pacer.wait().is_zero()
