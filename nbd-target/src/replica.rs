@@ -160,19 +160,10 @@ impl ReplicaWriter {
             ReplicaWriter::File { f, path } => f
                 .write_all_at(data, offset)
                 .map_err(io(path, "writing the replica")),
-            ReplicaWriter::Nbd { c, name } => {
-                let mut at = 0;
-                while at < data.len() {
-                    let n = (data.len() - at).min(NBD_CHUNK);
-                    c.write(offset + at as u64, &data[at..at + n], false)
-                        .map_err(|source| Error::Nbd {
-                            backend: name.clone(),
-                            source,
-                        })?;
-                    at += n;
-                }
-                Ok(())
-            }
+            ReplicaWriter::Nbd { c, name } => in_pieces(data.len(), NBD_CHUNK, |at, n| {
+                c.write(offset + at as u64, &data[at..at + n], false)
+                    .map_err(nbd_err(name))
+            }),
         }
     }
 
@@ -184,32 +175,17 @@ impl ReplicaWriter {
                     return Ok(());
                 }
                 let zeroes = vec![0u8; 1 << 20];
-                let mut at = 0;
-                while at < len {
-                    // At most zeroes.len() (1 MiB).
-                    let n = usize::try_from(len - at)
-                        .unwrap_or(zeroes.len())
-                        .min(zeroes.len());
-                    f.write_all_at(&zeroes[..n], offset + at)
-                        .map_err(io(path, "zeroing part of the replica"))?;
-                    at += n as u64;
-                }
-                Ok(())
+                in_pieces(len_usize(len)?, zeroes.len(), |at, n| {
+                    f.write_all_at(&zeroes[..n], offset + at as u64)
+                        .map_err(io(path, "zeroing part of the replica"))
+                })
             }
-            ReplicaWriter::Nbd { c, name } => {
-                let mut at = 0;
-                while at < len {
-                    // Bounded by NBD_CHUNK (4 MiB).
-                    let n = u32::try_from((len - at).min(NBD_CHUNK as u64)).unwrap_or(0);
-                    c.write_zeroes(offset + at, n, false)
-                        .map_err(|source| Error::Nbd {
-                            backend: name.clone(),
-                            source,
-                        })?;
-                    at += u64::from(n);
-                }
-                Ok(())
-            }
+            ReplicaWriter::Nbd { c, name } => in_pieces(len_usize(len)?, NBD_CHUNK, |at, n| {
+                // n <= NBD_CHUNK (4 MiB).
+                let n = u32::try_from(n).unwrap_or(0);
+                c.write_zeroes(offset + at as u64, n, false)
+                    .map_err(nbd_err(name))
+            }),
         }
     }
 
@@ -219,19 +195,10 @@ impl ReplicaWriter {
             ReplicaWriter::File { f, path } => f
                 .read_exact_at(buf, offset)
                 .map_err(io(path, "reading the replica")),
-            ReplicaWriter::Nbd { c, name } => {
-                let mut at = 0;
-                while at < buf.len() {
-                    let n = (buf.len() - at).min(NBD_CHUNK);
-                    c.read(offset + at as u64, &mut buf[at..at + n])
-                        .map_err(|source| Error::Nbd {
-                            backend: name.clone(),
-                            source,
-                        })?;
-                    at += n;
-                }
-                Ok(())
-            }
+            ReplicaWriter::Nbd { c, name } => in_pieces(buf.len(), NBD_CHUNK, |at, n| {
+                c.read(offset + at as u64, &mut buf[at..at + n])
+                    .map_err(nbd_err(name))
+            }),
         }
     }
 
@@ -246,6 +213,33 @@ impl ReplicaWriter {
                 source,
             }),
         }
+    }
+}
+
+/// Call `f(at, n)` for consecutive pieces of at most `piece` bytes covering `0..len`.
+fn in_pieces(
+    len: usize,
+    piece: usize,
+    mut f: impl FnMut(usize, usize) -> Result<()>,
+) -> Result<()> {
+    let mut at = 0;
+    while at < len {
+        let n = (len - at).min(piece);
+        f(at, n)?;
+        at += n;
+    }
+    Ok(())
+}
+
+/// An extent length as a buffer length.
+fn len_usize(len: u64) -> Result<usize> {
+    usize::try_from(len).map_err(|_| Error::Invalid(format!("extent of {len} bytes is too long")))
+}
+
+fn nbd_err(name: &str) -> impl FnOnce(nbd::Error) -> Error + '_ {
+    move |source| Error::Nbd {
+        backend: name.to_string(),
+        source,
     }
 }
 

@@ -617,7 +617,6 @@ impl Resync {
     ) -> Result<u32> {
         let len = u64::from(bh.len);
         let n = bh.len as usize;
-        let bs = bh.block_size as usize;
         if bh
             .offset
             .checked_add(len)
@@ -635,40 +634,23 @@ impl Resync {
                 Error::Invalid(format!("reading the disk at {} for resync: {e}", bh.offset))
             })?;
         let mut count = 0;
-        let mut run: Option<(usize, usize)> = None;
-        let blocks = n.div_ceil(bs);
-        for i in 0..=blocks {
-            let differs = i < blocks && {
-                let b = &self.buf[i * bs..((i + 1) * bs).min(n)];
-                bh.hashes
-                    .get(i)
-                    .is_none_or(|h| blake3::hash(b).as_bytes() != h)
-            };
-            match (differs, run) {
-                (true, None) => run = Some((i, i + 1)),
-                (true, Some((a, _))) => run = Some((a, i + 1)),
-                (false, Some((a, b))) => {
-                    let (from, to) = (a * bs, (b * bs).min(n));
-                    let rec_len = u32::try_from(to - from).unwrap_or(0);
-                    WireRecord {
-                        seq,
-                        kind: RecordKind::SyncData,
-                        offset: bh.offset + from as u64,
-                        len: rec_len,
-                        after_gap: false,
-                        full_pass: false,
-                        time_ns: ring::wall_clock_ns(),
-                        payload: &self.buf[from..to],
-                    }
-                    .encode(plain);
-                    stats
-                        .sync_data_bytes
-                        .fetch_add(u64::from(rec_len), Ordering::Relaxed);
-                    count += 1;
-                    run = None;
-                }
-                (false, None) => {}
+        for (at, from, to) in crate::verify::differing_runs(&self.buf[..n], bh.offset, bh) {
+            let rec_len = u32::try_from(to - from).unwrap_or(0);
+            WireRecord {
+                seq,
+                kind: RecordKind::SyncData,
+                offset: at,
+                len: rec_len,
+                after_gap: false,
+                full_pass: false,
+                time_ns: ring::wall_clock_ns(),
+                payload: &self.buf[from..to],
             }
+            .encode(plain);
+            stats
+                .sync_data_bytes
+                .fetch_add(u64::from(rec_len), Ordering::Relaxed);
+            count += 1;
         }
         WireRecord {
             seq,
@@ -703,11 +685,6 @@ impl Resync {
                 }
             }
         }
-    }
-
-    /// A full pass is running.
-    pub fn full_pass_running(&self) -> bool {
-        self.full.is_some()
     }
 }
 

@@ -25,6 +25,54 @@ const PUBLISH_EVERY: Duration = Duration::from_millis(100);
 /// Most records per batch.
 const MAX_RECORDS: usize = 1 << 16;
 
+/// Batches sent on this connection and not yet acknowledged.
+#[derive(Default)]
+struct Window {
+    inflight: VecDeque<InFlight>,
+    /// Plain bytes in `inflight`.
+    bytes: u64,
+    /// Batches sent on this connection (their numbers count from 1).
+    sent: u64,
+}
+
+impl Window {
+    /// The target acknowledged the first `batches` batches.
+    fn acked(&mut self, batches: u64) {
+        while self.inflight.front().is_some_and(|f| f.batch <= batches) {
+            if let Some(f) = self.inflight.pop_front() {
+                self.bytes -= f.plain;
+            }
+        }
+    }
+}
+
+/// Send one built batch and account for it (window, pacer, counters).
+/// `first_time_ns`: capture time of its first ring record (0: a resync batch).
+fn send_batch(
+    link: &mut Link,
+    w: &mut Window,
+    pacer: &mut Pacer,
+    stats: &crate::stats::Stats,
+    b: &crate::batch::Built<'_>,
+    first_time_ns: u64,
+) -> std::io::Result<()> {
+    let frame_len = (FRAME_HEADER_LEN + BATCH_HEADER_LEN + b.payload.len()) as u64;
+    let plain = u64::from(b.header.plain_len);
+    link.send_parts(FrameType::Batch, &[&b.header.encode(), b.payload])?;
+    w.sent += 1;
+    w.inflight.push_back(InFlight {
+        plain,
+        first_time_ns,
+        batch: w.sent,
+    });
+    w.bytes += plain;
+    pacer.sent(frame_len);
+    stats.plain_bytes.fetch_add(plain, Ordering::Relaxed);
+    stats.wire_bytes.fetch_add(frame_len, Ordering::Relaxed);
+    stats.batches.fetch_add(1, Ordering::Relaxed);
+    Ok(())
+}
+
 struct InFlight {
     plain: u64,
     first_time_ns: u64,
@@ -165,16 +213,13 @@ pub(crate) fn run(sh: &mut Shipper) -> Result<()> {
     } else if reply.flags & REPLY_FULL_SYNC != 0 || sh.consumer.dirty_bytes() > 0 {
         log::warn!("the replica needs a resync, but this shipper was not given the disk (--disk) to read it from");
     }
-    let mut batches_sent = 0u64;
-    let mut inflight: VecDeque<InFlight> = VecDeque::new();
-    let mut inflight_bytes = 0u64;
+    let mut w = Window::default();
     let mut pacer = Pacer::new(sh.cfg.max_rate);
     let mut waiting_since: Option<Instant> = None;
     let mut last_publish = Instant::now() - PUBLISH_EVERY;
     let mut rate_mark = (Instant::now(), sh.stats.plain_bytes.load(Ordering::Relaxed));
     let mut drain_deadline: Option<Instant> = None;
     let mut last_heartbeat = Instant::now();
-    let mut hdr = [0u8; BATCH_HEADER_LEN];
     loop {
         if drain_deadline.is_none() && sh.stop.load(Ordering::Relaxed) {
             drain_deadline = Some(Instant::now() + sh.cfg.drain_timeout);
@@ -193,11 +238,7 @@ pub(crate) fn run(sh: &mut Shipper) -> Result<()> {
             match rx.header.ftype {
                 FrameType::Ack => {
                     let a = Ack::decode(link.body(&rx)).map_err(|e| lerr(LinkError::Wire(e)))?;
-                    while inflight.front().is_some_and(|f| f.batch <= a.batches) {
-                        if let Some(f) = inflight.pop_front() {
-                            inflight_bytes -= f.plain;
-                        }
-                    }
+                    w.acked(a.batches);
                     sh.consumer.release(a.applied_seq)?;
                     if let Some(r) = &mut sh.resync {
                         r.acked(a.batches, &sh.consumer);
@@ -236,10 +277,7 @@ pub(crate) fn run(sh: &mut Shipper) -> Result<()> {
         loop {
             // Nothing new while ciphertext still waits for the socket: the
             // window bounds what is unacknowledged, this bounds memory.
-            if inflight_bytes >= sh.cfg.window_bytes
-                || !pacer.wait().is_zero()
-                || link.wants_write()
-            {
+            if w.bytes >= sh.cfg.window_bytes || !pacer.wait().is_zero() || link.wants_write() {
                 break;
             }
             let unread = sh.consumer.unread_bytes();
@@ -248,7 +286,7 @@ pub(crate) fn run(sh: &mut Shipper) -> Result<()> {
                 break;
             }
             let since = *waiting_since.get_or_insert_with(Instant::now);
-            if !inflight.is_empty()
+            if !w.inflight.is_empty()
                 && unread < sh.cfg.batch_bytes as u64
                 && since.elapsed() < sh.cfg.batch_delay
                 && drain_deadline.is_none()
@@ -274,25 +312,18 @@ pub(crate) fn run(sh: &mut Shipper) -> Result<()> {
                 sh.consumer.release(last)?;
                 continue;
             };
-            hdr.copy_from_slice(&b.header.encode());
-            let frame_len = (FRAME_HEADER_LEN + BATCH_HEADER_LEN + b.payload.len()) as u64;
-            let plain = u64::from(b.header.plain_len);
-            link.send_parts(FrameType::Batch, &[&hdr, b.payload])
-                .map_err(|e| lerr(LinkError::Io(e)))?;
-            batches_sent += 1;
-            inflight.push_back(InFlight {
-                plain,
-                first_time_ns: b.first_time_ns,
-                batch: batches_sent,
-            });
-            inflight_bytes += plain;
-            pacer.sent(frame_len);
+            send_batch(
+                &mut link,
+                &mut w,
+                &mut pacer,
+                &sh.stats,
+                &b,
+                b.first_time_ns,
+            )
+            .map_err(|e| lerr(LinkError::Io(e)))?;
             sh.stats
                 .sent_seq
                 .store(b.header.last_seq, Ordering::Relaxed);
-            sh.stats.plain_bytes.fetch_add(plain, Ordering::Relaxed);
-            sh.stats.wire_bytes.fetch_add(frame_len, Ordering::Relaxed);
-            sh.stats.batches.fetch_add(1, Ordering::Relaxed);
             link.pump().map_err(&lerr)?;
         }
         // A prepared resync batch enters the stream once every ring record
@@ -307,45 +338,29 @@ pub(crate) fn run(sh: &mut Shipper) -> Result<()> {
                     || sh.consumer.peek_seq().is_none_or(|s| s >= t)
             });
             if ready
-                && inflight_bytes < sh.cfg.window_bytes
+                && w.bytes < sh.cfg.window_bytes
                 && pacer.wait().is_zero()
                 && !link.wants_write()
             {
                 let plain = sh.encoder.plain_mut();
-                if let Some(sb) = r.take_ready(plain, batches_sent + 1) {
+                if let Some(sb) = r.take_ready(plain, w.sent + 1) {
                     let b = sh
                         .encoder
                         .finish(sb.seq, sb.seq, sb.count, ring::wall_clock_ns())?;
-                    hdr.copy_from_slice(&b.header.encode());
-                    let frame_len = (FRAME_HEADER_LEN + BATCH_HEADER_LEN + b.payload.len()) as u64;
-                    let plain = u64::from(b.header.plain_len);
-                    link.send_parts(FrameType::Batch, &[&hdr, b.payload])
+                    // Resync batches hold no ring records: no capture time,
+                    // acknowledged by batch count.
+                    send_batch(&mut link, &mut w, &mut pacer, &sh.stats, &b, 0)
                         .map_err(|e| lerr(LinkError::Io(e)))?;
-                    batches_sent += 1;
-                    // Resync batches hold no ring records: in flight by bytes
-                    // only, acknowledged by batch count.
-                    inflight.push_back(InFlight {
-                        plain,
-                        first_time_ns: 0,
-                        batch: batches_sent,
-                    });
-                    inflight_bytes += plain;
-                    pacer.sent(frame_len);
-                    sh.stats.plain_bytes.fetch_add(plain, Ordering::Relaxed);
-                    sh.stats.wire_bytes.fetch_add(frame_len, Ordering::Relaxed);
-                    sh.stats.batches.fetch_add(1, Ordering::Relaxed);
                     link.pump().map_err(&lerr)?;
                 }
             }
-            if drain_deadline.is_none()
-                && inflight_bytes < sh.cfg.window_bytes
-                && r.has_work(&sh.consumer)
+            if drain_deadline.is_none() && w.bytes < sh.cfg.window_bytes && r.has_work(&sh.consumer)
             {
                 r.prepare(&sh.consumer, sh.cfg.batch_bytes as u64, &sh.stats)?;
             }
         }
         // Progress, lag, heartbeats.
-        let oldest = match inflight.iter().find(|f| f.first_time_ns != 0) {
+        let oldest = match w.inflight.iter().find(|f| f.first_time_ns != 0) {
             Some(f) => f.first_time_ns,
             None if sh.consumer.unread_bytes() == 0 => 0,
             None => sh.stats.oldest_pending_ns.load(Ordering::Relaxed).max(1),
@@ -398,7 +413,7 @@ pub(crate) fn run(sh: &mut Shipper) -> Result<()> {
                 .map_err(|e| lerr(LinkError::Io(e)))?;
         }
         if let Some(d) = drain_deadline {
-            let done = inflight.is_empty() && sh.consumer.unread_bytes() == 0;
+            let done = w.inflight.is_empty() && sh.consumer.unread_bytes() == 0;
             if done || Instant::now() >= d {
                 if !done {
                     log::warn!(

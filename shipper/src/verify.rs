@@ -106,8 +106,13 @@ fn hash_record(plain: &mut Vec<u8>, seq: u64, offset: u64, data: &[u8]) {
     .encode(plain);
 }
 
-/// The runs of blocks of `data` (at `offset`) whose hashes differ from `bh`.
-fn differing_runs(data: &[u8], offset: u64, bh: &BlockHashes) -> Vec<(u64, usize, usize)> {
+/// The runs of blocks of `data` (read at disk `offset`) whose hashes
+/// differ from the replica's in `bh`: (disk offset, start, end in `data`).
+pub(crate) fn differing_runs(
+    data: &[u8],
+    offset: u64,
+    bh: &BlockHashes,
+) -> Vec<(u64, usize, usize)> {
     let bs = bh.block_size as usize;
     let blocks = data.len().div_ceil(bs);
     let mut runs = Vec::new();

@@ -157,14 +157,7 @@ impl Link {
     /// Move bytes without blocking: write what the socket takes, read what
     /// arrived, decrypt it into the frame buffer.
     pub fn pump(&mut self) -> Result<(), LinkError> {
-        while self.tls.wants_write() {
-            match self.tls.write_tls(&mut self.sock) {
-                Ok(n) => self.bytes_out += n as u64,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
+        self.write_out()?;
         while !self.eof {
             match self.tls.read_tls(&mut self.sock) {
                 Ok(0) => self.eof = true,
@@ -182,12 +175,18 @@ impl Link {
             }
         }
         // A handshake message may have queued a reply.
+        self.write_out()?;
+        Ok(())
+    }
+
+    /// Write queued ciphertext until the socket would block.
+    fn write_out(&mut self) -> io::Result<()> {
         while self.tls.wants_write() {
             match self.tls.write_tls(&mut self.sock) {
                 Ok(n) => self.bytes_out += n as u64,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(e),
             }
         }
         Ok(())

@@ -105,13 +105,17 @@ impl TlsDir {
         })
     }
 
+    fn config_err(&self, source: rustls::Error) -> TlsError {
+        TlsError::Config {
+            dir: self.dir.clone(),
+            source,
+        }
+    }
+
     fn roots(&self) -> Result<RootCertStore, TlsError> {
         let mut roots = RootCertStore::empty();
         for c in &self.ca {
-            roots.add(c.clone()).map_err(|source| TlsError::Config {
-                dir: self.dir.clone(),
-                source,
-            })?;
+            roots.add(c.clone()).map_err(|e| self.config_err(e))?;
         }
         Ok(roots)
     }
@@ -121,10 +125,7 @@ impl TlsDir {
         let mut c = ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
             .with_root_certificates(self.roots()?)
             .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
-            .map_err(|source| TlsError::Config {
-                dir: self.dir.clone(),
-                source,
-            })?;
+            .map_err(|e| self.config_err(e))?;
         c.alpn_protocols = vec![ALPN.to_vec()];
         Ok(Arc::new(c))
     }
@@ -140,10 +141,7 @@ impl TlsDir {
         let mut c = ServerConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
             .with_client_cert_verifier(verifier)
             .with_single_cert(self.chain.clone(), self.key.clone_key())
-            .map_err(|source| TlsError::Config {
-                dir: self.dir.clone(),
-                source,
-            })?;
+            .map_err(|e| self.config_err(e))?;
         c.alpn_protocols = vec![ALPN.to_vec()];
         Ok(Arc::new(c))
     }
