@@ -310,6 +310,21 @@ impl RingFile {
             .inflight_entries
             .checked_mul(INFLIGHT_ENTRY_LEN)
             .and_then(|n| n.checked_add(layout.inflight_offset));
+        // The in-flight table is the last part of the file: a file shorter
+        // than the layout it claims (truncated, or copied short) would be
+        // mapped past its end, and touching that part of the mapping kills
+        // the process with SIGBUS. Check every part against the length now.
+        let inflight_ok = layout.inflight_entries == LANES * LANE_ENTRIES
+            && layout.bitmap_len.checked_add(layout.bitmap_offset) == Some(layout.inflight_offset)
+            && inflight_end.is_some_and(|e| e <= file_len);
+        if !inflight_ok {
+            return Err(bad(format!(
+                "the file is {file_len} bytes but its header describes {} bytes (in-flight table of {} entries at {}): the ring file was truncated or damaged; move it away and start the splitter with a new --ring (the replica is then resynchronised)",
+                inflight_end.map_or_else(|| "more than 2^64".to_string(), |e| e.to_string()),
+                layout.inflight_entries,
+                layout.inflight_offset
+            )));
+        }
         let sane = layout.capacity >= MIN_CAPACITY
             && layout.capacity.is_multiple_of(PAGE)
             && layout.data_offset == HEADER_LEN
@@ -333,6 +348,7 @@ impl RingFile {
             .position(|&b| b == 0)
             .unwrap_or(raw_path.len());
         let disk_path = String::from_utf8_lossy(&raw_path[..end]).into_owned();
+        // Checked above: the whole layout lies inside the file.
         let total = inflight_end.unwrap_or(file_len);
         let shm = Shm::map(&file, total).map_err(io_err(path, "mapping"))?;
         Ok(RingFile {
@@ -529,8 +545,9 @@ impl RingFile {
         &self,
         i: u64,
     ) -> (&std::sync::atomic::AtomicU64, &std::sync::atomic::AtomicU64) {
+        // inflight_entries == LANES * LANE_ENTRIES > 0 (checked at open).
         let at = self.layout.inflight_offset
-            + i.min(self.layout.inflight_entries - 1) * INFLIGHT_ENTRY_LEN;
+            + i.min(self.layout.inflight_entries.saturating_sub(1)) * INFLIGHT_ENTRY_LEN;
         // Inside the mapped file (validated at open).
         let at = usize::try_from(at).unwrap_or(usize::MAX);
         (self.shm.atomic(at), self.shm.atomic(at + 8))
@@ -539,6 +556,66 @@ impl RingFile {
     /// Msync the header page.
     pub fn sync_header(&self) -> io::Result<()> {
         self.shm.sync(0, 4096)
+    }
+
+    /// Whether writing the ring file's ranges back (`sync_file_range`) and
+    /// then fdatasyncing `disk` makes the ring durable too (the FLUSH
+    /// shortcut: one device cache flush for both). True only when both
+    /// files are on one file system that overwrites allocated blocks in
+    /// place (ext2/3/4, XFS) and no block of the ring is shared (a reflink
+    /// copy) or unwritten: a copy-on-write write allocates, and the new
+    /// allocation is durable only with an fsync of the ring itself. Returns
+    /// the reason when not.
+    pub fn in_place_with(&self, disk: &File) -> std::result::Result<(), String> {
+        use std::os::unix::fs::MetadataExt;
+        const EXT4: u64 = 0xEF53;
+        const XFS: u64 = 0x5846_5342;
+        const BTRFS: u64 = 0x9123_683E;
+        const SHARED: u32 = 0x2000;
+        const UNWRITTEN: u32 = 0x800;
+        const NOT_ON_DISK: u32 = 0x2 | 0x4; // UNKNOWN | DELALLOC
+        let (Ok(dm), Ok(rm)) = (disk.metadata(), self.file.metadata()) else {
+            return Err("cannot stat the disk or the ring".into());
+        };
+        if !dm.file_type().is_file() {
+            return Err("the disk is not a regular file".into());
+        }
+        if dm.dev() != rm.dev() {
+            return Err("the ring is on another file system than the disk".into());
+        }
+        match sys::fs_magic(&self.file) {
+            Ok(EXT4 | XFS) => {}
+            Ok(BTRFS) => return Err("btrfs writes copy-on-write".into()),
+            Ok(m) => {
+                return Err(format!(
+                    "file system type {m:#x} is not known to overwrite in place"
+                ))
+            }
+            Err(e) => return Err(format!("statfs failed: {e}")),
+        }
+        match sys::fiemap_flags(&self.file, rm.len()) {
+            Ok(f) if f & SHARED != 0 => Err("blocks of the ring are shared (a reflinked copy): writes to them are copy-on-write".into()),
+            Ok(f) if f & (UNWRITTEN | NOT_ON_DISK) != 0 => Err("blocks of the ring are unwritten or not allocated yet".into()),
+            Ok(_) => Ok(()),
+            Err(e) => Err(format!("FIEMAP failed: {e}")),
+        }
+    }
+
+    /// Msync the whole dirty bitmap.
+    pub fn sync_bitmap(&self) -> io::Result<()> {
+        // Inside the mapping (validated at open).
+        let off = usize::try_from(self.layout.bitmap_offset).unwrap_or(usize::MAX);
+        let len = usize::try_from(self.layout.bitmap_len).unwrap_or(usize::MAX);
+        self.shm.sync(off, len)
+    }
+
+    /// Msync the in-flight table.
+    pub fn sync_inflight(&self) -> io::Result<()> {
+        // Inside the mapping (validated at open).
+        let off = usize::try_from(self.layout.inflight_offset).unwrap_or(usize::MAX);
+        let len = usize::try_from(self.layout.inflight_entries * INFLIGHT_ENTRY_LEN)
+            .unwrap_or(usize::MAX);
+        self.shm.sync(off, len)
     }
 
     /// Msync the consumer's page (its tail cursors).

@@ -3,6 +3,7 @@
 //! bitmap (or, with [`FullPolicy::Block`], the writer waits for room).
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -69,6 +70,9 @@ pub struct SyncPlan {
     pub head: u64,
     /// (file offset, length) ranges; lengths fit `u32`.
     pub ranges: Vec<(u64, u32)>,
+    /// Bitmap marks covered (producer count, shared count) when the ranges,
+    /// which then include the bitmap, are durable.
+    pub marks: (u64, u64),
 }
 
 struct State {
@@ -77,6 +81,9 @@ struct State {
     after_gap: bool,
     /// Start of the bytes not yet covered by a completed sync.
     synced: u64,
+    /// Bitmap marks (this producer's count, and the ring's shared count)
+    /// covered by the last completed sync of the bitmap.
+    marks_synced: (u64, u64),
 }
 
 /// The writing side of a ring. One per ring (enforced with a lock); shared
@@ -87,6 +94,14 @@ pub struct Producer {
     policy: FullPolicy,
     /// Free in-flight lanes.
     lanes: Mutex<Vec<u64>>,
+    /// Bitmap marks this producer made, counted *after* the bits are set
+    /// (the ring's shared `dirty_marks` is counted before): a sync plan
+    /// that sees this count move includes the bitmap, and covers the bits.
+    marks_set: AtomicU64,
+    /// Set by [`Producer::interrupt`]: appends no longer wait for room.
+    interrupted: AtomicBool,
+    /// Test hook: the next appends fail as if the ring file's write did.
+    fail_appends: AtomicU64,
 }
 
 /// A connection's lane in the in-flight table: `LANE_ENTRIES` entries, one
@@ -150,7 +165,7 @@ impl Producer {
         }
         rf.shm
             .atomic(live::STATE)
-            .fetch_and(!STATE_CLEAN, std::sync::atomic::Ordering::AcqRel);
+            .fetch_and(!STATE_CLEAN, Ordering::AcqRel);
         let [a, b] = boot_id();
         rf.set(live::BOOT_ID, a);
         rf.set(live::BOOT_ID + 8, b);
@@ -158,6 +173,7 @@ impl Producer {
         let next_seq = rf.get(live::NEXT_SEQ);
         let after_gap = rec.gap;
         rf.set(live::PRODUCER_PID, u64::from(std::process::id()));
+        make_open_durable(&rf)?;
 
         let p = Producer {
             state: Mutex::new(State {
@@ -165,10 +181,14 @@ impl Producer {
                 next_seq,
                 after_gap,
                 synced: rf.get(live::SYNCED_HEAD).min(head),
+                marks_synced: (0, rf.get(live::DIRTY_MARKS)),
             }),
             rf,
             policy,
             lanes: Mutex::new((0..LANES).rev().collect()),
+            marks_set: AtomicU64::new(0),
+            interrupted: AtomicBool::new(false),
+            fail_appends: AtomicU64::new(0),
         };
         Ok((p, rec))
     }
@@ -176,6 +196,13 @@ impl Producer {
     /// The disk id this ring was created for.
     pub fn disk_id(&self) -> [u8; 16] {
         self.rf.disk_id
+    }
+
+    /// Whether a FLUSH may write the ring's ranges back and then fdatasync
+    /// `disk` alone (see `RingFile::in_place_with`); Err gives the reason
+    /// it may not, and both files must then be synced.
+    pub fn flush_shortcut(&self, disk: &std::fs::File) -> std::result::Result<(), String> {
+        self.rf.in_place_with(disk)
     }
 
     /// The ring file's descriptor (for syncing its ranges with io_uring).
@@ -242,7 +269,8 @@ impl Producer {
             // An empty ring that still has no room (the record would need
             // the padding too) cannot make room by waiting either.
             let waiting_helps = !too_big && st.head != durable_tail;
-            if self.policy == FullPolicy::Block && waiting_helps {
+            let may_wait = !self.interrupted.load(Ordering::Acquire);
+            if self.policy == FullPolicy::Block && waiting_helps && may_wait {
                 drop(st);
                 std::thread::sleep(Duration::from_micros(500));
                 st = self.lock();
@@ -280,7 +308,16 @@ impl Producer {
             crc: 0,
         };
         let hb = h.encode(payload);
-        if let Err(source) = self.rf.write_record(pos, &hb, payload) {
+        let injected = self
+            .fail_appends
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok();
+        let written = if injected {
+            Err(std::io::Error::from_raw_os_error(libc::EIO))
+        } else {
+            self.rf.write_record(pos, &hb, payload)
+        };
+        if let Err(source) = written {
             // Nothing was published; the bytes written are past the head.
             return Err(Error::Io {
                 path: self.rf.path.clone(),
@@ -299,9 +336,15 @@ impl Producer {
         Ok(Appended::Record(seq))
     }
 
+    /// Mark an extent in the bitmap and count it for the next sync plan.
+    fn mark(&self, offset: u64, len: u64) {
+        bitmap::mark(&self.rf, offset, len);
+        self.marks_set.fetch_add(1, Ordering::AcqRel);
+    }
+
     fn overflow(&self, kind: Kind, offset: u64, len: u32) -> Appended {
         if matches!(kind, Kind::Write | Kind::Trim | Kind::Zero) {
-            bitmap::mark(&self.rf, offset, u64::from(len));
+            self.mark(offset, u64::from(len));
         }
         if self.rf.get(live::STATE) & STATE_OVERFLOW == 0 {
             let now = wall_clock_ns();
@@ -329,9 +372,18 @@ impl Producer {
     }
 
     /// What a sync must cover now: the records appended since the last
-    /// completed sync, and the header page (cursors, state, bitmap is
-    /// included whole when overflowed).
+    /// completed sync, the header page (cursors, state) and, when any bit
+    /// was set since the last completed sync, the dirty bitmap (listed
+    /// first: a writeback in range order makes the bits durable before the
+    /// header that may depend on them).
     pub fn sync_plan(&self) -> SyncPlan {
+        // Read before the lock and before the ranges: a mark counted here
+        // has its bits set already (counted after setting), so the bitmap
+        // sync below covers it.
+        let marks = (
+            self.marks_set.load(Ordering::Acquire),
+            self.rf.get(live::DIRTY_MARKS),
+        );
         let st = self.lock();
         let cap = self.rf.layout.capacity;
         let mut ranges = Vec::with_capacity(4);
@@ -346,19 +398,22 @@ impl Producer {
             ));
             from += n;
         }
-        ranges.push((0, 4096));
-        if self.rf.get(live::STATE) & STATE_OVERFLOW != 0 {
+        if marks != st.marks_synced || self.rf.get(live::STATE) & STATE_OVERFLOW != 0 {
             let mut at = self.rf.layout.bitmap_offset;
             let end = at + self.rf.layout.bitmap_len;
+            let mut bitmap = Vec::new();
             while at < end {
                 let n = (end - at).min(1 << 30);
-                ranges.push((at, u32::try_from(n).unwrap_or(1 << 30)));
+                bitmap.push((at, u32::try_from(n).unwrap_or(1 << 30)));
                 at += n;
             }
+            ranges.splice(0..0, bitmap);
         }
+        ranges.push((0, 4096));
         SyncPlan {
             head: st.head,
             ranges,
+            marks,
         }
     }
 
@@ -366,6 +421,14 @@ impl Producer {
     /// a power cut, and recovery may treat damage before it as corruption.
     pub fn synced(&self, plan: &SyncPlan) {
         let mut st = self.lock();
+        let has_bitmap = plan
+            .ranges
+            .iter()
+            .any(|&(off, _)| off == self.rf.layout.bitmap_offset);
+        if has_bitmap {
+            st.marks_synced.0 = st.marks_synced.0.max(plan.marks.0);
+            st.marks_synced.1 = st.marks_synced.1.max(plan.marks.1);
+        }
         if plan.head > st.synced {
             st.synced = plan.head;
             self.rf
@@ -430,21 +493,58 @@ impl Producer {
     }
 
     /// Close cleanly: sync everything and record that nothing was in flight.
-    /// Call once every front end has stopped.
+    /// Call once every front end has stopped. A change still marked in the
+    /// in-flight table (a front end that did not end it) may be on the disk
+    /// without being in the ring: its extent goes to the dirty bitmap, which
+    /// is made durable before CLEAN is written.
     pub fn close(&self) -> Result<()> {
+        let left = move_inflight_to_bitmap(&self.rf);
+        if left > 0 {
+            self.marks_set.fetch_add(left, Ordering::AcqRel);
+            log::warn!(
+                "ring {}: {left} change(s) were still marked in flight at close; their extents are now in the dirty bitmap for resync",
+                self.rf.path.display()
+            );
+        }
         self.sync()?;
+        let io = |what| {
+            let path = self.rf.path.clone();
+            move |source| Error::Io { path, what, source }
+        };
+        self.rf
+            .sync_inflight()
+            .map_err(io("syncing the in-flight table at close"))?;
         self.rf.set_bits(live::STATE, STATE_CLEAN);
-        self.rf.sync_header().map_err(|source| Error::Io {
-            path: self.rf.path.clone(),
-            what: "syncing the header at close",
-            source,
-        })
+        self.rf
+            .sync_header()
+            .map_err(io("syncing the header at close"))
+    }
+
+    /// Stop waiting for room: appends that wait (`--ring-full block`) and
+    /// those that would, put their extents in the dirty bitmap instead.
+    /// Called when the front ends shut down, so a dead shipper cannot keep
+    /// the splitter from stopping.
+    pub fn interrupt(&self) {
+        if !self.interrupted.swap(true, Ordering::AcqRel) && self.policy == FullPolicy::Block {
+            log::info!(
+                "ring {}: stopping; writes waiting for room in the ring go to the dirty bitmap",
+                self.rf.path.display()
+            );
+        }
+    }
+
+    /// Test hook (fault injection): the next `n` appends fail as if writing
+    /// the record into the ring file had failed with EIO.
+    #[doc(hidden)]
+    pub fn fail_next_appends(&self, n: u64) {
+        self.fail_appends.store(n, Ordering::Release);
     }
 
     /// Mark an extent dirty for resync (a change that failed half-way on
-    /// the disk, for instance).
+    /// the disk, or reached the disk but not the ring). The next sync plan
+    /// includes the bitmap.
     pub fn mark_dirty(&self, offset: u64, len: u64) {
-        bitmap::mark(&self.rf, offset, len);
+        self.mark(offset, len);
         self.rf.set_bits(live::STATE, STATE_CRASH_DIRTY);
     }
 
@@ -475,19 +575,9 @@ fn after_crash(rf: &RingFile, rec: &mut Recovery) {
         return;
     }
     rec.unclean = true;
-    let mut marked = 0;
-    for i in 0..rf.layout.inflight_entries {
-        let (o, l) = rf.inflight_entry(i);
-        let len = l.load(std::sync::atomic::Ordering::Acquire);
-        if len != 0 {
-            bitmap::mark(rf, o.load(std::sync::atomic::Ordering::Acquire), len);
-            l.store(0, std::sync::atomic::Ordering::Release);
-            marked += 1;
-        }
-    }
+    let marked = move_inflight_to_bitmap(rf);
     rec.inflight_marked = marked;
     if marked > 0 {
-        rf.set_bits(live::STATE, STATE_CRASH_DIRTY);
         log::warn!(
             "ring {}: the last producer stopped with {marked} change(s) in flight; their extents are now in the dirty bitmap for resync",
             rf.path.display()
@@ -507,6 +597,44 @@ fn after_crash(rf: &RingFile, rec: &mut Recovery) {
             rf.path.display()
         );
     }
+}
+
+/// Move every extent still marked in the in-flight table to the dirty
+/// bitmap and clear its entry; returns how many there were (and sets
+/// CRASH_DIRTY when any).
+fn move_inflight_to_bitmap(rf: &RingFile) -> u64 {
+    let mut marked = 0;
+    for i in 0..rf.layout.inflight_entries {
+        let (o, l) = rf.inflight_entry(i);
+        let len = l.load(Ordering::Acquire);
+        if len != 0 {
+            bitmap::mark(rf, o.load(Ordering::Acquire), len);
+            l.store(0, Ordering::Release);
+            marked += 1;
+        }
+    }
+    if marked > 0 {
+        rf.set_bits(live::STATE, STATE_CRASH_DIRTY);
+    }
+    marked
+}
+
+/// Before the first change is served, make the state recovery read after a
+/// power cut match the one this producer runs in: the bits recovery just
+/// set (bitmap, first), then the cleared in-flight entries, then the
+/// header (CLEAN cleared, this boot's id, the recovered head and next
+/// sequence). Without it a power cut finds the previous run's CLEAN and
+/// trusts a stale in-flight table and sequence.
+fn make_open_durable(rf: &RingFile) -> Result<()> {
+    let io = |what| {
+        let path = rf.path.clone();
+        move |source| Error::Io { path, what, source }
+    };
+    rf.sync_bitmap()
+        .map_err(io("syncing the dirty bitmap at open"))?;
+    rf.sync_inflight()
+        .map_err(io("syncing the in-flight table at open"))?;
+    rf.sync_header().map_err(io("syncing the header at open"))
 }
 
 /// Find the true end of the records after the header's cursors may have gone

@@ -128,3 +128,69 @@ pub(crate) fn pwritev(file: &File, bufs: &[io::IoSlice<'_>], at: u64) -> io::Res
     let n = unsafe { libc::pwritev(file.as_raw_fd(), bufs.as_ptr().cast(), cnt, off) };
     usize::try_from(n).map_err(|_| io::Error::last_os_error())
 }
+
+/// The file system type of `file` (`statfs.f_type`).
+pub(crate) fn fs_magic(file: &File) -> io::Result<u64> {
+    // SAFETY: statfs is plain data; all-zero is a valid value to fill in.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatfs writes one statfs into the live local it points at.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // f_type is a small magic number; its C type differs by architecture.
+    #[allow(clippy::cast_sign_loss, clippy::unnecessary_cast)]
+    Ok(st.f_type as u64)
+}
+
+/// `FS_IOC_FIEMAP` = `_IOWR('f', 11, struct fiemap)`.
+const FS_IOC_FIEMAP: libc::c_ulong = 0xC020_660B;
+/// Extents asked for per FIEMAP call.
+const FIEMAP_BATCH: usize = 64;
+/// `FIEMAP_EXTENT_LAST`.
+const FIEMAP_EXTENT_LAST: u32 = 0x1;
+
+/// `struct fiemap` followed by room for FIEMAP_BATCH extents, as u64 words
+/// (8-byte aligned): header 32 bytes, each extent 56 bytes.
+const FIEMAP_WORDS: usize = (32 + 56 * FIEMAP_BATCH) / 8;
+
+/// The union of the FIEMAP flags of every extent of `0..len` of `file`
+/// (`FIEMAP_EXTENT_*`), without syncing it first.
+pub(crate) fn fiemap_flags(file: &File, len: u64) -> io::Result<u32> {
+    let mut all = 0u32;
+    let mut start = 0u64;
+    while start < len {
+        let mut buf = [0u64; FIEMAP_WORDS];
+        buf[0] = start; // fm_start
+        buf[1] = len - start; // fm_length
+                              // fm_flags = 0 (no sync), fm_mapped_extents = 0 (word 2);
+                              // fm_extent_count (low half of word 3), fm_reserved = 0.
+        buf[3] = FIEMAP_BATCH as u64;
+        // SAFETY: FS_IOC_FIEMAP reads the header and writes at most
+        // fm_extent_count (FIEMAP_BATCH) extents after it, all inside `buf`,
+        // which lives on our stack for the call.
+        if unsafe { libc::ioctl(file.as_raw_fd(), FS_IOC_FIEMAP, buf.as_mut_ptr()) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // fm_mapped_extents: the high half of word 2 (little endian).
+        let mapped = usize::try_from(buf[2] >> 32).unwrap_or(0).min(FIEMAP_BATCH);
+        if mapped == 0 {
+            break;
+        }
+        let mut last = false;
+        for i in 0..mapped {
+            // Extent i starts at word 4 + 7 i: logical, physical, length,
+            // two reserved, then fe_flags (low half of the next word).
+            let w = 4 + 7 * i;
+            let (logical, length) = (buf[w], buf[w + 2]);
+            // The low 32 bits of the word hold fe_flags.
+            let flags = u32::try_from(buf[w + 5] & 0xffff_ffff).unwrap_or(0);
+            all |= flags;
+            start = logical.saturating_add(length.max(1));
+            last |= flags & FIEMAP_EXTENT_LAST != 0;
+        }
+        if last {
+            break;
+        }
+    }
+    Ok(all)
+}

@@ -22,6 +22,11 @@ use std::sync::Arc;
 
 use ring::{Appended, Change, Lane, Producer, SyncPlan};
 
+// Every request slot of a connection owns one entry of its in-flight lane:
+// a deeper queue would make two requests share an entry (and a crash could
+// then hide one of them).
+const _: () = assert!(crate::MAX_OPS as u64 <= ring::format::LANE_ENTRIES);
+
 /// What must be synced to make every change captured so far durable.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CaptureSync {
@@ -42,6 +47,10 @@ pub trait WriteCapture: Send + Sync {
     /// Every connection has stopped: make everything durable and record a
     /// clean stop.
     fn close(&self) -> io::Result<()>;
+    /// The front ends are shutting down: nothing may wait for the capture
+    /// any more (a ring that blocks writers when full puts them in its
+    /// dirty bitmap instead).
+    fn interrupt(&self) {}
 }
 
 /// One connection's use of the capture. `slot` identifies a request in
@@ -142,6 +151,10 @@ impl WriteCapture for RingCapture {
     fn close(&self) -> io::Result<()> {
         self.producer.close().map_err(ring_err)
     }
+
+    fn interrupt(&self) {
+        self.producer.interrupt();
+    }
 }
 
 impl RingSession<'_> {
@@ -153,6 +166,19 @@ impl RingSession<'_> {
 
     fn append(&mut self, slot: usize, change: Change<'_>) -> io::Result<()> {
         let r = self.producer.append(change).map_err(ring_err);
+        if r.is_err() && !matches!(change, Change::Mark { .. }) {
+            // The disk holds the change but the ring could not take it (EIO,
+            // ENOSPC): the dirty bitmap must know, before the in-flight mark
+            // that covers it now is cleared.
+            let (offset, len) = match change {
+                Change::Write { offset, data } => (offset, data.len() as u64),
+                Change::Trim { offset, len } | Change::Zero { offset, len } => {
+                    (offset, u64::from(len))
+                }
+                Change::Mark { .. } => (0, 0),
+            };
+            self.producer.mark_dirty(offset, len);
+        }
         // Appended or in the dirty bitmap: either way the change is known.
         self.end(slot);
         r.map(|a| {
@@ -203,5 +229,50 @@ impl Drop for RingSession<'_> {
         if let Some(l) = self.lane.take() {
             self.producer.release_lane(l);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // tests fail loudly on any error
+    use super::*;
+
+    #[test]
+    fn a_change_the_ring_could_not_take_is_marked_dirty() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ring");
+        let disk = ring::DiskIdentity {
+            size: 64 << 20,
+            fingerprint: [1, 2],
+            path: "/dev/test".into(),
+        };
+        let opts = ring::CreateOptions {
+            capacity: 1 << 20,
+            granularity: 64 << 10,
+            disk_holds_data: false,
+        };
+        let (p, _) =
+            ring::Producer::open_or_create(&path, &opts, &disk, ring::FullPolicy::Bitmap).unwrap();
+        let p = Arc::new(p);
+        let cap = RingCapture::new(p.clone(), false);
+        {
+            let mut s = cap.session();
+            s.begin(3, 5 << 20, 4096);
+            // The disk took the write; the ring's write fails (EIO).
+            p.fail_next_appends(1);
+            assert!(s.write(3, 5 << 20, &[1u8; 4096]).is_err());
+            s.cancel(3);
+        }
+        let dirty = p.dirty_extents();
+        assert!(
+            dirty
+                .iter()
+                .any(|e| e.offset <= 5 << 20 && e.offset + e.len > 5 << 20),
+            "the change must be in the dirty bitmap: {dirty:?}"
+        );
+        // And the plan that precedes CLEAN makes the bit durable.
+        assert!(p.sync_plan().ranges.len() > 1);
+        cap.close().unwrap();
+        assert!(ring::status(&path).unwrap().dirty_bytes > 0);
     }
 }

@@ -147,6 +147,11 @@ impl Disk {
         &self.path
     }
 
+    /// The open file.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
     /// The descriptor the I/O engine submits against.
     pub fn fd(&self) -> RawFd {
         self.file.as_raw_fd()

@@ -211,7 +211,16 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
                     ""
                 }
             );
-            let shares_disk_device = shares_file_system(&a.disk, path, disk.kind());
+            let shares_disk_device = match producer.flush_shortcut(disk.file()) {
+                Ok(()) => {
+                    log::info!("FLUSH: the ring's new ranges are written back, then one fdatasync of the disk makes both durable (same file system, overwritten in place)");
+                    true
+                }
+                Err(why) => {
+                    log::info!("FLUSH: fdatasync of both the disk and the ring ({why})");
+                    false
+                }
+            };
             if let Some(target) = &a.ship_to {
                 let mut cfg = a
                     .ship
@@ -402,18 +411,6 @@ fn metrics_text(
 
 /// Whether the ring file lives on the same file system as a file disk (then
 /// one fdatasync of the disk flushes the device cache for both).
-fn shares_file_system(
-    disk: &std::path::Path,
-    ring: &std::path::Path,
-    kind: splitter::DiskKind,
-) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    match (kind, std::fs::metadata(disk), std::fs::metadata(ring)) {
-        (splitter::DiskKind::File, Ok(d), Ok(r)) => d.dev() == r.dev(),
-        _ => false,
-    }
-}
-
 fn ring_cmd(cmd: RingCmd) -> anyhow::Result<()> {
     match cmd {
         RingCmd::Status { ring: path, json } => {

@@ -227,6 +227,9 @@ impl Server {
         let mut conns: Vec<JoinHandle<()>> = Vec::new();
         let mut next_id = 0u64;
         let r = self.accept_loop(&mut conns, &mut next_id);
+        // A connection blocked on a full ring (`--ring-full block`, shipper
+        // gone) must not hold the shutdown forever.
+        self.shared.capture.interrupt();
         log::info!(
             "shutting down: waiting for {} connection(s) to finish",
             conns.len()
