@@ -194,11 +194,11 @@ fn requests_larger_than_the_maximum() {
     let (_d, mut s) = start(&[]);
     let mut c = s.client();
     // A READ larger than the advertised maximum.
-    c.raw_request(&req(CMD_READ, 0, 1, 0, 64 << 20), &[])
+    c.raw_request(&req(CMD_READ, 0, 1, 0, (64 << 20) + 4096), &[])
         .unwrap();
     assert_eq!(c.raw_reply(None).unwrap().1, Some(Errno::Overflow));
     // A WRITE larger than the maximum: refused, its payload skipped.
-    let big = 40 << 20;
+    let big = 72 << 20;
     c.raw_request(&req(CMD_WRITE, 0, 2, 0, big), &vec![0x33; big as usize])
         .unwrap();
     assert_eq!(c.raw_reply(None).unwrap().1, Some(Errno::Inval));

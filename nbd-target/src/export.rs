@@ -1,197 +1,136 @@
-//! The recovery site's read-only NBD exports: each replica, by disk id, at
-//! its latest applied state, so the site can always look at what it holds
-//! (`nbdcopy`, `nbdinfo`, `nbdfuse`, qemu). One thread per client; writes
-//! are refused with EPERM.
+//! The recovery site's NBD exports: each replica, by disk id, at its latest
+//! applied state, so the site can always look at what it holds (`nbdcopy`,
+//! `nbdinfo`, `nbdfuse`, qemu). Served by the shared NBD server
+//! (`blockdev::server`, the splitter's): structured replies, block status,
+//! multi-conn, pipelining, bounded memory and connections, a handshake
+//! deadline, graceful stop. Read-only today: writes are refused with
+//! EPERM. A writable copy-on-write export (test failover) is another
+//! [`ExportSet`] entry whose backend is an overlay over the replica.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::io;
 use std::sync::Arc;
-use std::time::Duration;
 
-use nbd::protocol::*;
-use nbd::{Command, ExportLimits, Outcome};
+use blockdev::server::{describe_export, Claims, ExportSet, OpenExport};
+use blockdev::{Backend, NoCapture};
 
 use crate::registry::Registry;
 
-/// Largest READ served.
-const MAX_READ: u32 = 32 << 20;
+/// Every replica that has a state, read-only, named by its disk id.
+pub struct ReplicaExports {
+    registry: Arc<Registry>,
+}
 
-/// Serve every replica read-only on `listener` until `stop` is set.
-pub fn serve(listener: TcpListener, registry: Arc<Registry>, stop: Arc<AtomicBool>) {
-    let _ = listener.set_nonblocking(true);
-    while !stop.load(Ordering::Relaxed) {
-        match listener.accept() {
-            Ok((s, peer)) => {
-                let reg = registry.clone();
-                let _ = std::thread::Builder::new()
-                    .name("nbd-export".into())
-                    .spawn(move || {
-                        if let Err(e) = client(s, &reg) {
-                            log::debug!("NBD export client {peer}: {e}");
-                        }
-                    });
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            Err(e) => {
-                log::warn!("NBD export listener: {e}");
-                std::thread::sleep(Duration::from_millis(200));
-            }
-        }
+impl ReplicaExports {
+    /// The exports of `registry`'s replicas.
+    pub fn new(registry: Arc<Registry>) -> ReplicaExports {
+        ReplicaExports { registry }
     }
 }
 
-fn exports(registry: &Registry) -> Vec<(nbd::Export, Arc<crate::registry::DiskEntry>)> {
-    registry
-        .all()
-        .into_iter()
-        .filter_map(|e| {
-            let st = e.state()?;
-            let flags = FLAG_HAS_FLAGS | FLAG_READ_ONLY | FLAG_SEND_FLUSH | FLAG_CAN_MULTI_CONN;
-            Some((
-                nbd::Export {
-                    name: e.id.clone(),
-                    description: format!(
-                        "blockship replica of {} at seq {} ({})",
-                        e.id,
-                        st.applied_seq,
-                        if st.consistent() {
-                            "consistent"
-                        } else {
-                            "not consistent"
-                        }
-                    ),
-                    size: st.disk_size,
-                    flags,
-                    block_sizes: (1, 4096, MAX_READ),
-                },
-                e,
-            ))
-        })
-        .collect()
+/// A replica read through its own handle, presented at the disk's size.
+struct SizedReplica {
+    inner: Box<dyn Backend>,
+    size: u64,
 }
 
-fn client(mut s: TcpStream, registry: &Registry) -> std::io::Result<()> {
-    let _ = s.set_nodelay(true);
-    let list = exports(registry);
-    let offered: Vec<nbd::Export> = list.iter().map(|(x, _)| x.clone()).collect();
-    let neg = match nbd::serve_handshake(&mut s, &offered) {
-        Ok(Outcome::Transmission(n)) => n,
-        Ok(Outcome::Aborted) => return Ok(()),
-        Err(e) => return Err(std::io::Error::other(e.to_string())),
-    };
-    let (export, entry) = &list[neg.export];
-    let mut reader = entry
-        .spec
-        .open_reader()
-        .map_err(|e| std::io::Error::other(e.to_string()))?;
-    let lim = ExportLimits {
-        size: export.size,
-        read_only: true,
-        max_payload: MAX_READ,
-        structured_replies: neg.structured_replies,
-        block_status: neg.base_allocation,
-    };
-    let mut hb = [0u8; REQUEST_HEADER_LEN];
-    let mut buf = Vec::new();
-    let mut junk = vec![0u8; 64 << 10];
-    loop {
-        s.read_exact(&mut hb)?;
-        let h = nbd::RequestHeader::decode(&hb)
-            .map_err(|e| std::io::Error::other(e.to_string()))?
-            .ok_or_else(|| std::io::Error::other("short request header"))?;
-        match nbd::validate(&h, &lim) {
-            Ok(Command::Read { offset, len }) => {
-                buf.resize(len as usize, 0);
-                match reader.read(offset, &mut buf) {
-                    Ok(()) => {
-                        if neg.structured_replies {
-                            s.write_all(&nbd::reply::offset_data(h.cookie, offset, len))?;
-                        } else {
-                            s.write_all(&nbd::reply::simple(h.cookie, 0))?;
-                        }
-                        s.write_all(&buf)?;
+impl Backend for SizedReplica {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn caps(&self) -> blockdev::Caps {
+        blockdev::Caps {
+            read_only: true,
+            ..self.inner.caps()
+        }
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.inner.read_at(offset, buf)
+    }
+    fn write_at(&self, _: u64, _: &[u8], _: bool) -> io::Result<()> {
+        Err(io::Error::from_raw_os_error(libc::EPERM))
+    }
+    fn trim(&self, _: u64, _: u64) -> io::Result<()> {
+        Err(io::Error::from_raw_os_error(libc::EPERM))
+    }
+    fn zero(&self, _: u64, _: u64, _: bool, _: bool) -> io::Result<()> {
+        Err(io::Error::from_raw_os_error(libc::EPERM))
+    }
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn extents(&self, offset: u64, len: u32, max: usize, out: &mut Vec<nbd::reply::Extent>) {
+        self.inner.extents(offset, len, max, out);
+    }
+    fn uring_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.inner.uring_fd()
+    }
+}
+
+impl ExportSet for ReplicaExports {
+    fn exports(&self) -> Vec<nbd::Export> {
+        self.registry
+            .all()
+            .into_iter()
+            .filter_map(|e| {
+                let st = e.state()?;
+                let description = format!(
+                    "blockship replica of {} at seq {} ({})",
+                    e.id,
+                    st.applied_seq,
+                    if st.consistent() {
+                        "consistent"
+                    } else {
+                        "not consistent"
                     }
-                    Err(e) => reply_err(
-                        &mut s,
-                        neg.structured_replies,
-                        h.cookie,
-                        Errno::from_os(e.raw_os_error().unwrap_or(libc::EIO)),
-                        "reading the replica failed",
-                    )?,
-                }
-            }
-            Ok(Command::BlockStatus { len, .. }) => {
-                // Conservative: the whole range reads as data.
-                let ext = [nbd::reply::Extent {
-                    length: len,
-                    flags: 0,
-                }];
-                nbd::reply::block_status_done(
-                    h.cookie,
-                    nbd::handshake::BASE_ALLOCATION_ID,
-                    &ext,
-                    &mut buf,
                 );
-                s.write_all(&buf)?;
-            }
-            Ok(Command::Disconnect) => return Ok(()),
-            Ok(Command::Flush | Command::Cache { .. }) => {
-                ok(&mut s, neg.structured_replies, h.cookie)?
-            }
-            Ok(_) => reply_err(
-                &mut s,
-                neg.structured_replies,
-                h.cookie,
-                Errno::Perm,
-                "the replica export is read-only",
-            )?,
-            Err(rej) => {
-                let mut left = rej.skip_payload as usize;
-                while left > 0 {
-                    let n = left.min(junk.len());
-                    s.read_exact(&mut junk[..n])?;
-                    left -= n;
-                }
-                reply_err(
-                    &mut s,
-                    neg.structured_replies,
-                    h.cookie,
-                    rej.errno,
-                    rej.reason,
-                )?;
-            }
-        }
+                let caps = blockdev::Caps {
+                    read_only: true,
+                    trim: false,
+                    fast_zero: false,
+                    extents: false,
+                    multi_conn: true,
+                };
+                Some(describe_export(
+                    &e.id,
+                    description,
+                    st.disk_size,
+                    caps,
+                    true,
+                ))
+            })
+            .collect()
     }
-}
 
-fn ok(s: &mut TcpStream, structured: bool, cookie: u64) -> std::io::Result<()> {
-    if structured {
-        s.write_all(&nbd::reply::none_done(cookie))
-    } else {
-        s.write_all(&nbd::reply::simple(cookie, 0))
+    fn open(&self, name: &str) -> io::Result<OpenExport> {
+        let entry = self
+            .registry
+            .all()
+            .into_iter()
+            .find(|e| e.id == name)
+            .ok_or_else(|| {
+                io::Error::new(io::ErrorKind::NotFound, format!("no replica {name:?}"))
+            })?;
+        let size = entry
+            .state()
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("replica {name:?} has no state"),
+                )
+            })?
+            .disk_size;
+        let inner = entry
+            .spec
+            .open_reader()
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        Ok(OpenExport {
+            disk: Arc::new(SizedReplica { inner, size }),
+            capture: Arc::new(NoCapture),
+            claims: Arc::new(Claims::default()),
+            read_only: true,
+        })
     }
-}
-
-fn reply_err(
-    s: &mut TcpStream,
-    structured: bool,
-    cookie: u64,
-    e: Errno,
-    why: &str,
-) -> std::io::Result<()> {
-    if structured {
-        let mut b = [0u8; nbd::reply::ERROR_CHUNK_MAX];
-        let n = nbd::reply::error_done(cookie, e, why, &mut b);
-        s.write_all(&b[..n])
-    } else {
-        s.write_all(&nbd::reply::simple(cookie, e.code()))
-    }
-}
-
-/// Bind the export listener.
-pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr)
 }

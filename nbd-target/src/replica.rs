@@ -1,14 +1,14 @@
 //! Where a replica's bytes live: a sparse file in the data folder, or an
-//! upstream NBD server (the "NBD-backed replica"). The session applies
-//! records through [`ReplicaWriter`]; the read-only export reads through
-//! [`ReplicaReader`], each with its own handle so that reads never wait
-//! behind an apply.
+//! upstream NBD server (the "NBD-backed replica"), both through the shared
+//! disk backends (`blockdev::FileDisk`, `blockdev::NbdDisk`). The session
+//! applies records through [`ReplicaWriter`] (the seam where a journal
+//! will sit); the export reads through a backend of its own
+//! ([`ReplicaSpec::open_reader`]), so reads never wait behind an apply.
 
-use std::fs::{File, OpenOptions};
-use std::net::TcpStream;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
+use std::fs::OpenOptions;
 use std::path::PathBuf;
+
+use blockdev::{Backend, FileDisk, NbdDisk};
 
 use crate::error::{io, Error, Result};
 
@@ -83,7 +83,14 @@ impl ReplicaSpec {
                         p.display()
                     )));
                 }
-                Ok(ReplicaWriter::File { f, path: p.clone() })
+                drop(f);
+                let disk = FileDisk::open_unlocked(p, false)
+                    .map_err(|e| Error::Invalid(format!("replica {}: {e}", p.display())))?;
+                Ok(ReplicaWriter {
+                    disk: Box::new(disk),
+                    path: p.clone(),
+                    nbd: false,
+                })
             }
             ReplicaSpec::Nbd { .. } => {
                 let c = self.connect()?;
@@ -94,187 +101,99 @@ impl ReplicaSpec {
                         c.size()
                     )));
                 }
-                Ok(ReplicaWriter::Nbd {
-                    c,
-                    name: self.describe(),
+                Ok(ReplicaWriter {
+                    disk: Box::new(c),
+                    path: PathBuf::from(self.describe()),
+                    nbd: true,
                 })
             }
         }
     }
 
-    /// Open for reading (the export).
-    pub fn open_reader(&self) -> Result<ReplicaReader> {
+    /// Open for reading (the export), with a handle of its own.
+    pub fn open_reader(&self) -> Result<Box<dyn Backend>> {
         match self {
-            ReplicaSpec::File(p) => Ok(ReplicaReader::File(
-                File::open(p).map_err(io(p, "opening the replica for reading"))?,
-            )),
-            ReplicaSpec::Nbd { .. } => Ok(ReplicaReader::Nbd(self.connect()?)),
+            ReplicaSpec::File(p) => {
+                Ok(Box::new(FileDisk::open_unlocked(p, true).map_err(|e| {
+                    Error::Invalid(format!("opening replica {} for reading: {e}", p.display()))
+                })?))
+            }
+            ReplicaSpec::Nbd { .. } => Ok(Box::new(self.connect()?)),
         }
     }
 
-    fn connect(&self) -> Result<nbd::Client<TcpStream>> {
+    fn connect(&self) -> Result<NbdDisk> {
         let ReplicaSpec::Nbd { addr, export } = self else {
             return Err(Error::Invalid("not an NBD replica".into()));
         };
-        let nbd_err = |source| Error::Nbd {
+        NbdDisk::connect(addr, export).map_err(|source| Error::Nbd {
             backend: self.describe(),
             source,
-        };
-        let s = TcpStream::connect(addr).map_err(|source| {
-            nbd_err(nbd::Error::Io {
-                context: "connecting to the backend",
-                source,
-            })
-        })?;
-        let _ = s.set_nodelay(true);
-        nbd::Client::connect(s, export).map_err(nbd_err)
+        })
     }
 }
 
-/// Applies changes to a replica.
-#[derive(Debug)]
-pub enum ReplicaWriter {
-    /// A file.
-    File {
-        /// The file.
-        f: File,
-        /// Its path.
-        path: PathBuf,
-    },
-    /// An NBD export.
-    Nbd {
-        /// The client connection.
-        c: nbd::Client<TcpStream>,
-        /// For messages.
-        name: String,
-    },
+/// Applies changes to a replica, through the shared disk backend.
+pub struct ReplicaWriter {
+    disk: Box<dyn Backend>,
+    /// Where it lives, for messages.
+    path: PathBuf,
+    /// An NBD-backed replica (errors name the backend).
+    nbd: bool,
 }
 
-/// Largest single request sent to an NBD backend.
-const NBD_CHUNK: usize = 4 << 20;
+impl std::fmt::Debug for ReplicaWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicaWriter")
+            .field("path", &self.path)
+            .finish()
+    }
+}
 
 impl ReplicaWriter {
+    fn err(&self, what: &'static str) -> impl FnOnce(std::io::Error) -> Error + '_ {
+        move |source| {
+            if self.nbd {
+                Error::Nbd {
+                    backend: self.path.display().to_string(),
+                    source: nbd::Error::Io {
+                        context: what,
+                        source,
+                    },
+                }
+            } else {
+                Error::Io {
+                    path: self.path.clone(),
+                    what,
+                    source,
+                }
+            }
+        }
+    }
+
     /// Write `data` at `offset`.
     pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
-        match self {
-            ReplicaWriter::File { f, path } => f
-                .write_all_at(data, offset)
-                .map_err(io(path, "writing the replica")),
-            ReplicaWriter::Nbd { c, name } => in_pieces(data.len(), NBD_CHUNK, |at, n| {
-                c.write(offset + at as u64, &data[at..at + n], false)
-                    .map_err(nbd_err(name))
-            }),
-        }
+        self.disk
+            .write_at(offset, data, false)
+            .map_err(self.err("writing the replica"))
     }
 
     /// Make `offset..offset+len` read as zeroes (trim or zero record).
     pub fn zero(&mut self, offset: u64, len: u64) -> Result<()> {
-        match self {
-            ReplicaWriter::File { f, path } => {
-                if punch_hole(f, offset, len).is_ok() {
-                    return Ok(());
-                }
-                let zeroes = vec![0u8; 1 << 20];
-                in_pieces(len_usize(len)?, zeroes.len(), |at, n| {
-                    f.write_all_at(&zeroes[..n], offset + at as u64)
-                        .map_err(io(path, "zeroing part of the replica"))
-                })
-            }
-            ReplicaWriter::Nbd { c, name } => in_pieces(len_usize(len)?, NBD_CHUNK, |at, n| {
-                // n <= NBD_CHUNK (4 MiB).
-                let n = u32::try_from(n).unwrap_or(0);
-                c.write_zeroes(offset + at as u64, n, false)
-                    .map_err(nbd_err(name))
-            }),
-        }
+        self.disk
+            .zero(offset, len, true, false)
+            .map_err(self.err("zeroing part of the replica"))
     }
 
     /// Read `buf.len()` bytes at `offset` (to hash what the replica holds).
     pub fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        match self {
-            ReplicaWriter::File { f, path } => f
-                .read_exact_at(buf, offset)
-                .map_err(io(path, "reading the replica")),
-            ReplicaWriter::Nbd { c, name } => in_pieces(buf.len(), NBD_CHUNK, |at, n| {
-                c.read(offset + at as u64, &mut buf[at..at + n])
-                    .map_err(nbd_err(name))
-            }),
-        }
+        self.disk
+            .read_at(offset, buf)
+            .map_err(self.err("reading the replica"))
     }
 
     /// Make everything applied so far durable.
     pub fn sync(&mut self) -> Result<()> {
-        match self {
-            ReplicaWriter::File { f, path } => {
-                f.sync_data().map_err(io(path, "syncing the replica"))
-            }
-            ReplicaWriter::Nbd { c, name } => c.flush().map_err(|source| Error::Nbd {
-                backend: name.clone(),
-                source,
-            }),
-        }
-    }
-}
-
-/// Call `f(at, n)` for consecutive pieces of at most `piece` bytes covering `0..len`.
-fn in_pieces(
-    len: usize,
-    piece: usize,
-    mut f: impl FnMut(usize, usize) -> Result<()>,
-) -> Result<()> {
-    let mut at = 0;
-    while at < len {
-        let n = (len - at).min(piece);
-        f(at, n)?;
-        at += n;
-    }
-    Ok(())
-}
-
-/// An extent length as a buffer length.
-fn len_usize(len: u64) -> Result<usize> {
-    usize::try_from(len).map_err(|_| Error::Invalid(format!("extent of {len} bytes is too long")))
-}
-
-fn nbd_err(name: &str) -> impl FnOnce(nbd::Error) -> Error + '_ {
-    move |source| Error::Nbd {
-        backend: name.to_string(),
-        source,
-    }
-}
-
-/// Deallocate a range of a file so it reads as zeroes.
-fn punch_hole(f: &File, offset: u64, len: u64) -> std::io::Result<()> {
-    let bad = |_| std::io::Error::from_raw_os_error(libc::EINVAL);
-    let (off, len) = (
-        libc::off_t::try_from(offset).map_err(bad)?,
-        libc::off_t::try_from(len).map_err(bad)?,
-    );
-    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-    // SAFETY: fallocate takes a descriptor `f` keeps open and no pointers.
-    if unsafe { libc::fallocate(f.as_raw_fd(), mode, off, len) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Reads a replica for the export.
-#[derive(Debug)]
-pub enum ReplicaReader {
-    /// A file.
-    File(File),
-    /// An NBD export.
-    Nbd(nbd::Client<TcpStream>),
-}
-
-impl ReplicaReader {
-    /// Fill `buf` from `offset`.
-    pub fn read(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        match self {
-            ReplicaReader::File(f) => f.read_exact_at(buf, offset),
-            ReplicaReader::Nbd(c) => c
-                .read(offset, buf)
-                .map_err(|e| std::io::Error::other(e.to_string())),
-        }
+        self.disk.flush().map_err(self.err("syncing the replica"))
     }
 }

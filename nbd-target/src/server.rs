@@ -34,7 +34,7 @@ pub struct TargetConfig {
 #[derive(Debug)]
 pub struct Target {
     listener: TcpListener,
-    nbd: Option<TcpListener>,
+    nbd: Option<blockdev::Server>,
     ctx: SessionContext,
     lock: std::fs::File,
 }
@@ -54,18 +54,24 @@ impl Target {
             what: "listening for shippers",
             source,
         })?;
-        let nbd = match cfg.nbd_listen {
-            Some(a) => Some(crate::export::bind(a).map_err(|source| Error::Io {
-                path: PathBuf::from(a.to_string()),
-                what: "listening for NBD clients of the replicas",
-                source,
-            })?),
-            None => None,
-        };
         let registry = Arc::new(Registry::new(&cfg.data_dir, cfg.backends.clone()));
         for id in cfg.backends.keys() {
             registry.entry(id);
         }
+        let nbd = match cfg.nbd_listen {
+            Some(a) => {
+                let exports = Arc::new(crate::export::ReplicaExports::new(registry.clone()));
+                let scfg = blockdev::ServeConfig::new(vec![blockdev::ListenAddr::Tcp(a)]);
+                Some(
+                    blockdev::Server::bind(exports, &scfg).map_err(|e| Error::Io {
+                        path: PathBuf::from(a.to_string()),
+                        what: "listening for NBD clients of the replicas",
+                        source: std::io::Error::other(e.to_string()),
+                    })?,
+                )
+            }
+            None => None,
+        };
         Ok(Target {
             listener,
             nbd,
@@ -85,7 +91,12 @@ impl Target {
 
     /// The NBD export address.
     pub fn nbd_addr(&self) -> Option<SocketAddr> {
-        self.nbd.as_ref().and_then(|l| l.local_addr().ok())
+        self.nbd.as_ref().and_then(|l| {
+            l.local_addrs().into_iter().find_map(|a| match a {
+                blockdev::ListenAddr::Tcp(t) => Some(t),
+                blockdev::ListenAddr::Unix(_) => None,
+            })
+        })
     }
 
     /// The stop flag (set it, e.g. from a signal handler, to stop).
@@ -102,16 +113,36 @@ impl Target {
     pub fn run(self) -> Result<()> {
         let _lock = self.lock;
         let stop = self.ctx.stop.clone();
-        if let Some(l) = self.nbd {
-            let (reg, stop) = (self.ctx.registry.clone(), stop.clone());
-            std::thread::Builder::new()
-                .name("nbd-exports".into())
-                .spawn(move || crate::export::serve(l, reg, stop))
-                .map_err(|source| Error::Io {
-                    path: PathBuf::from("nbd-exports"),
-                    what: "starting a thread",
-                    source,
-                })?;
+        if let Some(server) = self.nbd {
+            let handle = server.shutdown_handle();
+            let stop2 = stop.clone();
+            let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
+                std::thread::Builder::new()
+                    .name(name.into())
+                    .spawn(f)
+                    .map_err(|source| Error::Io {
+                        path: PathBuf::from(name),
+                        what: "starting a thread",
+                        source,
+                    })
+            };
+            spawn(
+                "nbd-exports",
+                Box::new(move || {
+                    if let Err(e) = server.run() {
+                        log::error!("NBD exports: {e}");
+                    }
+                }),
+            )?;
+            spawn(
+                "nbd-exports-stop",
+                Box::new(move || {
+                    while !stop2.load(Ordering::Relaxed) {
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    handle.shutdown();
+                }),
+            )?;
         }
         {
             let (reg, stop) = (self.ctx.registry.clone(), stop.clone());

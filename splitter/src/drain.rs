@@ -3,15 +3,13 @@
 //! shipper in tests and benchmarks, and rebuilds a disk from its ring for
 //! debugging; it is not the replication (that is the shipper's job).
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use ring::{Batch, Consumer, Kind, Record};
 
-use crate::error::{Error, Result};
+use blockdev::{Backend, Error, FileDisk, Result};
 
 /// How to drain.
 #[derive(Debug, Clone)]
@@ -41,59 +39,22 @@ fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
     move |source| Error::Io { what, source }
 }
 
-fn apply(f: &File, r: &Record<'_>, zeroes: &[u8]) -> std::io::Result<()> {
+/// Apply one record to `copy` through the shared backend operations.
+fn apply(copy: &dyn Backend, r: &Record<'_>) -> std::io::Result<()> {
     match r.kind {
-        Kind::Write => f.write_all_at(r.payload, r.offset),
-        Kind::Trim | Kind::Zero => {
-            if punch_hole(f, r.offset, u64::from(r.len)).is_ok() {
-                return Ok(());
-            }
-            let mut at = r.offset;
-            let end = r.offset + u64::from(r.len);
-            while at < end {
-                // Bounded by zeroes.len() (1 MiB).
-                let n = usize::try_from(end - at)
-                    .unwrap_or(zeroes.len())
-                    .min(zeroes.len());
-                f.write_all_at(&zeroes[..n], at)?;
-                at += n as u64;
-            }
-            Ok(())
-        }
+        Kind::Write => copy.write_at(r.offset, r.payload, false),
+        Kind::Trim | Kind::Zero => copy.zero(r.offset, u64::from(r.len), true, false),
         Kind::Mark | Kind::Pad => Ok(()),
     }
-}
-
-/// Make `offset..offset+len` of `f` read as zeroes by deallocating it.
-fn punch_hole(f: &File, offset: u64, len: u64) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let bad = |_| std::io::Error::from_raw_os_error(libc::EINVAL);
-    let (off, len) = (
-        libc::off_t::try_from(offset).map_err(bad)?,
-        libc::off_t::try_from(len).map_err(bad)?,
-    );
-    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-    // SAFETY: fallocate takes a descriptor `f` keeps open and no pointers.
-    if unsafe { libc::fallocate(f.as_raw_fd(), mode, off, len) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// Drain the ring at `ring_path` until idle or `stop` is set.
 pub fn drain(ring_path: &Path, opts: &DrainOptions, stop: &AtomicBool) -> Result<DrainStats> {
     let mut c = Consumer::open(ring_path)?;
     let target = match &opts.apply_to {
-        Some(p) => Some(
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(p)
-                .map_err(io("opening the copy to apply records to"))?,
-        ),
+        Some(p) => Some(FileDisk::open(p, false)?),
         None => None,
     };
-    let zeroes = vec![0u8; 1 << 20];
     let mut stats = DrainStats::default();
     let mut batch = Batch::new();
     let mut idle_since = Instant::now();
@@ -112,9 +73,9 @@ pub fn drain(ring_path: &Path, opts: &DrainOptions, stop: &AtomicBool) -> Result
         idle_since = Instant::now();
         if let Some(f) = &target {
             for r in batch.iter() {
-                apply(f, &r, &zeroes).map_err(io("applying a record to the copy"))?;
+                apply(f, &r).map_err(io("applying a record to the copy"))?;
             }
-            f.sync_data().map_err(io("syncing the copy"))?;
+            f.flush().map_err(io("syncing the copy"))?;
         }
         for r in batch.iter() {
             stats.records += 1;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
-use splitter::{Disk, ListenAddr, NoCapture, RingCapture, ServeConfig, Server, WriteCapture};
+use splitter::{FileDisk, ListenAddr, NoCapture, RingCapture, ServeConfig, Server, SingleExport, WriteCapture};
 
 /// blockship splitter: the I/O path of a protected disk.
 ///
@@ -156,7 +156,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn serve(a: ServeArgs) -> anyhow::Result<()> {
-    let disk = Disk::open(&a.disk, a.read_only)
+    let disk = FileDisk::open(&a.disk, a.read_only)
         .with_context(|| format!("cannot serve {}", a.disk.display()))?;
     let mut listen: Vec<ListenAddr> = a.listen.iter().copied().map(ListenAddr::Tcp).collect();
     if let Some(p) = &a.socket {
@@ -165,11 +165,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     if listen.is_empty() {
         listen.push(ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 10809))));
     }
-    let cfg = ServeConfig {
-        export_name: a.export,
-        read_only: a.read_only,
-        listen,
-    };
+    let cfg = ServeConfig::new(listen);
     let mut shipper = None;
     let capture: Arc<dyn WriteCapture> = match &a.ring {
         None => Arc::new(NoCapture),
@@ -236,7 +232,8 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     };
     let size = disk.size();
     let kind = disk.kind();
-    let server = Server::bind(disk, capture, &cfg).context("cannot start the NBD server")?;
+    let exports = Arc::new(SingleExport::new(disk, capture, &a.export, a.read_only));
+    let server = Server::bind(exports, &cfg).context("cannot start the NBD server")?;
     server
         .shutdown_handle()
         .on_signals()
@@ -246,7 +243,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         let (ring_path, disk_id) = (a.ring.clone(), a.ship.disk_id.clone().unwrap_or_default());
         metrics::serve(
             m,
-            Arc::new(move || metrics_text(ring_path.as_deref(), &disk_id, stats.as_deref())),
+            Arc::new(move || splitter::status::metrics_text(ring_path.as_deref(), &disk_id, stats.as_deref())),
         )
         .with_context(|| format!("cannot serve metrics on {m}"))?;
     }
@@ -271,8 +268,8 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         a.disk.display(),
         kind,
         size,
-        if cfg.read_only { ", read-only" } else { "" },
-        cfg.export_name
+        if a.read_only { ", read-only" } else { "" },
+        a.export
     );
     for addr in server.local_addrs() {
         log::info!("listening on {addr}");
@@ -292,242 +289,17 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-const PHASES: [&str; 4] = [
-    "none",
-    "full pass (copying the disk)",
-    "full pass (comparing by hashes)",
-    "resending dirty extents",
-];
-
-/// Rate (bytes/s) and ETA (s) of the running resync pass.
-fn resync_rate(p: &ring::ShipProgress, now: u64) -> (f64, Option<f64>) {
-    let secs = now.saturating_sub(p.sync_started_ns) as f64 / 1e9;
-    let rate = if secs > 0.0 {
-        p.sync_done as f64 / secs
-    } else {
-        0.0
-    };
-    let left = p.sync_total.saturating_sub(p.sync_done) as f64;
-    (rate, (rate > 0.0).then(|| left / rate))
-}
-
-fn resync_json(p: &ring::ShipProgress, now: u64) -> serde_json::Value {
-    let (rate, eta) = resync_rate(p, now);
-    serde_json::json!({
-        "phase": PHASES.get(usize::try_from(p.sync_phase).unwrap_or(0)).copied().unwrap_or("none"),
-        "done_bytes": p.sync_done,
-        "total_bytes": p.sync_total,
-        "rate_bytes_per_second": rate,
-        "eta_seconds": eta,
-        "data_bytes_sent": p.sync_data_bytes,
-    })
-}
-
-fn resync_line(p: &ring::ShipProgress, now: u64) -> Option<String> {
-    if p.sync_phase == 0 {
-        return None;
-    }
-    let (rate, eta) = resync_rate(p, now);
-    let phase = PHASES
-        .get(usize::try_from(p.sync_phase).unwrap_or(0))
-        .copied()
-        .unwrap_or("?");
-    Some(format!(
-        "{phase}: {:.1}% ({} of {} bytes), {:.1} MB/s, ETA {}; the replica is not crash-consistent until it ends",
-        p.sync_done as f64 * 100.0 / p.sync_total.max(1) as f64,
-        p.sync_done,
-        p.sync_total,
-        rate / 1e6,
-        eta.map_or("?".into(), |e| format!("{e:.0} s"))
-    ))
-}
-
-/// Prometheus text: the ring's state and, when shipping in-process, the shipper's.
-fn metrics_text(
-    ring_path: Option<&std::path::Path>,
-    disk_id: &str,
-    stats: Option<&shipper::Stats>,
-) -> String {
-    let mut t = metrics::Text::new();
-    let now = ring::wall_clock_ns();
-    if let Some(st) = ring_path.and_then(|p| ring::status(p).ok()) {
-        let l = [("disk", st.disk_id.as_str())];
-        t.sample(
-            "blockship_ring_capacity_bytes",
-            "gauge",
-            "Bytes in the ring's record area.",
-            &l,
-            st.capacity as f64,
-        );
-        t.sample(
-            "blockship_ring_used_bytes",
-            "gauge",
-            "Ring bytes holding unreleased records.",
-            &l,
-            st.used_bytes as f64,
-        );
-        t.sample(
-            "blockship_ring_head_seq",
-            "gauge",
-            "Sequence of the newest record.",
-            &l,
-            st.head_seq as f64,
-        );
-        t.sample(
-            "blockship_ring_records_waiting",
-            "gauge",
-            "Records not yet released by the shipper.",
-            &l,
-            st.records_waiting as f64,
-        );
-        t.sample(
-            "blockship_ring_oldest_waiting_seconds",
-            "gauge",
-            "Age of the oldest unreleased record.",
-            &l,
-            st.oldest_waiting_ns
-                .map_or(0.0, |o| now.saturating_sub(o) as f64 / 1e9),
-        );
-        t.sample(
-            "blockship_ring_overflow",
-            "gauge",
-            "1 when changes overflowed into the dirty bitmap.",
-            &l,
-            f64::from(u8::from(st.overflow)),
-        );
-        t.sample(
-            "blockship_ring_dirty_bytes",
-            "gauge",
-            "Disk bytes marked in the dirty bitmap.",
-            &l,
-            st.dirty_bytes as f64,
-        );
-    }
-    if let Some(s) = stats {
-        s.metrics(disk_id, now, &mut t);
-    }
-    t.finish()
-}
-
-/// Whether the ring file lives on the same file system as a file disk (then
-/// one fdatasync of the disk flushes the device cache for both).
 fn ring_cmd(cmd: RingCmd) -> anyhow::Result<()> {
     match cmd {
         RingCmd::Status { ring: path, json } => {
             let st = ring::status(&path)
                 .with_context(|| format!("cannot read ring {}", path.display()))?;
             let now = ring::wall_clock_ns();
-            let lag = st
-                .oldest_waiting_ns
-                .map(|t| now.saturating_sub(t) as f64 / 1e9);
             if json {
-                let v = serde_json::json!({
-                    "ring": path.display().to_string(),
-                    "disk_id": st.disk_id,
-                    "disk_path": st.disk_path,
-                    "disk_size": st.disk_size,
-                    "capacity": st.capacity,
-                    "used_bytes": st.used_bytes,
-                    "head_seq": st.head_seq,
-                    "tail_seq": st.tail_seq,
-                    "records_waiting": st.records_waiting,
-                    "oldest_waiting_age_seconds": lag,
-                    "overflow": st.overflow,
-                    "overflow_since_ns": st.overflow_since_ns,
-                    "dirty_bytes": st.dirty_bytes,
-                    "bitmap_granularity": st.granularity,
-                    "crash_dirty": st.crash_dirty,
-                    "needs_initial_sync": st.needs_initial_sync,
-                    "needs_verify": st.needs_verify,
-                    "records_lost": st.records_lost,
-                    "clean": st.clean,
-                    "producer_pid": st.producer_pid,
-                    "rpo_lag_seconds": lag.unwrap_or(0.0),
-                    "shipper": st.shipper.as_ref().map(|sh| serde_json::json!({
-                        "state": sh.progress.state.name(),
-                        "acked_seq": sh.progress.acked_seq,
-                        "bytes_before_compression": sh.progress.plain_bytes,
-                        "bytes_on_wire": sh.progress.wire_bytes,
-                        "compression_ratio": if sh.progress.wire_bytes > 0 { sh.progress.plain_bytes as f64 / sh.progress.wire_bytes as f64 } else { 1.0 },
-                        "throughput_bytes_per_second": sh.progress.rate,
-                        "updated_seconds_ago": now.saturating_sub(sh.updated_ns) as f64 / 1e9,
-                        "pid": sh.pid,
-                        "resync": resync_json(&sh.progress, now),
-                    })),
-                });
+                let v = splitter::status::status_json(&path, &st, now);
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                println!("ring:             {}", path.display());
-                println!(
-                    "disk:             {} ({}, {} bytes)",
-                    st.disk_id, st.disk_path, st.disk_size
-                );
-                println!(
-                    "capacity:         {} bytes, {} used ({:.1}%)",
-                    st.capacity,
-                    st.used_bytes,
-                    st.used_bytes as f64 * 100.0 / st.capacity as f64
-                );
-                println!(
-                    "sequences:        tail {} .. head {}",
-                    st.tail_seq, st.head_seq
-                );
-                println!("records waiting:  {}", st.records_waiting);
-                println!(
-                    "RPO lag:          {:.3} s (age of the oldest record not yet acknowledged)",
-                    lag.unwrap_or(0.0)
-                );
-                if let Some(sh) = &st.shipper {
-                    let p = &sh.progress;
-                    println!(
-                        "shipper:          {} (pid {}, updated {:.1} s ago), acknowledged up to seq {}",
-                        p.state.name(),
-                        sh.pid,
-                        now.saturating_sub(sh.updated_ns) as f64 / 1e9,
-                        p.acked_seq
-                    );
-                    println!(
-                        "shipped:          {} bytes of records as {} bytes on the wire ({:.2}x), {:.1} MB/s",
-                        p.plain_bytes,
-                        p.wire_bytes,
-                        if p.wire_bytes > 0 { p.plain_bytes as f64 / p.wire_bytes as f64 } else { 1.0 },
-                        p.rate as f64 / 1e6
-                    );
-                    if let Some(line) = resync_line(p, now) {
-                        println!("resync:           {line}");
-                    }
-                } else {
-                    println!("shipper:          none has run on this ring");
-                }
-                println!(
-                    "overflow:         {}{}",
-                    if st.overflow { "yes" } else { "no" },
-                    st.overflow_since_ns
-                        .map(|t| format!(
-                            " (since {:.0} s ago)",
-                            now.saturating_sub(t) as f64 / 1e9
-                        ))
-                        .unwrap_or_default()
-                );
-                println!(
-                    "dirty:            {} bytes ({} bytes per bit)",
-                    st.dirty_bytes, st.granularity
-                );
-                let mut notes = Vec::new();
-                if st.needs_initial_sync {
-                    notes.push(
-                        "the disk held data before the ring: a replica needs an initial copy",
-                    );
-                }
-                if st.crash_dirty {
-                    notes.push("a crash or failed write left extents in the dirty bitmap");
-                }
-                if st.needs_verify {
-                    notes.push("changes may be missing (torn tail or reboot): verify the replica");
-                }
-                for n in notes {
-                    println!("note:             {n}");
-                }
+                print!("{}", splitter::status::status_text(&path, &st, now));
             }
         }
         RingCmd::Dump {

@@ -264,6 +264,15 @@ impl FuseLoopMount {
         self.mounted = true;
     }
 
+    /// Mount the loop device at `mount_dir` with mount options `opts`.
+    pub fn mount_with(&mut self, opts: &str) {
+        run(Command::new("mount")
+            .args(["-o", opts])
+            .arg(self.dev())
+            .arg(&self.mount_dir));
+        self.mounted = true;
+    }
+
     /// Unmount the file system (keeps the loop device).
     pub fn umount(&mut self) {
         if self.mounted {

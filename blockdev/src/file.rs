@@ -1,5 +1,9 @@
-//! The protected disk: a regular file or a block device, its size, its
-//! lock, and its allocation map (SEEK_DATA / SEEK_HOLE).
+//! A disk that is a regular file or a block device: its size, its lock,
+//! its identity (the fingerprint the ring checks, computed here only), its
+//! allocation map (SEEK_DATA / SEEK_HOLE), and the [`Backend`] operations.
+//! The NBD server submits on its descriptor with io_uring (the hot path);
+//! the recovery site, `ring drain` and the shipper's resync and verify
+//! reads call the methods.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -10,6 +14,7 @@ use std::path::{Path, PathBuf};
 use nbd::protocol::{STATE_HOLE, STATE_ZERO};
 use nbd::reply::Extent;
 
+use crate::backend::{Backend, Caps};
 use crate::error::{Error, Result};
 
 /// What kind of thing the disk is.
@@ -21,11 +26,11 @@ pub enum DiskKind {
     BlockDevice,
 }
 
-/// An open disk. One `Disk` is shared by every connection: they all write
+/// An open disk. One `FileDisk` is shared by every connection: they all write
 /// through the same inode, so one fdatasync covers writes completed on any
 /// of them (what makes `NBD_FLAG_CAN_MULTI_CONN` true).
 #[derive(Debug)]
-pub struct Disk {
+pub struct FileDisk {
     file: File,
     path: PathBuf,
     size: u64,
@@ -75,10 +80,21 @@ fn seek(fd: RawFd, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> 
     Ok(u64::try_from(r).ok())
 }
 
-impl Disk {
+impl FileDisk {
     /// Open `path` for serving. Takes a lock (exclusive unless read-only)
     /// so that two splitters never serve the same disk.
-    pub fn open(path: &Path, read_only: bool) -> Result<Disk> {
+    pub fn open(path: &Path, read_only: bool) -> Result<FileDisk> {
+        FileDisk::open_with(path, read_only, true)
+    }
+
+    /// Open `path` without taking its lock: for a reader beside the
+    /// process that holds it (the shipper reading the splitter's disk, an
+    /// export reading the replica its session writes).
+    pub fn open_unlocked(path: &Path, read_only: bool) -> Result<FileDisk> {
+        FileDisk::open_with(path, read_only, false)
+    }
+
+    fn open_with(path: &Path, read_only: bool, take_lock: bool) -> Result<FileDisk> {
         let err = |what| {
             let path = path.to_path_buf();
             move |source| Error::Disk { path, what, source }
@@ -109,7 +125,11 @@ impl Disk {
                     .into(),
             });
         }
-        match lock(file.as_raw_fd(), !read_only) {
+        match if take_lock {
+            lock(file.as_raw_fd(), !read_only)
+        } else {
+            Ok(())
+        } {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {
                 return Err(Error::DiskBusy {
@@ -118,7 +138,7 @@ impl Disk {
             }
             Err(e) => return Err(err("locking")(e)),
         }
-        Ok(Disk {
+        Ok(FileDisk {
             file,
             path: path.to_path_buf(),
             size,
@@ -240,6 +260,99 @@ impl Disk {
     }
 }
 
+fn off_t(v: u64) -> io::Result<libc::off_t> {
+    libc::off_t::try_from(v).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))
+}
+
+/// fallocate(2) on `fd`.
+pub(crate) fn fallocate(fd: RawFd, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+    let (off, len) = (off_t(offset)?, off_t(len)?);
+    // SAFETY: fallocate takes a descriptor the caller keeps open and no pointers.
+    if unsafe { libc::fallocate(fd, mode, off, len) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn unsupported(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EINVAL))
+}
+
+impl Backend for FileDisk {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn caps(&self) -> Caps {
+        Caps {
+            read_only: self.read_only,
+            trim: self.kind == DiskKind::File,
+            fast_zero: self.kind == DiskKind::File,
+            extents: self.kind == DiskKind::File,
+            multi_conn: true,
+        }
+    }
+
+    fn describe(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.file.read_exact_at(buf, offset)
+    }
+
+    fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.file.write_all_at(data, offset)?;
+        if fua {
+            self.file.sync_data()?;
+        }
+        Ok(())
+    }
+
+    fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        fallocate(self.fd(), mode, offset, len).map_err(|e| {
+            if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+                io::Error::from(io::ErrorKind::Unsupported)
+            } else {
+                e
+            }
+        })
+    }
+
+    fn zero(&self, offset: u64, len: u64, may_trim: bool, fast_only: bool) -> io::Result<()> {
+        let keep = libc::FALLOC_FL_KEEP_SIZE;
+        if may_trim {
+            match fallocate(self.fd(), libc::FALLOC_FL_PUNCH_HOLE | keep, offset, len) {
+                Err(e) if unsupported(&e) => {}
+                r => return r,
+            }
+        }
+        match fallocate(self.fd(), libc::FALLOC_FL_ZERO_RANGE | keep, offset, len) {
+            Err(e) if unsupported(&e) => {}
+            r => return r,
+        }
+        if fast_only {
+            return Err(io::Error::from(io::ErrorKind::Unsupported));
+        }
+        crate::backend::write_zeroes(offset, len, |at, z| self.write_at(at, z, false))
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn extents(&self, offset: u64, len: u32, max: usize, out: &mut Vec<Extent>) {
+        FileDisk::extents(self, offset, len, max, out);
+    }
+
+    fn uring_fd(&self) -> Option<RawFd> {
+        Some(self.fd())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -252,7 +365,7 @@ mod tests {
         f.seek(SeekFrom::Start(1 << 20)).unwrap();
         f.write_all(&vec![1u8; 1 << 20]).unwrap();
         f.flush().unwrap();
-        let d = Disk::open(f.path(), true).unwrap();
+        let d = FileDisk::open(f.path(), true).unwrap();
         let mut ex = Vec::new();
         d.extents(0, 4 << 20, 16, &mut ex);
         let total: u64 = ex.iter().map(|e| u64::from(e.length)).sum();
@@ -267,13 +380,13 @@ mod tests {
     fn empty_and_locked_disks_are_refused() {
         let f = tempfile::NamedTempFile::new().unwrap();
         assert!(matches!(
-            Disk::open(f.path(), false),
+            FileDisk::open(f.path(), false),
             Err(Error::DiskKind { .. })
         ));
         f.as_file().set_len(1 << 20).unwrap();
-        let _a = Disk::open(f.path(), false).unwrap();
+        let _a = FileDisk::open(f.path(), false).unwrap();
         assert!(matches!(
-            Disk::open(f.path(), false),
+            FileDisk::open(f.path(), false),
             Err(Error::DiskBusy { .. })
         ));
     }

@@ -4,8 +4,8 @@
 
 /// Smallest class: 4 KiB.
 const MIN_SHIFT: u32 = 12;
-/// Number of classes: 4 KiB .. 32 MiB.
-const CLASSES: usize = 14;
+/// Number of classes: 4 KiB .. 64 MiB.
+const CLASSES: usize = 15;
 
 /// A pool of zero-initialised byte buffers, each as long as its capacity.
 pub(crate) struct BufferPool {
@@ -29,7 +29,7 @@ impl BufferPool {
     }
 
     /// A buffer of at least `len` bytes (the caller uses `..len`). `len` is
-    /// bounded by the validated maximum payload (32 MiB).
+    /// bounded by the validated maximum payload (64 MiB).
     pub(crate) fn get(&mut self, len: usize) -> Vec<u8> {
         let c = class_of(len);
         if let Some(b) = self.free.get_mut(c).and_then(Vec::pop) {

@@ -14,9 +14,10 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Mutex;
 
-/// The claims of every connection of one disk.
+/// The claims of every connection of one disk (opaque outside this crate:
+/// create one per disk with `Claims::default()` and share it).
 #[derive(Debug, Default)]
-pub(crate) struct Claims {
+pub struct Claims {
     inner: Mutex<Inner>,
 }
 

@@ -7,6 +7,9 @@
 //! buffers come from a per-connection pool; a READ's buffer moves into its
 //! reply without a copy.
 //!
+//! A backend without a descriptor (an upstream NBD server, a filter) is
+//! called inline instead, and its results enter the same completion path.
+//!
 //! Memory is bounded: at most [`MAX_OPS`] requests and about
 //! [`MAX_INFLIGHT_BYTES`] of payload are in flight per connection; beyond
 //! that the loop stops reading from the socket until something completes.
@@ -21,11 +24,11 @@ use nbd::protocol::{REQUEST_HEADER_LEN, SIMPLE_REPLY_LEN, STRUCTURED_REPLY_LEN};
 use nbd::reply::{self, Extent, ERROR_CHUNK_MAX};
 use nbd::{Command, Errno, ExportLimits, RequestHeader};
 
-use crate::buffers::BufferPool;
+use super::buffers::BufferPool;
+use super::overlap::{self, Claims};
+use super::uring::{NoBuffer, Uring};
+use crate::backend::Backend;
 use crate::capture::{CaptureSession, CaptureSync, WriteCapture};
-use crate::disk::Disk;
-use crate::overlap::{self, Claims};
-use crate::uring::Uring;
 
 /// Most requests in flight on one connection.
 pub const MAX_OPS: usize = 128;
@@ -45,8 +48,10 @@ const _: () = assert!(HEAD_MAX >= STRUCTURED_REPLY_LEN + 4 + 8 * MAX_EXTENTS);
 const CLOSE_GRACE: Duration = Duration::from_secs(10);
 
 /// Zeroes written where the disk cannot zero a range by itself.
-static ZEROES: [u8; ZEROES_LEN as usize] = [0u8; ZEROES_LEN as usize];
+use crate::backend::ZEROES;
+/// How many zeroes one write of ZEROES carries.
 const ZEROES_LEN: u32 = 1 << 20;
+const _: () = assert!(ZEROES_LEN as usize == crate::backend::ZEROES_LEN);
 
 const UD_RECV: u64 = (1 << 63) | 1;
 const UD_POLLOUT: u64 = (1 << 63) | 2;
@@ -56,7 +61,7 @@ const UD_WAKER: u64 = (1 << 63) | 5;
 
 /// What a connection serves and how.
 pub(crate) struct ConnConfig<'a> {
-    pub disk: &'a Disk,
+    pub disk: &'a dyn Backend,
     pub capture: &'a dyn WriteCapture,
     pub limits: ExportLimits,
     /// Readable once the server shuts down.
@@ -137,8 +142,16 @@ impl Out {
     }
 }
 
+/// Field order is drop order: `ring` is declared before every buffer the
+/// kernel may write into (`slots`, `inbuf`, `pool`, `out`), so it drops
+/// first, and dropping it cancels and waits for every submitted entry
+/// (see `Uring`'s `Drop`): no early return can free a buffer under an
+/// operation still in flight.
 pub(crate) struct Connection<'a> {
     cfg: ConnConfig<'a>,
+    /// Results of operations run inline (backends without a descriptor),
+    /// handled like completions: (user_data, result).
+    inline: VecDeque<(u64, i32)>,
     session: Box<dyn CaptureSession + 'a>,
     /// Woken when a claim this connection waits for is released.
     waker: OwnedFd,
@@ -194,6 +207,7 @@ impl<'a> Connection<'a> {
             })
             .collect();
         Ok(Connection {
+            inline: VecDeque::new(),
             session: cfg.capture.session(),
             waker: overlap::waker()?,
             waker_armed: false,
@@ -236,11 +250,11 @@ impl<'a> Connection<'a> {
     }
 
     fn serve(&mut self) -> io::Result<()> {
-        let e = opcode::PollAdd::new(types::Fd(self.cfg.shutdown_fd), libc::POLLIN as u32)
-            .build()
-            .user_data(UD_SHUTDOWN);
-        // SAFETY: a poll entry points at no memory.
-        unsafe { self.ring.push(&e)? };
+        self.ring.push_no_buffer(NoBuffer::poll(
+            self.cfg.shutdown_fd,
+            libc::POLLIN,
+            UD_SHUTDOWN,
+        ))?;
         self.shutdown_armed = true;
         loop {
             // Sending first: a sent READ reply frees budget, which may let
@@ -257,8 +271,12 @@ impl<'a> Connection<'a> {
                 return Ok(());
             }
             self.arm_waker()?;
-            let timeout = self.closing_since.map(|_| Duration::from_millis(200));
-            self.ring.submit_and_wait(timeout)?;
+            if self.inline.is_empty() {
+                let timeout = self.closing_since.map(|_| Duration::from_millis(200));
+                self.ring.submit_and_wait(timeout)?;
+            } else {
+                self.ring.submit()?;
+            }
             self.handle_completions()?;
             if let Some(t) = self.closing_since {
                 if t.elapsed() > CLOSE_GRACE && !self.out.is_empty() {
@@ -273,6 +291,9 @@ impl<'a> Connection<'a> {
     }
 
     fn handle_completions(&mut self) -> io::Result<()> {
+        while let Some((ud, res)) = self.inline.pop_front() {
+            self.complete(ud, res)?;
+        }
         let mut cqes = std::mem::take(&mut self.cqes);
         self.ring.reap(&mut cqes);
         for &(ud, res) in &cqes {
@@ -304,12 +325,10 @@ impl<'a> Connection<'a> {
             (self.shutdown_armed, UD_SHUTDOWN),
         ] {
             if armed {
-                let e = opcode::AsyncCancel::new(ud).build().user_data(UD_CANCEL);
-                // SAFETY: a cancel entry points at no memory.
-                unsafe { self.ring.push(&e)? };
+                self.ring.push_no_buffer(NoBuffer::cancel(ud, UD_CANCEL))?;
             }
         }
-        while self.ring.pending() > 0 {
+        while self.ring.pending() > 0 || !self.inline.is_empty() {
             self.ring
                 .submit_and_wait(Some(Duration::from_millis(100)))?;
             self.handle_completions()?;
@@ -323,12 +342,11 @@ impl<'a> Connection<'a> {
         }
         self.reading = false;
         if self.recv_pending {
-            let e = opcode::AsyncCancel::new(UD_RECV)
-                .build()
-                .user_data(UD_CANCEL);
-            // SAFETY: a cancel entry points at no memory. If the push fails
-            // the receive completes on its own when the socket closes.
-            let _ = unsafe { self.ring.push(&e) };
+            // If the push fails the receive completes on its own when the
+            // socket closes.
+            let _ = self
+                .ring
+                .push_no_buffer(NoBuffer::cancel(UD_RECV, UD_CANCEL));
         } else {
             self.abandon_payload();
         }
@@ -607,19 +625,88 @@ impl<'a> Connection<'a> {
     /// released (by any connection).
     fn arm_waker(&mut self) -> io::Result<()> {
         if !self.parked.is_empty() && !self.waker_armed {
-            let e = opcode::PollAdd::new(types::Fd(self.waker.as_raw_fd()), libc::POLLIN as u32)
-                .build()
-                .user_data(UD_WAKER);
-            // SAFETY: a poll entry points at no memory.
-            unsafe { self.ring.push(&e)? };
+            self.ring.push_no_buffer(NoBuffer::poll(
+                self.waker.as_raw_fd(),
+                libc::POLLIN,
+                UD_WAKER,
+            ))?;
             self.waker_armed = true;
         }
         Ok(())
     }
 
+    /// Run the current phase of slot `i` on a backend without a descriptor;
+    /// the result is handled with the completions.
+    fn run_inline(&mut self, i: usize) {
+        let disk = self.cfg.disk;
+        let s = &mut self.slots[i];
+        let done = s.done;
+        let bytes = |r: io::Result<()>, n: u32| r.map(|()| i32::try_from(n).unwrap_or(i32::MAX));
+        let r: io::Result<i32> = match (s.cmd, s.phase) {
+            (_, Phase::FuaSync) => disk.flush().map(|()| 0),
+            (Command::Read { offset, len }, _) => bytes(
+                disk.read_at(
+                    offset + u64::from(done),
+                    &mut s.buf[done as usize..len as usize],
+                ),
+                len - done,
+            ),
+            (Command::Write { offset, len, fua }, _) => bytes(
+                disk.write_at(
+                    offset + u64::from(done),
+                    &s.buf[done as usize..len as usize],
+                    fua,
+                ),
+                len - done,
+            ),
+            (
+                Command::WriteZeroes {
+                    offset, len, fua, ..
+                },
+                Phase::ZeroWrite,
+            ) => {
+                let n = (len - done).min(ZEROES_LEN);
+                bytes(
+                    disk.write_at(offset + u64::from(done), &ZEROES[..n as usize], fua),
+                    n,
+                )
+            }
+            (Command::Trim { offset, len, .. }, _) => disk.trim(offset, u64::from(len)).map(|()| 0),
+            (
+                Command::WriteZeroes {
+                    offset,
+                    len,
+                    may_trim,
+                    ..
+                },
+                phase,
+            ) => disk
+                .zero(
+                    offset,
+                    u64::from(len),
+                    may_trim && phase == Phase::Main,
+                    true,
+                )
+                .map(|()| 0),
+            (Command::Cache { .. }, _) => Ok(0),
+            (Command::Flush | Command::BlockStatus { .. } | Command::Disconnect, _) => {
+                Err(io::Error::from_raw_os_error(libc::EIO))
+            }
+        };
+        let res = match r {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Unsupported => -libc::EOPNOTSUPP,
+            Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
+        };
+        self.inline.push_back((i as u64, res));
+    }
+
     /// Submit the current phase of slot `i`.
     fn submit(&mut self, i: usize) {
-        let fd = types::Fd(self.cfg.disk.fd());
+        let Some(fd) = self.cfg.disk.uring_fd() else {
+            return self.run_inline(i);
+        };
+        let fd = types::Fd(fd);
         let s = &mut self.slots[i];
         let done = s.done;
         let entry = match (s.cmd, s.phase) {
@@ -940,7 +1027,10 @@ impl<'a> Connection<'a> {
     /// fdatasync of the disk flushes the device cache for both (a linked
     /// chain); otherwise both files are fdatasynced in parallel.
     fn submit_sync(&mut self, i: usize, sync: Option<CaptureSync>, with_disk: bool) {
-        let disk = types::Fd(self.cfg.disk.fd());
+        let disk_fd = self.cfg.disk.uring_fd();
+        let inline_flush = with_disk && disk_fd.is_none();
+        let with_disk = with_disk && disk_fd.is_some();
+        let disk = types::Fd(disk_fd.unwrap_or(-1));
         let chain = with_disk && sync.as_ref().is_some_and(|c| c.shares_disk_device);
         let s = &mut self.slots[i];
         s.phase = Phase::RingSync;
@@ -981,6 +1071,16 @@ impl<'a> Connection<'a> {
                     s.sync_err.get_or_insert(Errno::Io);
                 }
             }
+        }
+        if inline_flush {
+            // The backend's own flush, run now; its result comes back as
+            // one more completion of this slot.
+            let res = match self.cfg.disk.flush() {
+                Ok(()) => 0,
+                Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
+            };
+            s.pending += 1;
+            self.inline.push_back((i as u64, res));
         }
         s.sync = sync;
         if s.pending == 0 {
@@ -1098,11 +1198,11 @@ impl<'a> Connection<'a> {
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    let e = opcode::PollAdd::new(types::Fd(self.sock), libc::POLLOUT as u32)
-                        .build()
-                        .user_data(UD_POLLOUT);
-                    // SAFETY: a poll entry points at no memory.
-                    unsafe { self.ring.push(&e)? };
+                    self.ring.push_no_buffer(NoBuffer::poll(
+                        self.sock,
+                        libc::POLLOUT,
+                        UD_POLLOUT,
+                    ))?;
                     self.pollout_pending = true;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
