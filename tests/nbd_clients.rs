@@ -39,7 +39,7 @@ fn nbdinfo_reports_size_and_flags() {
         "\"can_cache\": true",
         "\"can_df\": true",
         "\"is_read_only\": false",
-        "\"block_size_maximum\": 33554432",
+        "\"block_size_maximum\": 67108864",
         "base:allocation",
     ] {
         assert!(text.contains(want), "nbdinfo lacks {want}:\n{text}");

@@ -138,3 +138,194 @@ fn the_flush_shortcut_is_used_on_ext4_and_said_in_the_log() {
         );
     }
 }
+
+/// The ring file's pages that are still only in the page cache (dirty or
+/// under writeback): what a power cut now would lose.
+fn not_durable(ring: &Path) -> Vec<u64> {
+    crashsim::dirty_pages(ring)
+        .unwrap_or_else(|e| panic!("page-cache check of {}: {e}", ring.display()))
+}
+
+#[test]
+fn after_each_flush_and_a_clean_stop_nothing_recovery_reads_is_only_in_memory() {
+    if !blockship::is_root() {
+        assert!(
+            std::env::var("BLOCKSHIP_REQUIRE_TOOLS").as_deref() != Ok("1"),
+            "the page-cache check needs root (/proc/kpageflags)"
+        );
+        eprintln!("SKIP: the page-cache check needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    let ring = dir.path().join("disk.ring");
+    make_disk(&disk, 64 * MIB);
+    let args = ["--ring", s(&ring), "--ring-size", "4M"];
+    let mut sp = Splitter::start(dir.path(), &disk, &args);
+    // Opening the ring made its "open, not clean" state durable before the
+    // first request was served.
+    assert_eq!(not_durable(&ring), Vec::<u64>::new(), "after open");
+    let mut c = sp.client();
+    let mut block = vec![0u8; 4096];
+    for i in 0..64u64 {
+        blockship::pattern(&mut block, i);
+        c.write(i * 4096, &block, false).unwrap();
+    }
+    c.flush().unwrap();
+    // (After a FLUSH the header's page is dirty again on purpose: the
+    // synced head is advanced after the sync, conservatively. What a FLUSH
+    // makes durable is checked on crash images below.)
+    drop(c);
+    assert!(sp.terminate().success());
+    assert_eq!(not_durable(&ring), Vec::<u64>::new(), "after a clean stop");
+    assert!(blockship::site::ring_status(&ring)["clean"]
+        .as_bool()
+        .unwrap());
+}
+
+/// An ext4 file system on a loop device over a file, so its blocks can be
+/// read back as the device holds them (crash images); undone on drop.
+struct LoopFs {
+    dev: String,
+    mnt: std::path::PathBuf,
+}
+
+impl LoopFs {
+    fn new(dir: &Path) -> LoopFs {
+        let img = dir.join("fs.img");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(512 * MIB)
+            .unwrap();
+        blockship::run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img));
+        let out = blockship::run(Command::new("losetup").args(["-f", "--show"]).arg(&img));
+        let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let mnt = dir.join("mnt");
+        std::fs::create_dir_all(&mnt).unwrap();
+        let fs = LoopFs { dev, mnt };
+        blockship::run(Command::new("mount").arg(&fs.dev).arg(&fs.mnt));
+        fs
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
+    }
+}
+
+/// The ring as a power cut now would leave it, in `out`.
+fn crash_image(ring: &Path, out: &Path) -> serde_json::Value {
+    let _ = std::fs::remove_file(out);
+    crashsim::device_image_to(ring, out).unwrap();
+    blockship::site::ring_status(out)
+}
+
+#[test]
+fn crash_images_of_the_ring_hold_what_recovery_needs() {
+    if !blockship::is_root() || !blockship::have_tool("mkfs.ext4") {
+        assert!(
+            std::env::var("BLOCKSHIP_REQUIRE_TOOLS").as_deref() != Ok("1"),
+            "crash images need root, loop devices and mkfs.ext4"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let fs = LoopFs::new(dir.path());
+    let disk = fs.mnt.join("disk.img");
+    let ring = fs.mnt.join("disk.ring");
+    let image = dir.path().join("crash.ring");
+    make_disk(&disk, 64 * MIB);
+    let args = ["--ring", s(&ring), "--ring-size", "4M"];
+    let mut sp = Splitter::start(dir.path(), &disk, &args);
+    let mut c = sp.client();
+    c.write(0, &[1u8; 4096], false).unwrap();
+    c.flush().unwrap();
+    drop(c);
+    assert!(sp.terminate().success());
+    assert!(
+        crash_image(&ring, &image)["clean"].as_bool().unwrap(),
+        "a clean stop must be durable"
+    );
+
+    // Restarted: before any request, a power cut must not find the old
+    // CLEAN (it would trust a stale in-flight table and sequence).
+    let mut sp = Splitter::start(dir.path(), &disk, &args);
+    let st = crash_image(&ring, &image);
+    assert_eq!(
+        st["clean"].as_bool(),
+        Some(false),
+        "the open state is not durable: {st}"
+    );
+    let pid = st["producer_pid"].as_u64().unwrap();
+    assert_eq!(pid, u64::from(sp.pid()), "{st}");
+
+    // After each acknowledged FLUSH, the crash image holds every record, the
+    // bitmap and the in-flight table exactly as the live file does.
+    let mut c = sp.client();
+    let ring_len = std::fs::metadata(&ring).unwrap().len();
+    let data_end = 8192 + 4 * MIB;
+    for round in 0..4u64 {
+        for i in 0..32u64 {
+            let b = u8::try_from((round * 32 + i) % 251).unwrap();
+            c.write((round * 32 + i) * 8192, &[b; 4096], round == 3 && i == 31)
+                .unwrap();
+        }
+        c.flush().unwrap();
+        let st = crash_image(&ring, &image);
+        assert_eq!(st["clean"].as_bool(), Some(false), "{st}");
+        let (live, crashed) = (blockship::read(&ring), blockship::read(&image));
+        assert_eq!(crashed.len() as u64, ring_len);
+        let head = 8192 + (round + 1) * 32 * (48 + 4096);
+        assert!(
+            live[8192..head as usize] == crashed[8192..head as usize],
+            "round {round}: flushed records are not durable"
+        );
+        // One bitmap page (64 MiB at 64 KiB a bit), then the in-flight table:
+        // entries of (offset, length); a free entry (length 0) keeps a stale
+        // offset, which recovery ignores.
+        let (bm, inflight) = (data_end as usize, data_end as usize + 4096);
+        assert!(
+            live[bm..inflight] == crashed[bm..inflight],
+            "round {round}: the bitmap is not durable"
+        );
+        for (e, (l, k)) in live[inflight..]
+            .chunks(16)
+            .zip(crashed[inflight..].chunks(16))
+            .enumerate()
+        {
+            let used = |x: &[u8]| x[8..16] != [0u8; 8];
+            assert_eq!(
+                used(l),
+                used(k),
+                "round {round}: in-flight entry {e} is not durable"
+            );
+            assert!(
+                !used(l) || l == k,
+                "round {round}: in-flight entry {e} differs"
+            );
+        }
+        let last = 1 + (round + 1) * 32;
+        let out = blockship::run(
+            Command::new(bin("splitter"))
+                .args([
+                    "ring",
+                    "dump",
+                    "--ring",
+                    s(&image),
+                    "--limit",
+                    "1",
+                    "--from",
+                ])
+                .arg(last.to_string()),
+        );
+        let dump = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            dump.contains(&format!("seq={last} ")),
+            "round {round}: the flushed records must survive: {dump}"
+        );
+    }
+    drop(c);
+    assert!(sp.terminate().success());
+}

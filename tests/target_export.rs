@@ -38,7 +38,14 @@ fn fio_job(dir: &Path, target: &[&str], verify_only: bool) -> String {
 
 #[test]
 fn the_replica_export_serves_real_clients_read_only() {
-    for t in ["nbdinfo", "nbdcopy", "qemu-io", "fio", "mkfs.ext4", "nbdfuse"] {
+    for t in [
+        "nbdinfo",
+        "nbdcopy",
+        "qemu-io",
+        "fio",
+        "mkfs.ext4",
+        "nbdfuse",
+    ] {
         if !have_tool(t) {
             return;
         }
@@ -50,7 +57,10 @@ fn the_replica_export_serves_real_clients_read_only() {
     // A raw image written by fio with verify headers, and an ext4 image
     // holding files.
     let raw = d.join("raw.img");
-    std::fs::File::create(&raw).unwrap().set_len(32 * MIB).unwrap();
+    std::fs::File::create(&raw)
+        .unwrap()
+        .set_len(32 * MIB)
+        .unwrap();
     let fio_file = format!("--filename={}", raw.display());
     fio_job(d, &["--ioengine=psync", &fio_file], false);
     let files = d.join("files");
@@ -84,12 +94,18 @@ fn the_replica_export_serves_real_clients_read_only() {
     // nbdcopy (multi-connection, pipelined) gets the image back exactly.
     let back = d.join("back.img");
     run(Command::new("nbdcopy").arg(uri("raw")).arg(&back));
-    assert!(read(&back) == read(&raw), "nbdcopy out differs from the seeded image");
+    assert!(
+        read(&back) == read(&raw),
+        "nbdcopy out differs from the seeded image"
+    );
 
     // fio's nbd engine verifies every block written by the first job.
     let fio_uri = format!("--uri={}", uri("raw"));
     let out = fio_job(d, &["--ioengine=nbd", &fio_uri], true);
-    assert!(!out.contains("verify: bad") && !out.contains("bad magic"), "{out}");
+    assert!(
+        !out.contains("verify: bad") && !out.contains("bad magic"),
+        "{out}"
+    );
 
     // qemu-io reads a pattern-checked range and cannot write.
     let q = run(Command::new("qemu-io")
@@ -106,7 +122,10 @@ fn the_replica_export_serves_real_clients_read_only() {
         String::from_utf8_lossy(&w.stdout),
         String::from_utf8_lossy(&w.stderr)
     );
-    assert!(!all.contains("wrote 4096/4096"), "a write to the replica succeeded: {all}");
+    assert!(
+        !all.contains("wrote 4096/4096"),
+        "a write to the replica succeeded: {all}"
+    );
     assert!(read(&t.replica("raw")) == read(&raw), "the replica changed");
 
     // ext4 through nbdfuse + a loop device, mounted read-only.
@@ -114,7 +133,10 @@ fn the_replica_export_serves_real_clients_read_only() {
         let mut m = FuseLoopMount::attach(d, &uri("fs"));
         m.mount_with("ro,noload");
         let got = std::fs::read(m.mount_dir.join("data.bin")).unwrap();
-        assert!(got == content, "the file read from the mounted replica differs");
+        assert!(
+            got == content,
+            "the file read from the mounted replica differs"
+        );
         m.umount();
     }
 }

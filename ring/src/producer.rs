@@ -372,7 +372,8 @@ impl Producer {
     }
 
     /// What a sync must cover now: the records appended since the last
-    /// completed sync, the header page (cursors, state) and, when any bit
+    /// completed sync, the in-flight table, the header page (cursors,
+    /// state) and, when any bit
     /// was set since the last completed sync, the dirty bitmap (listed
     /// first: a writeback in range order makes the bits durable before the
     /// header that may depend on them).
@@ -409,6 +410,15 @@ impl Producer {
             }
             ranges.splice(0..0, bitmap);
         }
+        // The in-flight table: the lanes' marks and clears since the last
+        // sync (recovery reads it after a crash). Only its dirty pages are
+        // written.
+        let inflight_len = self.rf.layout.inflight_entries * INFLIGHT_ENTRY_LEN;
+        ranges.push((
+            self.rf.layout.inflight_offset,
+            // LANES * LANE_ENTRIES * 16 = 512 KiB.
+            u32::try_from(inflight_len).unwrap_or(u32::MAX),
+        ));
         ranges.push((0, 4096));
         SyncPlan {
             head: st.head,

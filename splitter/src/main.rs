@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
-use splitter::{FileDisk, ListenAddr, NoCapture, RingCapture, ServeConfig, Server, SingleExport, WriteCapture};
+use splitter::{
+    FileDisk, ListenAddr, NoCapture, RingCapture, ServeConfig, Server, SingleExport, WriteCapture,
+};
 
 /// blockship splitter: the I/O path of a protected disk.
 ///
@@ -243,7 +245,9 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         let (ring_path, disk_id) = (a.ring.clone(), a.ship.disk_id.clone().unwrap_or_default());
         metrics::serve(
             m,
-            Arc::new(move || splitter::status::metrics_text(ring_path.as_deref(), &disk_id, stats.as_deref())),
+            Arc::new(move || {
+                splitter::status::metrics_text(ring_path.as_deref(), &disk_id, stats.as_deref())
+            }),
         )
         .with_context(|| format!("cannot serve metrics on {m}"))?;
     }

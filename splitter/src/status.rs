@@ -205,7 +205,7 @@ pub fn status_text(path: &Path, st: &ring::Status, now: u64) -> String {
             p.acked_seq
         );
         let _ =
-            writeln!(out, 
+            writeln!(out,
             "shipped:          {} bytes of records as {} bytes on the wire ({:.2}x), {:.1} MB/s",
             p.plain_bytes,
             p.wire_bytes,
