@@ -6,6 +6,7 @@
 //! a clean stop) and the crash images are further down.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly on any error
+#![allow(clippy::cast_possible_truncation)] // offsets inside a 4 MiB ring
 
 use std::path::Path;
 use std::process::Command;

@@ -150,7 +150,7 @@ impl Drop for Uring {
             let _ = self.submit_and_wait(Some(Duration::from_millis(100)));
             self.reap(&mut sink);
             rounds += 1;
-            if rounds % 100 == 0 {
+            if rounds.is_multiple_of(100) {
                 log::warn!(
                     "io_uring: still waiting for {} operation(s) to complete before freeing their buffers",
                     self.pending
