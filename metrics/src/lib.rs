@@ -124,7 +124,12 @@ fn read_head(s: &mut TcpStream, deadline: Instant, max: usize) -> std::io::Resul
             }
             Ok(n) => head.extend_from_slice(&buf[..n]),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
                 left(deadline)?;
             }
             Err(e) => return Err(e),
@@ -141,7 +146,12 @@ fn write_by(s: &mut TcpStream, b: &[u8], deadline: Instant) -> std::io::Result<(
             Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
             Ok(n) => at += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
                 left(deadline)?;
             }
             Err(e) => return Err(e),
@@ -294,7 +304,9 @@ mod tests {
         let addr = start(Limits::default());
         let mut req = b"GET /metrics HTTP/1.1\r\n".to_vec();
         while req.len() < 64 << 10 {
-            req.extend_from_slice(b"X-Filler: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n");
+            req.extend_from_slice(
+                b"X-Filler: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n",
+            );
         }
         req.extend_from_slice(b"\r\n");
         let got = ask(addr, &req);
