@@ -15,6 +15,7 @@
 //!
 //! # Layout
 //! - [`server`]: the daemon (listeners, threads, live status).
+//! - [`admission`]: the caps on shipper connections and their openings.
 //! - [`session`]: one shipper's connection: TLS, hello, enrolment, apply loop.
 //! - [`state`]: the state file format (applied sequence, consistency).
 //! - [`replica`]: file and NBD-backed replicas.
@@ -24,6 +25,7 @@
 //! - [`pki`]: the site's certificate authority.
 //! - [`seed`]: registering an image carried to the site as a starting replica.
 
+pub mod admission;
 pub mod error;
 pub mod export;
 pub mod pki;

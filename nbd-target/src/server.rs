@@ -79,6 +79,7 @@ impl Target {
                 registry,
                 tls,
                 stop: Arc::new(AtomicBool::new(false)),
+                admission: Arc::default(),
             },
             lock,
         })
@@ -161,11 +162,16 @@ impl Target {
         while !stop.load(Ordering::Relaxed) {
             match self.listener.accept() {
                 Ok((s, peer)) => {
+                    // Over a cap: closed here, without a thread.
+                    let Some(permit) = self.ctx.admission.admit(peer) else {
+                        drop(s);
+                        continue;
+                    };
                     log::info!("connection from {peer}");
                     let ctx = self.ctx.clone();
                     match std::thread::Builder::new()
                         .name(format!("shipper-{peer}"))
-                        .spawn(move || session::serve(s, &ctx))
+                        .spawn(move || session::serve(s, &ctx, permit))
                     {
                         Ok(h) => sessions.push(h),
                         Err(e) => log::warn!("cannot start a thread for {peer}: {e}"),

@@ -7,19 +7,24 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use transport::link::{LinkError, Received};
+use transport::link::{LinkError, Received, DEFAULT_READ_AHEAD};
 use transport::Link;
 use wire::frame::*;
+use wire::timing::{HEARTBEAT_EVERY, HELLO_TIMEOUT, PEER_TIMEOUT};
 use wire::{RecordIter, RecordKind, WireError};
 
+use crate::admission::{Admission, Permit};
 use crate::registry::{Claim, Registry, STATE_FILE};
 use crate::replica::ReplicaWriter;
 use crate::state::{now_ns, Reason, ReplicaState, StateFile};
 
-/// How long a silent peer is given before the connection is dropped.
-pub const PEER_TIMEOUT: Duration = Duration::from_secs(15);
-/// How often a heartbeat goes out on an idle connection.
-pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+/// Unsent output (TLS records not yet taken by the socket, and answers
+/// not yet queued) above which nothing more is read from a shipper until
+/// it has read enough; one that never does is dropped after PEER_TIMEOUT.
+pub const MAX_UNSENT: usize = 8 << 20;
+/// Bytes read ahead of a complete frame before the HELLO (after it,
+/// transport's DEFAULT_READ_AHEAD).
+const HELLO_READ_AHEAD: usize = 4096;
 /// Applied bytes after which the target makes them durable and acknowledges
 /// even if more batches are already waiting.
 const COMMIT_BYTES: u64 = 64 << 20;
@@ -61,15 +66,19 @@ pub struct SessionContext {
     pub tls: Arc<rustls::ServerConfig>,
     /// Set to stop.
     pub stop: Arc<AtomicBool>,
+    /// The caps on connections (the accept loop admits, sessions hold a
+    /// [`Permit`]).
+    pub admission: Arc<Admission>,
 }
 
-/// Serve one shipper connection until it ends; log how it ended.
-pub fn serve(sock: TcpStream, ctx: &SessionContext) {
+/// Serve one shipper connection until it ends; log how it ended. `permit`
+/// is its place among the daemon's connections, held until it ends.
+pub fn serve(sock: TcpStream, ctx: &SessionContext, mut permit: Permit) {
     let peer = sock
         .peer_addr()
         .map(|a| a.to_string())
         .unwrap_or_else(|_| "?".into());
-    match run(sock, ctx) {
+    match run(sock, ctx, &mut permit) {
         Ok(()) => log::info!("shipper {peer}: connection closed"),
         Err(e) => log::warn!("shipper {peer}: {e}"),
     }
@@ -89,12 +98,39 @@ fn refuse(link: &mut Link, code: ErrorCode, message: String) -> SessionError {
     SessionError::Refused(message)
 }
 
-fn wait_frame(link: &mut Link, timeout: Duration) -> Result<Received, SessionError> {
-    let deadline = Instant::now() + timeout;
+/// The HELLO, by `deadline`. Only a HELLO header is accepted: any other
+/// frame (or a bad header) is refused as soon as its header is here,
+/// before a byte of its body is read; the link reads no more than a HELLO
+/// and a little read-ahead meanwhile.
+fn wait_hello(link: &mut Link, deadline: Instant) -> Result<Received, SessionError> {
     loop {
         link.pump()?;
-        if let Some(r) = link.next_frame()? {
-            return Ok(r);
+        match link.peek_header() {
+            Ok(Some(h)) if h.ftype != FrameType::Hello => {
+                let m = format!(
+                    "expected HELLO, got a {} header ({} bytes of body) before the hello: nothing of it read",
+                    h.ftype.name(),
+                    h.len
+                );
+                return Err(refuse(link, ErrorCode::Protocol, m));
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let m = format!("bad frame instead of a HELLO: {e}");
+                return Err(refuse(link, ErrorCode::Protocol, m));
+            }
+        }
+        match link.next_frame() {
+            Ok(Some(r)) if r.header.ftype == FrameType::Hello => return Ok(r),
+            Ok(Some(r)) => {
+                let m = format!("expected HELLO, got {}", r.header.ftype.name());
+                return Err(refuse(link, ErrorCode::Protocol, m));
+            }
+            Ok(None) => {}
+            Err(e) => {
+                let m = format!("bad HELLO frame: {e}");
+                return Err(refuse(link, ErrorCode::Protocol, m));
+            }
         }
         if link.eof() {
             return Err(SessionError::Refused(
@@ -103,18 +139,25 @@ fn wait_frame(link: &mut Link, timeout: Duration) -> Result<Received, SessionErr
         }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(SessionError::Refused("no hello within 10 s".into()));
+            return Err(SessionError::Refused(format!(
+                "no hello within {} s of connecting",
+                HELLO_TIMEOUT.as_secs()
+            )));
         }
         link.wait(left.min(Duration::from_millis(100)))?;
     }
 }
 
-fn run(sock: TcpStream, ctx: &SessionContext) -> Result<(), SessionError> {
+fn run(sock: TcpStream, ctx: &SessionContext, permit: &mut Permit) -> Result<(), SessionError> {
+    // The TLS handshake and the HELLO share one deadline.
+    let deadline = Instant::now() + HELLO_TIMEOUT;
     let tls = rustls::ServerConnection::new(ctx.tls.clone()).map_err(LinkError::Tls)?;
     let mut link = Link::new(tls, sock)?;
-    link.handshake(Duration::from_secs(10)).map_err(|e| {
-        SessionError::Refused(format!("TLS handshake failed, nothing accepted: {e}"))
-    })?;
+    link.set_limits(FrameType::Hello.max_body(), HELLO_READ_AHEAD);
+    link.handshake(deadline.saturating_duration_since(Instant::now()))
+        .map_err(|e| {
+            SessionError::Refused(format!("TLS handshake failed, nothing accepted: {e}"))
+        })?;
     let id = link
         .tls
         .peer_certificates()
@@ -122,11 +165,9 @@ fn run(sock: TcpStream, ctx: &SessionContext) -> Result<(), SessionError> {
         .map(transport::tls::peer_identity)
         .unwrap_or_default();
 
-    let rx = wait_frame(&mut link, Duration::from_secs(10))?;
-    if rx.header.ftype != FrameType::Hello {
-        let m = format!("expected HELLO, got {}", rx.header.ftype.name());
-        return Err(refuse(&mut link, ErrorCode::Protocol, m));
-    }
+    let rx = wait_hello(&mut link, deadline)?;
+    permit.opened();
+    link.set_limits(MAX_BODY, DEFAULT_READ_AHEAD);
     let hello = match Hello::decode(link.body(&rx)) {
         Ok(h) => h,
         Err(e) => {
@@ -381,18 +422,38 @@ impl Session {
         claim: &Claim,
         stop: &AtomicBool,
     ) -> Result<(), SessionError> {
+        let mut paused = false;
         loop {
             if stop.load(Ordering::Relaxed) {
                 return Ok(());
             }
-            link.pump()?;
+            // A shipper that does not read what it is sent is not read from
+            // either (so it cannot make the target queue without limit).
+            let over = link.unsent() > MAX_UNSENT;
+            if over != paused {
+                paused = over;
+                log::debug!(
+                    "shipper {}: {}",
+                    link.peer(),
+                    if paused {
+                        "more than 8 MiB it has not read yet: not reading from it until it does"
+                    } else {
+                        "has read what it was sent: reading again"
+                    }
+                );
+            }
             let mut progressed = false;
-            while let Some(rx) = link.next_frame()? {
-                progressed = true;
-                self.frame(link, &rx, claim)?;
-                link.consume(&rx);
-                if self.uncommitted >= COMMIT_BYTES {
-                    break;
+            if paused {
+                link.pump_out()?;
+            } else {
+                link.pump()?;
+                while let Some(rx) = link.next_frame()? {
+                    progressed = true;
+                    self.frame(link, &rx, claim)?;
+                    link.consume(&rx);
+                    if self.uncommitted >= COMMIT_BYTES || link.unsent() > MAX_UNSENT {
+                        break;
+                    }
                 }
             }
             if self.pending > self.state.state.applied_seq
@@ -402,7 +463,9 @@ impl Session {
                 let old = self
                     .uncommitted_since
                     .is_some_and(|t| t.elapsed() >= COMMIT_AGE);
-                let more_waiting = {
+                let more_waiting = if paused {
+                    false
+                } else {
                     link.pump()?;
                     link.next_frame()?.is_some()
                 };
@@ -427,7 +490,9 @@ impl Session {
                     PEER_TIMEOUT.as_secs()
                 )));
             }
-            if !progressed {
+            if paused {
+                link.wait_writable(Duration::from_millis(100))?;
+            } else if !progressed {
                 link.wait(Duration::from_millis(100))?;
             }
         }
@@ -512,10 +577,24 @@ impl Session {
         };
         h.check_plain(plain).map_err(proto)?;
         let mut first_gap = false;
+        // The BLOCK_HASHES answers the batch may ask for, all differing.
+        let mut hash_reply = 0u64;
         for (i, r) in RecordIter::new(h, plain).enumerate() {
             let r = r.map_err(proto)?;
             if i == 0 {
                 first_gap = r.after_gap;
+            }
+            if r.kind == RecordKind::SyncHash {
+                hash_reply += block_hashes_frame_len(r.len);
+                if hash_reply > MAX_BATCH_HASH_REPLY {
+                    return Err(proto(WireError::Invalid {
+                        what: "batch",
+                        detail: format!(
+                            "its SYNC_HASH records (up to seq {}) may ask for more than {} bytes of BLOCK_HASHES answers, the most one batch may",
+                            r.seq, MAX_BATCH_HASH_REPLY
+                        ),
+                    }));
+                }
             }
             if !matches!(r.kind, RecordKind::Mark | RecordKind::SyncEnd)
                 && r.end().is_none_or(|e| e > self.disk_size)

@@ -33,7 +33,10 @@ use ring::format::{
     STATE_CRASH_DIRTY, STATE_NEEDS_INITIAL_SYNC, STATE_NEEDS_VERIFY, STATE_OVERFLOW,
 };
 use ring::{Consumer, Extent};
-use wire::frame::{BlockHashes, HelloReply, REPLY_COMPARE, REPLY_DIRTY_PENDING, REPLY_FULL_SYNC};
+use wire::frame::{
+    block_hashes_frame_len, BlockHashes, HelloReply, MAX_BATCH_HASH_REPLY, REPLY_COMPARE,
+    REPLY_DIRTY_PENDING, REPLY_FULL_SYNC,
+};
 use wire::records::{SYNC_END_DIRTY, SYNC_END_FULL_PASS};
 use wire::{RecordKind, WireRecord};
 
@@ -352,6 +355,9 @@ impl Resync {
         let plain = &mut plain;
         let mut count = 0u32;
         let mut covered = 0u64;
+        // What this batch's SYNC_HASH records may ask the target to answer
+        // (wire::frame::MAX_BATCH_HASH_REPLY at most).
+        let mut hash_reply = 0u64;
         let mut sent_dirty = Vec::new();
         while covered < max_bytes {
             // Blocks of compared chunks that differ come first: the target
@@ -389,6 +395,12 @@ impl Resync {
                 }
                 let n = self.chunk.min(self.disk_size - at);
                 if self.compare {
+                    // n <= the chunk, at most 16 MiB.
+                    let answer = block_hashes_frame_len(u32::try_from(n).unwrap_or(u32::MAX));
+                    if hash_reply + answer > MAX_BATCH_HASH_REPLY {
+                        break;
+                    }
+                    hash_reply += answer;
                     count += self.hash_chunk(plain, seq, at, n, stats)?;
                     // Hashes are small: a batch covers more disk.
                     covered += n / 16;
@@ -463,7 +475,7 @@ impl Resync {
         }
         if let Some(v) = &mut self.verify {
             if covered < max_bytes {
-                count += v.fill(plain, seq, max_bytes - covered)?;
+                count += v.fill(plain, seq, max_bytes - covered, &mut hash_reply)?;
                 c.verify_progress(v.compared());
             }
         }

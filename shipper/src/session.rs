@@ -11,15 +11,14 @@ use ring::LinkState;
 use transport::link::LinkError;
 use transport::Link;
 use wire::frame::*;
+// PEER_TIMEOUT: a target silent this long is gone; HEARTBEAT_EVERY: also
+// carries lag and waiting counts to the target.
+use wire::timing::{CONNECT_TIMEOUT, HEARTBEAT_EVERY, HELLO_TIMEOUT, PEER_TIMEOUT};
 
 use crate::error::{Error, Result};
 use crate::pace::Pacer;
 use crate::ship::Shipper;
 
-/// A target silent this long is considered gone.
-const PEER_TIMEOUT: Duration = Duration::from_secs(15);
-/// Heartbeat period (also carries lag and waiting counts to the target).
-const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 /// How often progress is published in the ring file.
 const PUBLISH_EVERY: Duration = Duration::from_millis(100);
 /// Most records per batch.
@@ -98,12 +97,11 @@ fn connect(sh: &Shipper) -> Result<Link> {
         .map_err(io)?
         .next()
         .ok_or_else(|| Error::Invalid(format!("{target} resolves to no address")))?;
-    let sock = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(io)?;
+    let sock = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map_err(io)?;
     let conn = rustls::ClientConnection::new(sh.tls.clone(), sh.server_name.clone())
         .map_err(|e| link_err(sh)(LinkError::Tls(e)))?;
     let mut link = Link::new(conn, sock).map_err(io)?;
-    link.handshake(Duration::from_secs(10))
-        .map_err(link_err(sh))?;
+    link.handshake(HELLO_TIMEOUT).map_err(link_err(sh))?;
     Ok(link)
 }
 
@@ -154,7 +152,7 @@ fn hello(sh: &mut Shipper, link: &mut Link) -> Result<HelloReply> {
     h.encode(&mut b);
     link.send(FrameType::Hello, &b)
         .map_err(|e| link_err(sh)(LinkError::Io(e)))?;
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + HELLO_TIMEOUT;
     loop {
         link.pump().map_err(link_err(sh))?;
         if let Some(rx) = link

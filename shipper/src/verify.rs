@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use ring::Extent;
-use wire::frame::BlockHashes;
+use wire::frame::{block_hashes_frame_len, BlockHashes, MAX_BATCH_HASH_REPLY};
 use wire::{RecordKind, WireRecord};
 
 use crate::error::{Error, Result};
@@ -190,8 +190,16 @@ impl Verify {
     }
 
     /// Encode the next records (at position `seq`) into `plain`, up to
-    /// about `max_bytes` of disk; returns how many.
-    pub fn fill(&mut self, plain: &mut Vec<u8>, seq: u64, max_bytes: u64) -> Result<u32> {
+    /// about `max_bytes` of disk, and while the answers its SYNC_HASH
+    /// records may get keep `hash_reply` (the batch's) within
+    /// `MAX_BATCH_HASH_REPLY`; returns how many.
+    pub fn fill(
+        &mut self,
+        plain: &mut Vec<u8>,
+        seq: u64,
+        max_bytes: u64,
+        hash_reply: &mut u64,
+    ) -> Result<u32> {
         let mut count = 0;
         let mut covered = 0u64;
         // Second answers: report, and resend when repairing.
@@ -235,7 +243,21 @@ impl Verify {
                 break;
             };
             self.read(bh.offset, bh.len as usize)?;
-            for (at, from, to) in differing_runs(&self.buf[..bh.len as usize], bh.offset, &bh) {
+            let runs: Vec<_> = differing_runs(&self.buf[..bh.len as usize], bh.offset, &bh);
+            // Each run is within the chunk (at most 16 MiB).
+            let answers: u64 = runs
+                .iter()
+                .map(|&(_, from, to)| {
+                    block_hashes_frame_len(u32::try_from(to - from).unwrap_or(u32::MAX))
+                })
+                .sum();
+            if *hash_reply + answers > MAX_BATCH_HASH_REPLY {
+                // The next batch compares these again.
+                self.first.push_front((bh, failed));
+                break;
+            }
+            *hash_reply += answers;
+            for (at, from, to) in runs {
                 log::debug!(
                     "verify {}: {at}+{} differed {failed} time(s), compared again at tag {seq}",
                     self.id,
@@ -249,6 +271,12 @@ impl Verify {
         while self.next < self.disk_size && covered < max_bytes {
             let at = self.next;
             let n = usize::try_from((self.disk_size - at).min(CHUNK as u64)).unwrap_or(CHUNK);
+            // n <= CHUNK (1 MiB).
+            let answer = block_hashes_frame_len(u32::try_from(n).unwrap_or(u32::MAX));
+            if *hash_reply + answer > MAX_BATCH_HASH_REPLY {
+                break;
+            }
+            *hash_reply += answer;
             self.read(at, n)?;
             hash_record(plain, seq, at, &self.buf[..n]);
             self.next += n as u64;

@@ -4,6 +4,14 @@
 //! rustls's buffer), [`Link::pump`] to move bytes both ways without
 //! blocking, [`Link::next_frame`] to take complete received frames, and
 //! [`Link::wait`] to sleep until the socket is ready or a timeout passes.
+//!
+//! What a link holds is bounded on the receive side: it reads from the
+//! socket only while the bytes it buffered hold less than its read-ahead
+//! (1 MiB by default) or the frame at their start is not complete yet, and
+//! never past a header whose body is over the link's limit
+//! ([`Link::set_limits`]). The send side holds what its owner queued;
+//! [`Link::unsent`] tells how much that is, so the owner can stop taking
+//! work (and reading) from a peer that does not read.
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
@@ -11,7 +19,7 @@ use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use wire::frame::{FrameHeader, FrameType, FRAME_HEADER_LEN};
+use wire::frame::{FrameHeader, FrameType, FRAME_HEADER_LEN, MAX_BODY};
 use wire::WireError;
 
 /// A received frame's place in the link's buffer.
@@ -45,6 +53,17 @@ pub struct Link {
     inbuf: Vec<u8>,
     start: usize,
     eof: bool,
+    /// Ciphertext taken out of rustls (by [`Link::unsent`]) and not yet
+    /// written to the socket: `out[out_start..]`. Written before anything
+    /// rustls still holds.
+    out: Vec<u8>,
+    out_start: usize,
+    /// Largest frame body accepted (a larger header is an error, and no
+    /// byte of its body is read).
+    max_body: u32,
+    /// Bytes read ahead beyond a complete frame at most (roughly: one TLS
+    /// record more may arrive).
+    read_ahead: usize,
     /// When bytes last arrived.
     pub last_rx: Instant,
     /// When a frame was last queued.
@@ -61,6 +80,10 @@ impl std::fmt::Debug for Link {
     }
 }
 
+/// Default read-ahead of a link: buffered bytes beyond the first complete
+/// frame after which it stops reading from the socket.
+pub const DEFAULT_READ_AHEAD: usize = 1 << 20;
+
 impl Link {
     /// Wrap a connected socket (made non-blocking) and a fresh TLS connection.
     pub fn new(tls: impl Into<rustls::Connection>, sock: TcpStream) -> io::Result<Link> {
@@ -76,6 +99,10 @@ impl Link {
             inbuf: Vec::with_capacity(64 << 10),
             start: 0,
             eof: false,
+            out: Vec::new(),
+            out_start: 0,
+            max_body: MAX_BODY,
+            read_ahead: DEFAULT_READ_AHEAD,
             last_rx: Instant::now(),
             last_tx: Instant::now(),
             bytes_out: 0,
@@ -146,7 +173,72 @@ impl Link {
 
     /// Ciphertext is waiting to be written to the socket.
     pub fn wants_write(&self) -> bool {
-        self.tls.wants_write()
+        self.out_start < self.out.len() || self.tls.wants_write()
+    }
+
+    /// Bytes queued and not yet written to the socket (TLS records, so a
+    /// little more than the frames queued). Takes what rustls holds into
+    /// the link's own buffer to count it exactly.
+    pub fn unsent(&mut self) -> usize {
+        while self.tls.wants_write() {
+            // Writing into a Vec cannot fail or block; a zero means rustls
+            // holds nothing more.
+            match self.tls.write_tls(&mut self.out) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+        self.out.len() - self.out_start
+    }
+
+    /// Set the largest frame body accepted (default `MAX_BODY`; a header
+    /// claiming more is an error before any of its body is read) and the
+    /// read-ahead beyond a complete frame (default [`DEFAULT_READ_AHEAD`]).
+    pub fn set_limits(&mut self, max_body: u32, read_ahead: usize) {
+        self.max_body = max_body;
+        self.read_ahead = read_ahead;
+    }
+
+    /// Bytes received and not yet consumed.
+    pub fn buffered(&self) -> usize {
+        self.inbuf.len() - self.start
+    }
+
+    /// The header of the next frame as soon as its 24 bytes are here, before
+    /// its body is (checked: magic, checksums, the type's limit; not the
+    /// link's, which [`Link::next_frame`] checks).
+    pub fn peek_header(&self) -> Result<Option<FrameHeader>, WireError> {
+        let b = &self.inbuf[self.start..];
+        if b.len() < FRAME_HEADER_LEN {
+            return Ok(None);
+        }
+        Ok(Some(FrameHeader::decode(&b[..FRAME_HEADER_LEN])?))
+    }
+
+    /// [`Link::peek_header`], and its body within the link's limit.
+    fn peek_checked(&self) -> Result<Option<FrameHeader>, WireError> {
+        let Some(h) = self.peek_header()? else {
+            return Ok(None);
+        };
+        if h.len > self.max_body {
+            return Err(WireError::Oversized {
+                frame: h.ftype.name(),
+                len: u64::from(h.len),
+                max: u64::from(self.max_body),
+            });
+        }
+        Ok(Some(h))
+    }
+
+    /// Whether reading more from the socket stays within the receive bounds.
+    fn may_read(&self) -> bool {
+        let buffered = self.buffered();
+        match self.peek_checked() {
+            Ok(None) => true,
+            // next_frame reports it; nothing more is read.
+            Err(_) => false,
+            Ok(Some(h)) => buffered < (FRAME_HEADER_LEN + h.len as usize).max(self.read_ahead),
+        }
     }
 
     /// The peer closed its side.
@@ -158,7 +250,7 @@ impl Link {
     /// arrived, decrypt it into the frame buffer.
     pub fn pump(&mut self) -> Result<(), LinkError> {
         self.write_out()?;
-        while !self.eof {
+        while !self.eof && self.may_read() {
             match self.tls.read_tls(&mut self.sock) {
                 Ok(0) => self.eof = true,
                 Ok(_) => self.last_rx = Instant::now(),
@@ -179,8 +271,34 @@ impl Link {
         Ok(())
     }
 
+    /// Write what is queued without reading anything (for a peer that is
+    /// not read from until it has taken what it was sent).
+    pub fn pump_out(&mut self) -> Result<(), LinkError> {
+        Ok(self.write_out()?)
+    }
+
     /// Write queued ciphertext until the socket would block.
     fn write_out(&mut self) -> io::Result<()> {
+        while self.out_start < self.out.len() {
+            match self.sock.write(&self.out[self.out_start..]) {
+                Ok(n) => {
+                    self.out_start += n;
+                    self.bytes_out += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        if !self.out.is_empty() {
+            // Everything taken out of rustls is written: give the memory back
+            // when it was a lot.
+            self.out.clear();
+            self.out_start = 0;
+            if self.out.capacity() > 1 << 20 {
+                self.out = Vec::new();
+            }
+        }
         while self.tls.wants_write() {
             match self.tls.write_tls(&mut self.sock) {
                 Ok(n) => self.bytes_out += n as u64,
@@ -212,6 +330,9 @@ impl Link {
     /// The next complete received frame, checked. Read its body with
     /// [`Link::body`], then [`Link::consume`] it.
     pub fn next_frame(&self) -> Result<Option<Received>, WireError> {
+        if self.peek_checked()?.is_none() {
+            return Ok(None);
+        }
         Ok(wire::io::parse_frame(&self.inbuf[self.start..])?
             .map(|(header, total)| Received { header, total }))
     }
@@ -234,9 +355,23 @@ impl Link {
     /// waiting) or `timeout` passes.
     pub fn wait(&self, timeout: Duration) -> io::Result<()> {
         let mut flags = PollFlags::POLLIN;
-        if self.tls.wants_write() {
+        if self.wants_write() {
             flags |= PollFlags::POLLOUT;
         }
+        self.poll(flags, timeout)
+    }
+
+    /// Sleep until the socket takes more of what is queued (reading
+    /// nothing) or `timeout` passes.
+    pub fn wait_writable(&self, timeout: Duration) -> io::Result<()> {
+        if !self.wants_write() {
+            std::thread::sleep(timeout);
+            return Ok(());
+        }
+        self.poll(PollFlags::POLLOUT, timeout)
+    }
+
+    fn poll(&self, flags: PollFlags, timeout: Duration) -> io::Result<()> {
         let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
         let mut fds = [PollFd::new(self.sock.as_fd(), flags)];
         match poll(&mut fds, PollTimeout::from(ms)) {
@@ -250,7 +385,7 @@ impl Link {
         let deadline = Instant::now() + timeout;
         loop {
             self.pump()?;
-            if !self.tls.wants_write() {
+            if !self.wants_write() {
                 return Ok(());
             }
             let left = deadline.saturating_duration_since(Instant::now());

@@ -754,6 +754,18 @@ impl ErrorMsg {
 const BLOCK_HASHES_FIXED: usize = 24;
 /// Most blocks a BLOCK_HASHES frame lists.
 pub const MAX_BLOCK_HASHES: usize = 4096;
+/// Most BLOCK_HASHES bytes (whole frames) the SYNC_HASH records of one
+/// batch may ask for, counting every chunk as differing
+/// ([`block_hashes_frame_len`]). The target refuses a batch that asks for
+/// more before applying any of it, so one batch of 72-byte SYNC_HASH
+/// records cannot make it queue gigabytes of answers.
+pub const MAX_BATCH_HASH_REPLY: u64 = 4 << 20;
+
+/// Bytes of the BLOCK_HASHES frame (frame header included) that answers a
+/// SYNC_HASH over `len` bytes whose chunk differs.
+pub fn block_hashes_frame_len(len: u32) -> u64 {
+    (FRAME_HEADER_LEN + BLOCK_HASHES_FIXED) as u64 + 32 * u64::from(len.div_ceil(BLOCK_SIZE))
+}
 
 /// The replica's per-block hashes of a chunk that differs from the source.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -18,6 +18,7 @@
 //! - [`records`]: the plain encoding of ring records inside a batch.
 //! - [`identity`]: disk ids, and how a certificate names the disks its holder may write.
 //! - [`io`]: reading and writing whole frames on any `Read`/`Write`.
+//! - [`timing`]: heartbeat period, peer and hello timeouts, shared by both ends.
 
 #![forbid(unsafe_code)]
 
@@ -26,6 +27,7 @@ pub mod frame;
 pub mod identity;
 pub mod io;
 pub mod records;
+pub mod timing;
 
 pub use error::WireError;
 pub use frame::{

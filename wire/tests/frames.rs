@@ -420,3 +420,24 @@ fn resync_records_sit_between_ring_records_without_taking_a_sequence() {
     let (h, plain) = batch_plain(&[bad]);
     assert!(RecordIter::new(h, &plain).any(|r| r.is_err()));
 }
+
+#[test]
+fn block_hashes_frame_len_is_the_encoded_answer() {
+    for len in [1u32, 4096, 4097, 1 << 20, 16 << 20] {
+        let bh = BlockHashes {
+            offset: 0,
+            len,
+            block_size: BLOCK_SIZE,
+            hashes: vec![[7; 32]; len.div_ceil(BLOCK_SIZE) as usize],
+        };
+        let mut b = Vec::new();
+        bh.encode(&mut b);
+        assert_eq!(
+            block_hashes_frame_len(len),
+            (FRAME_HEADER_LEN + b.len()) as u64,
+            "{len}"
+        );
+    }
+    // The cap holds at least one answer of the largest hashed chunk.
+    assert!(block_hashes_frame_len(wire::records::MAX_HASHED_CHUNK) <= MAX_BATCH_HASH_REPLY);
+}
