@@ -20,34 +20,51 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// A 16 MiB disk and a splitter capturing it into a 1 MiB ring in `dir`.
+fn start_small(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, Splitter) {
+    let disk = dir.join("disk.img");
+    let ring = dir.join("disk.ring");
+    make_disk(&disk, 16 * MIB);
+    let sp = Splitter::start(dir, &disk, &["--ring", s(&ring), "--ring-size", "1M"]);
+    (disk, ring, sp)
+}
+
 #[test]
 fn a_truncated_ring_file_is_refused_with_a_message_not_a_crash() {
     let dir = tempfile::tempdir().unwrap();
-    let disk = dir.path().join("disk.img");
-    let ring = dir.path().join("disk.ring");
-    make_disk(&disk, 16 * MIB);
-    let mut sp = Splitter::start(
-        dir.path(),
-        &disk,
-        &["--ring", s(&ring), "--ring-size", "1M"],
-    );
+    let (disk, ring, mut sp) = start_small(dir.path());
     assert!(sp.terminate().success());
     let len = std::fs::metadata(&ring).unwrap().len();
     let f = std::fs::OpenOptions::new().write(true).open(&ring).unwrap();
     f.set_len(len - 8192).unwrap();
     drop(f);
-    let out = Command::new(bin("splitter"))
+    let errf = dir.path().join("other.err");
+    let mut child = Command::new(bin("splitter"))
         .args(["serve", "--disk", s(&disk), "--ring", s(&ring)])
         .arg("--socket")
         .arg(dir.path().join("other.sock"))
-        .output()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&errf).unwrap())
+        .spawn()
         .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
+    // A splitter that accepted the ring would serve it for ever: bound the wait.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break Some(st);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let err = std::fs::read_to_string(&errf).unwrap_or_default();
     assert_eq!(
-        out.status.code(),
+        status.and_then(|st| st.code()),
         Some(1),
-        "exit {:?}; stderr:\n{err}",
-        out.status
+        "exit {status:?} (None: still serving after 20 s); stderr:\n{err}"
     );
     assert!(err.contains(s(&ring)) && err.contains("truncated"), "{err}");
 }
@@ -111,14 +128,7 @@ fn sigterm_stops_a_splitter_whose_writers_wait_on_a_full_ring() {
 #[test]
 fn the_flush_shortcut_is_used_on_ext4_and_said_in_the_log() {
     let dir = tempfile::tempdir().unwrap();
-    let disk = dir.path().join("disk.img");
-    let ring = dir.path().join("disk.ring");
-    make_disk(&disk, 16 * MIB);
-    let mut sp = Splitter::start(
-        dir.path(),
-        &disk,
-        &["--ring", s(&ring), "--ring-size", "1M"],
-    );
+    let (_disk, _ring, mut sp) = start_small(dir.path());
     let log = sp.log_text();
     sp.terminate();
     let fs = Command::new("stat")

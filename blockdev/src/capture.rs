@@ -166,17 +166,10 @@ impl RingSession<'_> {
 
     fn append(&mut self, slot: usize, change: Change<'_>) -> io::Result<()> {
         let r = self.producer.append(change).map_err(ring_err);
-        if r.is_err() && !matches!(change, Change::Mark { .. }) {
+        if let (Err(_), Some((offset, len))) = (&r, change.extent()) {
             // The disk holds the change but the ring could not take it (EIO,
             // ENOSPC): the dirty bitmap must know, before the in-flight mark
             // that covers it now is cleared.
-            let (offset, len) = match change {
-                Change::Write { offset, data } => (offset, data.len() as u64),
-                Change::Trim { offset, len } | Change::Zero { offset, len } => {
-                    (offset, u64::from(len))
-                }
-                Change::Mark { .. } => (0, 0),
-            };
             self.producer.mark_dirty(offset, len);
         }
         // Appended or in the dirty bitmap: either way the change is known.

@@ -53,6 +53,19 @@ pub enum Change<'a> {
     },
 }
 
+impl Change<'_> {
+    /// The disk extent (offset, length) a change covers; None for a mark.
+    pub fn extent(&self) -> Option<(u64, u64)> {
+        match *self {
+            Change::Write { offset, data } => Some((offset, data.len() as u64)),
+            Change::Trim { offset, len } | Change::Zero { offset, len } => {
+                Some((offset, u64::from(len)))
+            }
+            Change::Mark { .. } => None,
+        }
+    }
+}
+
 /// Where a change went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Appended {
@@ -70,9 +83,9 @@ pub struct SyncPlan {
     pub head: u64,
     /// (file offset, length) ranges; lengths fit `u32`.
     pub ranges: Vec<(u64, u32)>,
-    /// Bitmap marks covered (producer count, shared count) when the ranges,
-    /// which then include the bitmap, are durable.
-    pub marks: (u64, u64),
+    /// Set when the ranges include the dirty bitmap: the marks covered
+    /// (producer count, shared count) once they are durable.
+    pub marks: Option<(u64, u64)>,
 }
 
 struct State {
@@ -308,10 +321,13 @@ impl Producer {
             crc: 0,
         };
         let hb = h.encode(payload);
-        let injected = self
-            .fail_appends
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
-            .is_ok();
+        // A plain load first: the test hook costs no read-modify-write on
+        // the append path when unused.
+        let injected = self.fail_appends.load(Ordering::Relaxed) != 0
+            && self
+                .fail_appends
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+                .is_ok();
         let written = if injected {
             Err(std::io::Error::from_raw_os_error(libc::EIO))
         } else {
@@ -399,7 +415,9 @@ impl Producer {
             ));
             from += n;
         }
-        if marks != st.marks_synced || self.rf.get(live::STATE) & STATE_OVERFLOW != 0 {
+        let with_bitmap =
+            marks != st.marks_synced || self.rf.get(live::STATE) & STATE_OVERFLOW != 0;
+        if with_bitmap {
             let mut at = self.rf.layout.bitmap_offset;
             let end = at + self.rf.layout.bitmap_len;
             let mut bitmap = Vec::new();
@@ -423,7 +441,7 @@ impl Producer {
         SyncPlan {
             head: st.head,
             ranges,
-            marks,
+            marks: with_bitmap.then_some(marks),
         }
     }
 
@@ -431,13 +449,9 @@ impl Producer {
     /// a power cut, and recovery may treat damage before it as corruption.
     pub fn synced(&self, plan: &SyncPlan) {
         let mut st = self.lock();
-        let has_bitmap = plan
-            .ranges
-            .iter()
-            .any(|&(off, _)| off == self.rf.layout.bitmap_offset);
-        if has_bitmap {
-            st.marks_synced.0 = st.marks_synced.0.max(plan.marks.0);
-            st.marks_synced.1 = st.marks_synced.1.max(plan.marks.1);
+        if let Some((own, shared)) = plan.marks {
+            st.marks_synced.0 = st.marks_synced.0.max(own);
+            st.marks_synced.1 = st.marks_synced.1.max(shared);
         }
         if plan.head > st.synced {
             st.synced = plan.head;
