@@ -277,3 +277,69 @@ fn pipelined_burst_without_reading_replies() {
     assert!(seen.iter().all(|&x| x), "every request answered once");
     still_serves(&mut s);
 }
+
+/// Threads of a process (from /proc).
+fn threads(pid: u32) -> u64 {
+    let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    st.lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn silent_and_trickling_clients_cannot_lock_others_out() {
+    let (_d, mut s) = start(&[]);
+    // 300 connections that never say a word (more than the 256 connections
+    // a splitter serves): they hold only handshake places, 16 at most.
+    let silent: Vec<UnixStream> = (0..300).map(|_| s.raw()).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let t = threads(s.pid());
+    assert!(t < 40, "{t} threads for silent connections");
+    // A real client is served at once, again and again.
+    for _ in 0..5 {
+        let start = Instant::now();
+        still_serves(&mut s);
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "took {:?}",
+            start.elapsed()
+        );
+    }
+    drop(silent);
+    // A client that trickles its handshake a byte at a time loses it after
+    // the overall deadline (10 s), not one read timeout after each byte.
+    let mut trickle = s.raw();
+    let mut greeting = [0u8; 18];
+    trickle.read_exact(&mut greeting).unwrap();
+    // Valid bytes: client flags, then an NBD_OPT_GO header announcing
+    // 2000 bytes of option data, then the data, one byte every 500 ms.
+    let mut valid = Vec::new();
+    valid.extend_from_slice(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes());
+    valid.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    valid.extend_from_slice(&OPT_GO.to_be_bytes());
+    valid.extend_from_slice(&2000u32.to_be_bytes());
+    valid.resize(60, 0);
+    let start = Instant::now();
+    let mut closed = false;
+    for &byte in &valid {
+        std::thread::sleep(Duration::from_millis(500));
+        let byte = [byte];
+        if trickle.write_all(&byte).is_err() {
+            closed = true;
+            break;
+        }
+        trickle
+            .set_read_timeout(Some(Duration::from_millis(1)))
+            .ok();
+        let mut b = [0u8; 1];
+        if matches!(trickle.read(&mut b), Ok(0)) {
+            closed = true;
+            break;
+        }
+    }
+    let took = start.elapsed();
+    assert!(closed, "a trickling handshake was kept for {took:?}");
+    assert!(took < Duration::from_secs(14), "closed only after {took:?}");
+    still_serves(&mut s);
+}

@@ -28,6 +28,11 @@ pub struct Caps {
     /// One `flush` covers writes completed through any handle of the
     /// backend (what makes NBD multi-conn safe).
     pub multi_conn: bool,
+    /// Small writes are cheaper through [`Backend::write_at`] on the
+    /// calling thread than submitted to io_uring: buffered writes to a file
+    /// system that cannot do them without blocking (ext4) are handed by
+    /// io_uring to a worker thread, a thread hop per write.
+    pub inline_writes: bool,
 }
 
 /// A disk: size, read, write, trim, zero, flush, extents.

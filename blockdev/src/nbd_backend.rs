@@ -95,6 +95,7 @@ impl Backend for NbdDisk {
             fast_zero: self.flags & FLAG_SEND_WRITE_ZEROES != 0,
             extents: false,
             multi_conn: self.flags & FLAG_CAN_MULTI_CONN != 0,
+            inline_writes: false,
         }
     }
 

@@ -92,6 +92,7 @@ impl ExportSet for ReplicaExports {
                     fast_zero: false,
                     extents: false,
                     multi_conn: true,
+                    inline_writes: false,
                 };
                 Some(describe_export(
                     &e.id,

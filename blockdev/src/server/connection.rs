@@ -44,6 +44,10 @@ const MAX_EXTENTS: usize = 30;
 const HEAD_MAX: usize = 288;
 const _: () = assert!(HEAD_MAX >= ERROR_CHUNK_MAX);
 const _: () = assert!(HEAD_MAX >= STRUCTURED_REPLY_LEN + 4 + 8 * MAX_EXTENTS);
+/// Largest write done inline when the backend asks for it: a page-cache
+/// copy this small costs less than a hop to an io_uring worker thread;
+/// larger writes still go through io_uring, whose workers overlap them.
+const INLINE_WRITE_MAX: u32 = 128 << 10;
 /// How long a shutting-down connection waits for its client to take replies.
 const CLOSE_GRACE: Duration = Duration::from_secs(10);
 
@@ -149,9 +153,11 @@ impl Out {
 /// operation still in flight.
 pub(crate) struct Connection<'a> {
     cfg: ConnConfig<'a>,
-    /// Results of operations run inline (backends without a descriptor),
-    /// handled like completions: (user_data, result).
+    /// Results of operations run inline (backends without a descriptor,
+    /// small buffered writes), handled like completions: (user_data, result).
     inline: VecDeque<(u64, i32)>,
+    /// Small writes go inline (`Caps::inline_writes`).
+    inline_writes: bool,
     session: Box<dyn CaptureSession + 'a>,
     /// Woken when a claim this connection waits for is released.
     waker: OwnedFd,
@@ -208,6 +214,7 @@ impl<'a> Connection<'a> {
             .collect();
         Ok(Connection {
             inline: VecDeque::new(),
+            inline_writes: cfg.disk.caps().inline_writes,
             session: cfg.capture.session(),
             waker: overlap::waker()?,
             waker_armed: false,
@@ -706,6 +713,12 @@ impl<'a> Connection<'a> {
         let Some(fd) = self.cfg.disk.uring_fd() else {
             return self.run_inline(i);
         };
+        if let (Command::Write { len, .. }, Phase::Main) = (self.slots[i].cmd, self.slots[i].phase)
+        {
+            if len <= INLINE_WRITE_MAX && self.inline_writes {
+                return self.run_inline(i);
+            }
+        }
         let fd = types::Fd(fd);
         let s = &mut self.slots[i];
         let done = s.done;

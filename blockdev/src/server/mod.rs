@@ -8,25 +8,28 @@
 //! splitter serves a [`SingleExport`]; the recovery site serves its
 //! replicas.
 //!
-//! Bounds (contract 6): at most `max_connections` connections, of which at
-//! most `max_handshakes` may be in their handshake at once (a client that
-//! connects and stays silent holds only a handshake place, and loses it
-//! after `handshake_timeout`, however slowly it trickles bytes); option
-//! data is bounded by the handshake itself (64 KiB); in transmission,
-//! [`MAX_OPS`] requests and [`MAX_INFLIGHT_BYTES`] per connection.
+//! Bounds (contract 6): at most `max_connections` connections past their
+//! handshake and, apart from those, at most `max_handshakes` in their
+//! handshake (a client that connects and stays silent holds only a
+//! handshake place, loses it after `handshake_timeout` however slowly it
+//! trickles bytes, and sooner when a new client needs the place: the
+//! oldest handshake is closed then); option data is bounded by the
+//! handshake itself (64 KiB); in transmission, [`MAX_OPS`] requests and
+//! [`MAX_INFLIGHT_BYTES`] per connection.
 
 mod buffers;
 mod connection;
 mod overlap;
 mod uring;
 
+use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -327,14 +330,30 @@ impl Stream {
             Stream::Unix(s) => s.set_write_timeout(t),
         }
     }
+    fn try_clone(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+        })
+    }
+    /// Close both directions: a thread blocked reading it returns.
+    fn shutdown(&self) {
+        let _ = match self {
+            Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+            Stream::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+        };
+    }
 }
 
 struct Shared {
     exports: Arc<dyn ExportSet>,
     cfg: ServeConfig,
     shutdown_rx: UnixStream,
-    /// Connections in their handshake now.
-    handshaking: AtomicUsize,
+    /// Connections in their handshake now, oldest first (a clone of each
+    /// socket, to close the oldest when a new client needs its place).
+    handshaking: Mutex<VecDeque<(u64, Stream)>>,
+    /// Connections past their handshake now.
+    established: AtomicUsize,
 }
 
 impl std::fmt::Debug for Server {
@@ -391,7 +410,8 @@ impl Server {
                 exports,
                 cfg: cfg.clone(),
                 shutdown_rx: rx,
-                handshaking: AtomicUsize::new(0),
+                handshaking: Mutex::new(VecDeque::new()),
+                established: AtomicUsize::new(0),
             }),
             shutdown_tx: Arc::new(tx),
         })
@@ -486,17 +506,16 @@ impl Server {
                 };
                 *next_id += 1;
                 let peer = format!("conn {} ({peer})", next_id);
-                let max = self.shared.cfg.max_connections;
+                let max = self.shared.cfg.max_connections + self.shared.cfg.max_handshakes;
                 if conns.len() >= max {
-                    log::warn!("{peer}: refused, already serving {max} connections");
+                    log::warn!("{peer}: refused, already {max} connections (served and opening)");
                     continue;
                 }
-                let hs = self.shared.cfg.max_handshakes;
-                if self.shared.handshaking.load(Ordering::Acquire) >= hs {
-                    log::warn!("{peer}: refused, {hs} connections are in their handshake already");
+                let Ok(clone) = stream.try_clone() else {
+                    log::warn!("{peer}: refused, cannot track its handshake");
                     continue;
-                }
-                self.shared.handshaking.fetch_add(1, Ordering::AcqRel);
+                };
+                self.shared.open_handshake(*next_id, clone);
                 let shared = self.shared.clone();
                 let spawned = std::thread::Builder::new()
                     .name(format!("nbd-conn-{next_id}"))
@@ -507,12 +526,45 @@ impl Server {
                 match spawned {
                     Ok(h) => conns.push(h),
                     Err(e) => {
-                        self.shared.handshaking.fetch_sub(1, Ordering::AcqRel);
+                        self.shared.close_handshake(*next_id);
                         log::error!("cannot start a connection thread: {e}");
                     }
                 }
             }
         }
+    }
+}
+
+impl Shared {
+    fn opening(&self) -> std::sync::MutexGuard<'_, VecDeque<(u64, Stream)>> {
+        // Each update is one push or remove: consistent whatever panicked.
+        self.handshaking
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Count connection `id` into the handshake budget; when the budget is
+    /// full, close the oldest handshake to make room: a real client's
+    /// handshake takes milliseconds, so the oldest is the likeliest to be a
+    /// silent or trickling one.
+    fn open_handshake(&self, id: u64, s: Stream) {
+        let mut q = self.opening();
+        while q.len() >= self.cfg.max_handshakes.max(1) {
+            let Some((old, os)) = q.pop_front() else {
+                break;
+            };
+            log::warn!(
+                "conn {old}: closed, still in its handshake while {} others wait (budget {})",
+                q.len() + 1,
+                self.cfg.max_handshakes
+            );
+            os.shutdown();
+        }
+        q.push_back((id, s));
+    }
+
+    fn close_handshake(&self, id: u64) {
+        self.opening().retain(|(i, _)| *i != id);
     }
 }
 
@@ -531,16 +583,25 @@ fn poll(fds: &mut [libc::pollfd]) -> io::Result<()> {
 }
 
 /// Counts a connection out of the handshake budget when dropped.
-struct Handshaking<'a>(&'a AtomicUsize);
+struct Handshaking<'a>(&'a Shared, u64);
 
 impl Drop for Handshaking<'_> {
+    fn drop(&mut self) {
+        self.0.close_handshake(self.1);
+    }
+}
+
+/// Counts an established connection out when dropped.
+struct Established<'a>(&'a AtomicUsize);
+
+impl Drop for Established<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
 fn serve_connection(shared: &Shared, mut stream: Stream, peer: &str, conn_id: u64) {
-    let budget = Handshaking(&shared.handshaking);
+    let budget = Handshaking(shared, conn_id);
     let exports = shared.exports.exports();
     let deadline = Instant::now() + shared.cfg.handshake_timeout;
     let neg = {
@@ -561,6 +622,13 @@ fn serve_connection(shared: &Shared, mut stream: Stream, peer: &str, conn_id: u6
         }
     };
     drop(budget);
+    let max = shared.cfg.max_connections;
+    if shared.established.fetch_add(1, Ordering::AcqRel) >= max {
+        shared.established.fetch_sub(1, Ordering::AcqRel);
+        log::warn!("{peer}: closed after its handshake, already serving {max} connections");
+        return;
+    }
+    let _established = Established(&shared.established);
     let _ = stream.set_read_timeout(None);
     let _ = stream.set_write_timeout(None);
     let Some(export) = exports.get(neg.export) else {
