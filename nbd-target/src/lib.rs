@@ -17,6 +17,8 @@
 //! - [`server`]: the daemon (listeners, threads, live status).
 //! - [`admission`]: the caps on shipper connections and their openings.
 //! - [`session`]: one shipper's connection: TLS, hello, enrolment, apply loop.
+//! - [`consistency`]: the state machine owning why a replica is not
+//!   consistent and the full pass that cures it.
 //! - [`state`]: the state file format (applied sequence, consistency).
 //! - [`replica`]: file and NBD-backed replicas.
 //! - [`registry`]: the replicas, claims, live numbers.
@@ -26,6 +28,7 @@
 //! - [`seed`]: registering an image carried to the site as a starting replica.
 
 pub mod admission;
+pub mod consistency;
 pub mod error;
 pub mod export;
 pub mod pki;
