@@ -419,3 +419,248 @@ impl<S: RecordSink> Apply<S> {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{Reason, ReplicaState};
+    use std::path::PathBuf;
+    use wire::records::{SYNC_END_DIRTY, SYNC_END_FULL_PASS};
+
+    const SIZE: u64 = 64 << 10;
+
+    /// A sink over memory that logs what it is asked, and what the state
+    /// file says when it is asked to commit.
+    struct Mem {
+        disk: Vec<u8>,
+        log: Vec<String>,
+        state: PathBuf,
+    }
+
+    impl RecordSink for Mem {
+        fn write(&mut self, offset: u64, data: &[u8]) -> crate::Result<()> {
+            let o = usize::try_from(offset).unwrap_or(usize::MAX);
+            self.disk[o..o + data.len()].copy_from_slice(data);
+            self.log.push(format!("write {offset}+{}", data.len()));
+            Ok(())
+        }
+
+        fn zero(&mut self, offset: u64, len: u64) -> crate::Result<()> {
+            let o = usize::try_from(offset).unwrap_or(usize::MAX);
+            let n = usize::try_from(len).unwrap_or(usize::MAX);
+            self.disk[o..o + n].fill(0);
+            self.log.push(format!("zero {offset}+{len}"));
+            Ok(())
+        }
+
+        fn read(&mut self, offset: u64, buf: &mut [u8]) -> crate::Result<()> {
+            let o = usize::try_from(offset).unwrap_or(usize::MAX);
+            buf.copy_from_slice(&self.disk[o..o + buf.len()]);
+            self.log.push(format!("read {offset}+{}", buf.len()));
+            Ok(())
+        }
+
+        fn commit(&mut self) -> crate::Result<()> {
+            let durable = crate::state::read(&self.state)?.map(|s| s.applied_seq);
+            self.log.push(format!("commit (state says {durable:?})"));
+            Ok(())
+        }
+    }
+
+    fn rec(seq: u64, kind: RecordKind, offset: u64, len: u32, payload: &[u8]) -> WireRecord<'_> {
+        WireRecord {
+            seq,
+            kind,
+            offset,
+            len,
+            after_gap: false,
+            full_pass: false,
+            time_ns: 0,
+            payload,
+        }
+    }
+
+    /// A stored BATCH body of `records`.
+    fn batch(records: &[WireRecord<'_>]) -> Vec<u8> {
+        let mut plain = Vec::new();
+        for r in records {
+            r.encode(&mut plain);
+        }
+        let h = BatchHeader {
+            first_seq: records[0].seq,
+            last_seq: records[records.len() - 1].seq,
+            count: u32::try_from(records.len()).unwrap_or(u32::MAX),
+            codec: Codec::Stored,
+            plain_len: u32::try_from(plain.len()).unwrap_or(u32::MAX),
+            plain_crc: crc32c::crc32c(&plain),
+        };
+        let mut body = h.encode().to_vec();
+        body.extend_from_slice(&plain);
+        body
+    }
+
+    fn pipeline(dir: &std::path::Path, reason: Reason) -> Apply<Mem> {
+        let path = dir.join("state");
+        let st = ReplicaState {
+            applied_seq: 0,
+            ring_id: [1; 16],
+            disk_size: SIZE,
+            reason,
+            since_seq: 0,
+            updated_ns: 0,
+            sync_cursor: 0,
+        };
+        let file = StateFile::open_or_create(&path, st).unwrap();
+        let sink = Mem {
+            disk: vec![0; usize::try_from(SIZE).unwrap()],
+            log: Vec::new(),
+            state: path,
+        };
+        Apply::new(sink, file, Consistency::new(st, "d", 0), "d", SIZE, 0).unwrap()
+    }
+
+    #[test]
+    fn records_in_order_replays_skipped_then_sink_commit_before_the_state() {
+        let d = tempfile::tempdir().unwrap();
+        let mut a = pipeline(d.path(), Reason::None);
+        let data = [0xaa; 4096];
+        let zeroes = *blake3::hash(&[0; 4096]).as_bytes();
+        let body = batch(&[
+            rec(1, RecordKind::Write, 0, 4096, &data),
+            rec(2, RecordKind::Zero, 4096, 4096, &[]),
+            // Compared after the write: differs, a BLOCK_HASHES answer.
+            rec(3, RecordKind::SyncHash, 0, 4096, &zeroes),
+            // Equal: nothing to answer.
+            rec(3, RecordKind::SyncHash, 8192, 4096, &zeroes),
+        ]);
+        let done = a.batch(&body).unwrap();
+        assert_eq!(
+            done.plain_bytes + 32 + FRAME_HEADER_LEN as u64,
+            done.wire_bytes
+        );
+        let answers: Vec<_> = a.outbox().collect();
+        assert_eq!(answers.len(), 1);
+        let bh = BlockHashes::decode(&answers[0]).unwrap();
+        assert_eq!((bh.offset, bh.len), (0, 4096));
+        assert_eq!(bh.hashes, vec![*blake3::hash(&data).as_bytes()]);
+        // A replay of seq 1 is skipped.
+        a.batch(&batch(&[rec(1, RecordKind::Write, 0, 4096, &[0xbb; 4096])]))
+            .unwrap();
+        assert_eq!(a.sink.disk[0], 0xaa);
+        assert!(a.uncommitted());
+        let ack = a.commit().unwrap().unwrap();
+        assert_eq!((ack.applied_seq, ack.batches), (2, 2));
+        assert_eq!(
+            a.sink.log,
+            [
+                "write 0+4096",
+                "zero 4096+4096",
+                "read 0+4096",
+                "read 8192+4096",
+                "commit (state says Some(0))",
+            ]
+        );
+        assert_eq!(
+            crate::state::read(&d.path().join("state"))
+                .unwrap()
+                .unwrap()
+                .applied_seq,
+            2
+        );
+        assert_eq!(a.applied_seq(), 2);
+        assert!(!a.uncommitted());
+        assert!(a.commit().unwrap().is_none());
+    }
+
+    #[test]
+    fn gaps_and_passes_reach_the_consistency_and_the_state() {
+        let d = tempfile::tempdir().unwrap();
+        let mut a = pipeline(d.path(), Reason::None);
+        a.batch(&batch(&[rec(1, RecordKind::Write, 0, 4096, &[1; 4096])]))
+            .unwrap();
+        // Records lost at the source: a jump with AFTER_GAP.
+        let mut r = rec(5, RecordKind::Write, 0, 4096, &[2; 4096]);
+        r.after_gap = true;
+        a.batch(&batch(&[r])).unwrap();
+        assert_eq!(a.consistency().reason(), Reason::SourceGap);
+        a.commit().unwrap().unwrap();
+        let st = crate::state::read(&d.path().join("state"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (st.applied_seq, st.reason, st.since_seq),
+            (5, Reason::SourceGap, 5)
+        );
+        // A full pass over the whole disk cures it.
+        let mut chunk = rec(
+            6,
+            RecordKind::SyncZero,
+            0,
+            u32::try_from(SIZE).unwrap(),
+            &[],
+        );
+        chunk.full_pass = true;
+        let end = rec(6, RecordKind::SyncEnd, SYNC_END_FULL_PASS, 0, &[]);
+        a.batch(&batch(&[
+            chunk,
+            end,
+            rec(6, RecordKind::Zero, 0, 4096, &[]),
+        ]))
+        .unwrap();
+        assert_eq!(a.consistency().reason(), Reason::None);
+        a.commit().unwrap().unwrap();
+        let st = crate::state::read(&d.path().join("state"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (st.applied_seq, st.reason, st.sync_cursor),
+            (6, Reason::None, 0)
+        );
+        // An overflow reported by a heartbeat, cured by the dirty pass.
+        a.heartbeat(wire::frame::HELLO_OVERFLOW);
+        assert_eq!(a.consistency().reason(), Reason::SourceOverflow);
+        assert!(a.uncommitted());
+        a.batch(&batch(&[
+            rec(7, RecordKind::SyncEnd, SYNC_END_DIRTY, 0, &[]),
+            rec(7, RecordKind::Write, 0, 1, &[3]),
+        ]))
+        .unwrap();
+        assert_eq!(a.consistency().reason(), Reason::None);
+    }
+
+    #[test]
+    fn refusals() {
+        let d = tempfile::tempdir().unwrap();
+        let mut a = pipeline(d.path(), Reason::None);
+        let code = |a: &mut Apply<Mem>, body: &[u8]| a.batch(body).map(|_| ()).map_err(|r| r.code);
+        // Records missing before the batch.
+        let body = batch(&[rec(3, RecordKind::Write, 0, 1, &[1])]);
+        assert_eq!(code(&mut a, &body), Err(ErrorCode::Sequence));
+        // An extent outside the disk: nothing of the batch applied.
+        let body = batch(&[
+            rec(1, RecordKind::Write, 0, 1, &[1]),
+            rec(2, RecordKind::Zero, SIZE - 4096, 8192, &[]),
+        ]);
+        assert_eq!(code(&mut a, &body), Err(ErrorCode::Protocol));
+        // More BLOCK_HASHES than a batch may ask for (each chunk inside the
+        // disk): refused before anything of it is read or applied. (The
+        // disk is all zeroes: they compare equal when taken.)
+        let h = *blake3::hash(&a.sink.disk).as_bytes();
+        let len = u32::try_from(SIZE).unwrap();
+        let n = MAX_BATCH_HASH_REPLY / block_hashes_frame_len(len) + 1;
+        let mut many: Vec<_> = (0..n)
+            .map(|_| rec(1, RecordKind::SyncHash, 0, len, &h))
+            .collect();
+        many.push(rec(1, RecordKind::Write, 0, 1, &[1]));
+        let r = a.batch(&batch(&many)).map(|_| ()).unwrap_err();
+        assert_eq!(r.code, ErrorCode::Protocol);
+        assert!(r.message.contains("BLOCK_HASHES"), "{}", r.message);
+        // One fewer is taken.
+        many.remove(0);
+        a.batch(&batch(&many)).unwrap();
+        assert_eq!(a.outbox().count(), 0);
+        a.sink.log.clear();
+        a.sink.disk[0] = 0;
+        assert!(a.sink.log.is_empty());
+        assert_eq!(a.sink.disk[0], 0);
+    }
+}
