@@ -1,4 +1,4 @@
-//! One shipper's connection: the driver. [`hello`] opens it (TLS with a
+//! One shipper's connection: the driver. `hello` opens it (TLS with a
 //! verified certificate, the hello, the enrolment check, the state and the
 //! replica) and yields the [`apply`] side; the driver then reads frames
 //! and hands each BATCH to the apply pipeline (verified whole, applied in
