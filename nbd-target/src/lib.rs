@@ -16,7 +16,11 @@
 //! # Layout
 //! - [`server`]: the daemon (listeners, threads, live status).
 //! - [`admission`]: the caps on shipper connections and their openings.
-//! - [`session`]: one shipper's connection: TLS, hello, enrolment, apply loop.
+//! - [`session`]: one shipper's connection: the driver loop; `session::hello`
+//!   (TLS, hello, enrolment, opening the state) and [`session::apply`] (the
+//!   apply pipeline and its [`session::apply::RecordSink`] seam).
+//! - [`consistency`]: the state machine owning why a replica is not
+//!   consistent and the full pass that cures it.
 //! - [`state`]: the state file format (applied sequence, consistency).
 //! - [`replica`]: file and NBD-backed replicas.
 //! - [`registry`]: the replicas, claims, live numbers.
@@ -26,6 +30,7 @@
 //! - [`seed`]: registering an image carried to the site as a starting replica.
 
 pub mod admission;
+pub mod consistency;
 pub mod error;
 pub mod export;
 pub mod pki;

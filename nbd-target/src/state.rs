@@ -291,6 +291,11 @@ impl StateFile {
         Ok(sf)
     }
 
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Write the current state durably (the other slot, then fdatasync).
     pub fn save(&mut self) -> Result<()> {
         self.state.updated_ns = now_ns();
