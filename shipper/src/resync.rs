@@ -32,7 +32,7 @@ use std::time::Instant;
 use ring::format::{
     STATE_CRASH_DIRTY, STATE_NEEDS_INITIAL_SYNC, STATE_NEEDS_VERIFY, STATE_OVERFLOW,
 };
-use ring::{Consumer, Extent};
+use ring::{Consumer, Extent, SyncPhase};
 use wire::frame::{
     block_hashes_frame_len, BlockHashes, HelloReply, MAX_BATCH_HASH_REPLY, REPLY_COMPARE,
     REPLY_DIRTY_PENDING, REPLY_FULL_SYNC,
@@ -151,7 +151,7 @@ impl Resync {
     /// Start a verify the ring asks for, when no pass that also compares
     /// by hashes is running (their answers would mix).
     fn maybe_start_verify(&mut self, c: &Consumer) -> Result<()> {
-        let (id, repair) = c.verify_request();
+        let ring::VerifyRequest { id, repair } = c.verify_request();
         if id <= self.verify_seen
             || self.verify.is_some()
             || self.full.is_some()
@@ -262,13 +262,16 @@ impl Resync {
             .sync_full_done
             .store(self.full.unwrap_or(0), Ordering::Relaxed);
         if self.full.is_some() {
-            let phase = if self.compare { 2 } else { 1 };
-            stats.sync_phase.store(phase, Ordering::Relaxed);
+            stats.set_sync_phase(if self.compare {
+                SyncPhase::FullCompare
+            } else {
+                SyncPhase::FullCopy
+            });
             stats
                 .sync_started_ns
                 .store(ring::wall_clock_ns(), Ordering::Relaxed);
         } else {
-            stats.sync_phase.store(0, Ordering::Relaxed);
+            stats.set_sync_phase(SyncPhase::None);
         }
         self.maybe_start_dirty(c, stats);
     }
@@ -293,7 +296,7 @@ impl Resync {
         );
         stats.sync_dirty_total.fetch_add(bytes, Ordering::Relaxed);
         if self.full.is_none() {
-            stats.sync_phase.store(3, Ordering::Relaxed);
+            stats.set_sync_phase(SyncPhase::DirtyExtents);
             stats
                 .sync_started_ns
                 .store(ring::wall_clock_ns(), Ordering::Relaxed);
@@ -323,7 +326,7 @@ impl Resync {
 
     fn has_more(&mut self, c: &Consumer) -> bool {
         self.verify.is_some()
-            || c.verify_request().0 > self.verify_seen
+            || c.verify_request().id > self.verify_seen
             || !self.differing.is_empty()
             || self.full.is_some()
             || !self.dirty.is_empty()
@@ -384,9 +387,11 @@ impl Resync {
                     );
                     count += 1;
                     self.full = None;
-                    stats
-                        .sync_phase
-                        .store(if self.dirty_active { 3 } else { 0 }, Ordering::Relaxed);
+                    stats.set_sync_phase(if self.dirty_active {
+                        SyncPhase::DirtyExtents
+                    } else {
+                        SyncPhase::None
+                    });
                     // The pass is in the stream: the ring's flags have done
                     // their job (the target keeps its own state).
                     c.clear_state(STATE_NEEDS_INITIAL_SYNC | STATE_NEEDS_VERIFY);
@@ -454,7 +459,7 @@ impl Resync {
                 count += 1;
                 self.dirty_active = false;
                 if self.full.is_none() {
-                    stats.sync_phase.store(0, Ordering::Relaxed);
+                    stats.set_sync_phase(SyncPhase::None);
                 }
                 log::info!(
                     "dirty extents resent and acknowledged; the ring's overflow is resolved"

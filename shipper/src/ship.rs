@@ -131,7 +131,7 @@ impl Shipper {
                 d,
                 consumer.disk_size(),
                 &cfg.ring,
-                ring::verify_state(&cfg.ring)?.1,
+                ring::verify_state(&cfg.ring)?.done,
                 cfg.sync_chunk,
             )?),
             None => None,
