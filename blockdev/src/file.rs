@@ -1,6 +1,7 @@
 //! A disk that is a regular file or a block device: its size, its lock,
 //! its identity (the fingerprint the ring checks, computed here only), its
-//! allocation map (SEEK_DATA / SEEK_HOLE), and the [`Backend`] operations.
+//! allocation map (SEEK_DATA / SEEK_HOLE: [`FileDisk::extents`],
+//! [`FileDisk::data_from`]), and the [`Backend`] operations.
 //! The NBD server submits on its descriptor with io_uring (the hot path);
 //! the recovery site, `ring drain` and the shipper's resync and verify
 //! reads call the methods.
@@ -204,6 +205,29 @@ impl FileDisk {
         }
     }
 
+    /// The first offset at or after `offset` that may hold data
+    /// (SEEK_DATA), or None when everything from `offset` to the end of the
+    /// disk is a hole (reads as zeroes). Where the disk cannot tell (a block
+    /// device, a file system without SEEK_DATA, any error), `Some(offset)`:
+    /// assume data. The shipper's resync skips reading a range below it.
+    pub fn data_from(&self, offset: u64) -> Option<u64> {
+        if self.kind != DiskKind::File {
+            return Some(offset);
+        }
+        match seek(self.fd(), offset, libc::SEEK_DATA) {
+            Ok(d) => d,
+            Err(_) => Some(offset),
+        }
+    }
+
+    /// Whether `offset..offset+len` is all hole (no data to read):
+    /// [`FileDisk::data_from`] says the next data, if any, is at or after
+    /// its end.
+    pub fn is_hole(&self, offset: u64, len: u64) -> bool {
+        self.data_from(offset)
+            .is_none_or(|d| d >= offset.saturating_add(len))
+    }
+
     /// fdatasync the disk.
     pub fn sync(&self) -> io::Result<()> {
         self.file.sync_data()
@@ -392,6 +416,33 @@ mod tests {
         assert!(ex.iter().any(|e| e.flags == 0));
         d.extents(0, 4 << 20, 1, &mut ex);
         assert_eq!(ex.len(), 1);
+    }
+
+    #[test]
+    fn data_from_and_holes() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.as_file().set_len(4 << 20).unwrap();
+        f.seek(SeekFrom::Start(2 << 20)).unwrap();
+        f.write_all(&vec![1u8; 1 << 20]).unwrap();
+        f.flush().unwrap();
+        let d = FileDisk::open_unlocked(f.path(), true).unwrap();
+        assert!(d.read_only());
+        if d.data_from(0) == Some(0) {
+            // A file system that cannot tell: everything is data.
+            assert!(!d.is_hole(0, 4096));
+            return;
+        }
+        assert_eq!(d.data_from(0), Some(2 << 20));
+        assert_eq!(d.data_from((2 << 20) + 5), Some((2 << 20) + 5));
+        assert_eq!(d.data_from(3 << 20), None);
+        assert!(d.is_hole(0, 1 << 20));
+        assert!(d.is_hole(0, 2 << 20));
+        assert!(!d.is_hole(0, (2 << 20) + 1));
+        assert!(!d.is_hole(2 << 20, 4096));
+        assert!(d.is_hole(3 << 20, 1 << 20));
+        let mut buf = vec![0u8; 8];
+        d.read_at((2 << 20) - 4, &mut buf).unwrap();
+        assert_eq!(buf, [0, 0, 0, 0, 1, 1, 1, 1]);
     }
 
     #[test]

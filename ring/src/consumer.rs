@@ -6,70 +6,10 @@ use std::collections::VecDeque;
 use std::path::Path;
 
 use crate::bitmap::{self, Extent};
+use crate::control::{ControlPage, ShipProgress, VerifyRequest};
 use crate::error::{Error, Result};
 use crate::file::{RingFile, Role, Scanned};
 use crate::format::*;
-
-/// Where a shipper's connection stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u64)]
-pub enum LinkState {
-    /// No shipper has run.
-    None = 0,
-    /// Connecting (first attempt).
-    Connecting = 1,
-    /// Connected and shipping.
-    Connected = 2,
-    /// The last attempt failed; retrying after a pause.
-    Retrying = 3,
-}
-
-impl LinkState {
-    /// From the stored value.
-    pub fn from_u64(v: u64) -> LinkState {
-        match v {
-            1 => LinkState::Connecting,
-            2 => LinkState::Connected,
-            3 => LinkState::Retrying,
-            _ => LinkState::None,
-        }
-    }
-
-    /// Name for status output.
-    pub fn name(self) -> &'static str {
-        match self {
-            LinkState::None => "none",
-            LinkState::Connecting => "connecting",
-            LinkState::Connected => "connected",
-            LinkState::Retrying => "retrying",
-        }
-    }
-}
-
-/// The shipper's progress as published in the ring file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ShipProgress {
-    /// Newest sequence acknowledged durable by the recovery site.
-    pub acked_seq: u64,
-    /// Connection state.
-    pub state: LinkState,
-    /// Record bytes shipped (before compression), cumulative.
-    pub plain_bytes: u64,
-    /// Frame bytes sent (after compression), cumulative.
-    pub wire_bytes: u64,
-    /// Record bytes per second, recent.
-    pub rate: u64,
-    /// Resync now: 0 none, 1 full pass copying, 2 full pass comparing, 3 dirty extents.
-    pub sync_phase: u64,
-    /// Disk bytes the running pass covered.
-    pub sync_done: u64,
-    /// Disk bytes the running pass covers.
-    pub sync_total: u64,
-    /// When the running pass started (ns since the epoch).
-    pub sync_started_ns: u64,
-    /// Disk bytes resyncs sent as data, cumulative.
-    pub sync_data_bytes: u64,
-}
 
 /// A record read from the ring; its payload lives in the [`Batch`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -394,22 +334,14 @@ impl Consumer {
         self.rf.get(live::STATE)
     }
 
-    /// Publish the shipper's progress in the ring file, where `ring status`
-    /// and the splitter's metrics read it.
+    /// Publish the shipper's progress in the ring file's control page,
+    /// where `ring status` and the splitter's metrics read it.
     pub fn publish(&self, p: &ShipProgress) {
-        self.rf.set(live::SHIP_ACKED_SEQ, p.acked_seq);
-        self.rf.set(live::SHIP_STATE, p.state as u64);
-        self.rf.set(live::SHIP_PLAIN_BYTES, p.plain_bytes);
-        self.rf.set(live::SHIP_WIRE_BYTES, p.wire_bytes);
-        self.rf.set(live::SHIP_RATE, p.rate);
-        self.rf.set(live::SYNC_PHASE, p.sync_phase);
-        self.rf.set(live::SYNC_DONE, p.sync_done);
-        self.rf.set(live::SYNC_TOTAL, p.sync_total);
-        self.rf.set(live::SYNC_STARTED_NS, p.sync_started_ns);
-        self.rf.set(live::SYNC_DATA_BYTES, p.sync_data_bytes);
-        self.rf.set(live::SHIP_PID, u64::from(std::process::id()));
-        self.rf
-            .set(live::SHIP_UPDATED_NS, crate::file::wall_clock_ns());
+        ControlPage::new(&self.rf).publish(
+            p,
+            u64::from(std::process::id()),
+            crate::file::wall_clock_ns(),
+        );
     }
 
     /// The dirty extents (changes that overflowed the ring).
@@ -459,20 +391,19 @@ impl Consumer {
         bitmap::dirty_bytes(&self.rf)
     }
 
-    /// The newest online verify asked for: (id, repair); id 0: none.
-    pub fn verify_request(&self) -> (u64, bool) {
-        let v = self.rf.get(live::VERIFY_REQUEST);
-        (v >> 1, v & 1 != 0)
+    /// The newest online verify asked for (id 0: none).
+    pub fn verify_request(&self) -> VerifyRequest {
+        ControlPage::new(&self.rf).verify_request()
     }
 
     /// Verify `id` finished (its report is written).
     pub fn verify_done(&self, id: u64) {
-        self.rf.set(live::VERIFY_DONE, id);
+        ControlPage::new(&self.rf).set_verify_done(id);
     }
 
     /// Bytes the running verify has compared.
     pub fn verify_progress(&self, bytes: u64) {
-        self.rf.set(live::VERIFY_PROGRESS, bytes);
+        ControlPage::new(&self.rf).set_verify_progress(bytes);
     }
 
     /// Set state flags (`format::STATE_*`).

@@ -1,6 +1,9 @@
-//! The ring file format: every constant and byte offset, the record header
-//! encode/decode and its checksum. Specified for humans in
+//! The ring file format: every constant and byte offset of the record
+//! journal (header, cursors, state flags, records, bitmap, in-flight table),
+//! the record header encode/decode and its checksum. Specified for humans in
 //! `docs/ring-format.md`; this module is the one place the code knows it.
+//! The consumer page's control fields (the shipper's progress, the verify
+//! handshake, the resync phase) are laid out in `control`.
 //!
 //! All integers are little endian. Positions in the data area are
 //! free-running byte counts (`u64`); a position's offset in the data area is
@@ -86,25 +89,9 @@ pub(crate) mod hdr {
 //   4096  tail          consumer: position of the first unreleased record
 //   4160  tail_seq      consumer: sequence of the first unreleased record
 //   4224  durable_tail  consumer: a tail known durable; space below it is reusable
-// and the shipper's progress, for status and metrics (informational; 0 when
-// no shipper ever ran):
-//   4288  ship_acked_seq    newest sequence the recovery site acknowledged durable
-//   4352  ship_state        0 none, 1 connecting, 2 connected, 3 retrying after an error
-//   4416  ship_plain_bytes  record bytes shipped (before compression), cumulative
-//   4480  ship_wire_bytes   frame bytes sent (after compression), cumulative
-//   4544  ship_updated_ns   when the shipper last updated these, ns since the epoch
-//   4608  ship_rate         record bytes per second shipped, recent
-//   4672  ship_pid          process id of the shipper
-// and the online-verify handshake between `shipper verify` and the shipper:
-//   4736  verify_request    id << 1 | repair: the newest verify asked for (ids count up from 1)
-//   4800  verify_done       id of the newest verify finished (its report is RING.verify.json)
-//   4864  verify_progress   disk bytes the running verify has compared
-// and the shipper's resync (informational):
-//   4928  sync_phase        0 none, 1 full pass copying, 2 full pass comparing by hashes, 3 dirty extents
-//   4992  sync_done         disk bytes the running pass covered
-//   5056  sync_total        disk bytes the running pass covers
-//   5120  sync_started_ns   when the running pass started, ns since the epoch
-//   5184  sync_data_bytes   disk bytes resyncs sent as data, cumulative
+// and, after the cursors, the consumer page's control fields (the shipper's
+// progress, the verify handshake, the resync phase): not part of the
+// journal, laid out in `control` (4288..5192).
 /// Byte offsets of the live header fields.
 pub(crate) mod live {
     pub const HEAD: usize = 512;
@@ -112,21 +99,6 @@ pub(crate) mod live {
     pub const TAIL: usize = 4096;
     pub const TAIL_SEQ: usize = 4160;
     pub const DURABLE_TAIL: usize = 4224;
-    pub const SHIP_ACKED_SEQ: usize = 4288;
-    pub const SHIP_STATE: usize = 4352;
-    pub const SHIP_PLAIN_BYTES: usize = 4416;
-    pub const SHIP_WIRE_BYTES: usize = 4480;
-    pub const SHIP_UPDATED_NS: usize = 4544;
-    pub const SHIP_RATE: usize = 4608;
-    pub const SHIP_PID: usize = 4672;
-    pub const VERIFY_REQUEST: usize = 4736;
-    pub const VERIFY_DONE: usize = 4800;
-    pub const VERIFY_PROGRESS: usize = 4864;
-    pub const SYNC_PHASE: usize = 4928;
-    pub const SYNC_DONE: usize = 4992;
-    pub const SYNC_TOTAL: usize = 5056;
-    pub const SYNC_STARTED_NS: usize = 5120;
-    pub const SYNC_DATA_BYTES: usize = 5184;
     pub const SYNCED_HEAD: usize = 832;
     pub const STATE: usize = 896;
     pub const OVERFLOW_SINCE: usize = 960;

@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use crate::bitmap;
+use crate::control::{ControlPage, ShipperStatus, VerifyStatus};
 use crate::error::Result;
 use crate::file::{uuid_string, RingFile, Scanned};
 use crate::format::*;
@@ -53,17 +54,6 @@ pub struct Status {
     pub shipper: Option<ShipperStatus>,
 }
 
-/// A shipper's progress, read from the ring file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ShipperStatus {
-    /// The progress numbers.
-    pub progress: crate::ShipProgress,
-    /// When they were published (ns since the epoch).
-    pub updated_ns: u64,
-    /// The shipper's process id.
-    pub pid: u64,
-}
-
 /// Read a ring's status.
 pub fn status(path: &Path) -> Result<Status> {
     let rf = RingFile::open(path)?;
@@ -111,27 +101,7 @@ pub fn status(path: &Path) -> Result<Status> {
         producer_pid: rf.get(live::PRODUCER_PID),
         crash_dirty: state & STATE_CRASH_DIRTY != 0,
         clean: state & STATE_CLEAN != 0,
-        shipper: shipper_status(&rf),
-    })
-}
-
-fn shipper_status(rf: &RingFile) -> Option<ShipperStatus> {
-    let updated_ns = rf.get(live::SHIP_UPDATED_NS);
-    (updated_ns != 0).then(|| ShipperStatus {
-        progress: crate::ShipProgress {
-            acked_seq: rf.get(live::SHIP_ACKED_SEQ),
-            state: crate::LinkState::from_u64(rf.get(live::SHIP_STATE)),
-            plain_bytes: rf.get(live::SHIP_PLAIN_BYTES),
-            wire_bytes: rf.get(live::SHIP_WIRE_BYTES),
-            rate: rf.get(live::SHIP_RATE),
-            sync_phase: rf.get(live::SYNC_PHASE),
-            sync_done: rf.get(live::SYNC_DONE),
-            sync_total: rf.get(live::SYNC_TOTAL),
-            sync_started_ns: rf.get(live::SYNC_STARTED_NS),
-            sync_data_bytes: rf.get(live::SYNC_DATA_BYTES),
-        },
-        updated_ns,
-        pid: rf.get(live::SHIP_PID),
+        shipper: ControlPage::new(&rf).shipper(),
     })
 }
 
@@ -209,29 +179,12 @@ pub fn dump(
 /// [`verify_state`] to report it done.
 pub fn request_verify(path: &Path, repair: bool) -> Result<u64> {
     let rf = RingFile::open(path)?;
-    let a = rf.shm.atomic(live::VERIFY_REQUEST);
-    let mut cur = a.load(std::sync::atomic::Ordering::Acquire);
-    loop {
-        let id = (cur >> 1) + 1;
-        let new = id << 1 | u64::from(repair);
-        match a.compare_exchange(
-            cur,
-            new,
-            std::sync::atomic::Ordering::AcqRel,
-            std::sync::atomic::Ordering::Acquire,
-        ) {
-            Ok(_) => return Ok(id),
-            Err(v) => cur = v,
-        }
-    }
+    Ok(ControlPage::new(&rf).request_verify(repair).id)
 }
 
-/// The verify handshake: (newest id requested, newest id done, bytes compared).
-pub fn verify_state(path: &Path) -> Result<(u64, u64, u64)> {
+/// The verify handshake: the newest request, the newest id done, the bytes
+/// the running verify compared.
+pub fn verify_state(path: &Path) -> Result<VerifyStatus> {
     let rf = RingFile::open(path)?;
-    Ok((
-        rf.get(live::VERIFY_REQUEST) >> 1,
-        rf.get(live::VERIFY_DONE),
-        rf.get(live::VERIFY_PROGRESS),
-    ))
+    Ok(ControlPage::new(&rf).verify_status())
 }

@@ -19,11 +19,14 @@
 //! - `file`: creating/opening/validating a ring file, role locks, reading records.
 //! - [`Producer`]: append, overflow to the bitmap, sync plans, crash recovery.
 //! - [`Consumer`]: read validated records in order, release them.
+//! - [`control`]: the consumer page's control plane (the shipper's progress,
+//!   the online-verify handshake, the resync phase), typed.
 //! - `bitmap`: the dirty bitmap.
 //! - `inspect`: [`status`] and [`dump`] without taking a role.
 
 mod bitmap;
 mod consumer;
+pub mod control;
 mod error;
 mod file;
 pub mod format;
@@ -32,9 +35,10 @@ mod producer;
 mod shm;
 
 pub use bitmap::Extent;
-pub use consumer::{Batch, Consumer, LinkState, Record, ShipProgress};
+pub use consumer::{Batch, Consumer, Record};
+pub use control::{LinkState, ShipProgress, ShipperStatus, SyncPhase, VerifyRequest, VerifyStatus};
 pub use error::{Error, Result};
 pub use file::{uuid_string, wall_clock_ns, CreateOptions, DiskIdentity, Layout};
 pub use format::Kind;
-pub use inspect::{dump, request_verify, status, verify_state, DumpEntry, ShipperStatus, Status};
+pub use inspect::{dump, request_verify, status, verify_state, DumpEntry, Status};
 pub use producer::{Appended, Change, FullPolicy, Lane, Producer, Recovery, SyncPlan};

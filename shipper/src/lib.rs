@@ -37,5 +37,5 @@ pub mod stats;
 pub mod verify;
 
 pub use error::{Error, Result};
-pub use ship::{disk_identity, ShipConfig, Shipper};
+pub use ship::{ShipConfig, Shipper};
 pub use stats::Stats;

@@ -183,7 +183,11 @@ fn verify(v: VerifyArgs) -> anyhow::Result<()> {
     };
     let mut last_log = Instant::now();
     loop {
-        let (_, done, progress) = ring::verify_state(&v.ring)?;
+        let ring::VerifyStatus {
+            done,
+            compared_bytes: progress,
+            ..
+        } = ring::verify_state(&v.ring)?;
         if done >= id {
             break;
         }
@@ -258,7 +262,7 @@ fn verify(v: VerifyArgs) -> anyhow::Result<()> {
 /// extents) while it runs. Otherwise the shipper logs progress every 5 s.
 fn resync_progress_bar(stats: Arc<shipper::Stats>) {
     let _ = std::thread::Builder::new().name("progress".into()).spawn(move || {
-        let mut bar: Option<(u64, indicatif::ProgressBar)> = None;
+        let mut bar: Option<(ring::SyncPhase, indicatif::ProgressBar)> = None;
         loop {
             let p = stats.progress();
             match (&bar, p.sync_phase) {
@@ -266,12 +270,12 @@ fn resync_progress_bar(stats: Arc<shipper::Stats>) {
                     b.finish_and_clear();
                     bar = None;
                 }
-                (None, 1..=3) => {
+                (None, now) if now.is_running() => {
                     let b = indicatif::ProgressBar::new(p.sync_total.max(1));
-                    let what = match p.sync_phase {
-                        1 => "full pass (copy)",
-                        2 => "full pass (compare)",
-                        _ => "dirty extents",
+                    let what = match now {
+                        ring::SyncPhase::FullCopy => "full pass (copy)",
+                        ring::SyncPhase::FullCompare => "full pass (compare)",
+                        ring::SyncPhase::DirtyExtents | ring::SyncPhase::None => "dirty extents",
                     };
                     b.set_style(
                         indicatif::ProgressStyle::with_template(&format!(
@@ -279,7 +283,7 @@ fn resync_progress_bar(stats: Arc<shipper::Stats>) {
                         ))
                         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
                     );
-                    bar = Some((p.sync_phase, b));
+                    bar = Some((now, b));
                 }
                 _ => {}
             }

@@ -22,17 +22,17 @@
 //! Unallocated and all-zero regions travel as SYNC_ZERO extents, without data.
 
 use std::collections::VecDeque;
-use std::fs::File;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Instant;
+
+use blockdev::{Backend, FileDisk};
 
 use ring::format::{
     STATE_CRASH_DIRTY, STATE_NEEDS_INITIAL_SYNC, STATE_NEEDS_VERIFY, STATE_OVERFLOW,
 };
-use ring::{Consumer, Extent};
+use ring::{Consumer, Extent, SyncPhase};
 use wire::frame::{
     block_hashes_frame_len, BlockHashes, HelloReply, MAX_BATCH_HASH_REPLY, REPLY_COMPARE,
     REPLY_DIRTY_PENDING, REPLY_FULL_SYNC,
@@ -71,7 +71,8 @@ pub struct SyncBatch {
 /// The resync state of one shipper (kept across connections).
 #[derive(Debug)]
 pub struct Resync {
-    disk: File,
+    /// The protected disk, read-only and unlocked (the splitter holds its lock).
+    disk: Arc<FileDisk>,
     disk_size: u64,
     /// Next offset of the full pass, if one runs.
     full: Option<u64>,
@@ -105,9 +106,10 @@ pub struct Resync {
 }
 
 impl Resync {
-    /// Read the source from `disk` (the protected disk itself).
+    /// Read the source from `disk` (the protected disk itself, opened with
+    /// [`FileDisk::open_unlocked`] read-only).
     pub fn open(
-        disk: &Path,
+        disk: Arc<FileDisk>,
         disk_size: u64,
         ring: &Path,
         verify_done: u64,
@@ -119,14 +121,8 @@ impl Resync {
                 MAX_CHUNK >> 20
             )));
         }
-        let f = File::open(disk).map_err(|e| {
-            Error::Invalid(format!(
-                "cannot open disk {} for resync: {e}",
-                disk.display()
-            ))
-        })?;
         Ok(Resync {
-            disk: f,
+            disk,
             disk_size,
             full: None,
             dirty: VecDeque::new(),
@@ -150,15 +146,15 @@ impl Resync {
 
     /// Start a verify the ring asks for, when no pass that also compares
     /// by hashes is running (their answers would mix).
-    fn maybe_start_verify(&mut self, c: &Consumer) -> Result<()> {
-        let (id, repair) = c.verify_request();
+    fn maybe_start_verify(&mut self, c: &Consumer) {
+        let ring::VerifyRequest { id, repair } = c.verify_request();
         if id <= self.verify_seen
             || self.verify.is_some()
             || self.full.is_some()
             || !self.differing.is_empty()
             || !self.inflight.is_empty()
         {
-            return Ok(());
+            return;
         }
         self.verify_seen = id;
         log::info!(
@@ -168,10 +164,9 @@ impl Resync {
         self.verify = Some(crate::verify::Verify::new(
             id,
             repair,
-            &self.disk,
+            self.disk.clone(),
             self.disk_size,
-        )?);
-        Ok(())
+        ));
     }
 
     /// Finish a verify whose answers are all in: write its report.
@@ -262,13 +257,16 @@ impl Resync {
             .sync_full_done
             .store(self.full.unwrap_or(0), Ordering::Relaxed);
         if self.full.is_some() {
-            let phase = if self.compare { 2 } else { 1 };
-            stats.sync_phase.store(phase, Ordering::Relaxed);
+            stats.set_sync_phase(if self.compare {
+                SyncPhase::FullCompare
+            } else {
+                SyncPhase::FullCopy
+            });
             stats
                 .sync_started_ns
                 .store(ring::wall_clock_ns(), Ordering::Relaxed);
         } else {
-            stats.sync_phase.store(0, Ordering::Relaxed);
+            stats.set_sync_phase(SyncPhase::None);
         }
         self.maybe_start_dirty(c, stats);
     }
@@ -293,7 +291,7 @@ impl Resync {
         );
         stats.sync_dirty_total.fetch_add(bytes, Ordering::Relaxed);
         if self.full.is_none() {
-            stats.sync_phase.store(3, Ordering::Relaxed);
+            stats.set_sync_phase(SyncPhase::DirtyExtents);
             stats
                 .sync_started_ns
                 .store(ring::wall_clock_ns(), Ordering::Relaxed);
@@ -323,7 +321,7 @@ impl Resync {
 
     fn has_more(&mut self, c: &Consumer) -> bool {
         self.verify.is_some()
-            || c.verify_request().0 > self.verify_seen
+            || c.verify_request().id > self.verify_seen
             || !self.differing.is_empty()
             || self.full.is_some()
             || !self.dirty.is_empty()
@@ -341,7 +339,7 @@ impl Resync {
         }
         self.maybe_start_dirty(c, stats);
         self.maybe_finish_verify(c);
-        self.maybe_start_verify(c)?;
+        self.maybe_start_verify(c);
         // The dirty-mark count first, then the tag: a change marked after
         // the count keeps its bits; one marked before it was on the disk
         // before the tag was taken, so every ring record it overwrote is
@@ -384,9 +382,11 @@ impl Resync {
                     );
                     count += 1;
                     self.full = None;
-                    stats
-                        .sync_phase
-                        .store(if self.dirty_active { 3 } else { 0 }, Ordering::Relaxed);
+                    stats.set_sync_phase(if self.dirty_active {
+                        SyncPhase::DirtyExtents
+                    } else {
+                        SyncPhase::None
+                    });
                     // The pass is in the stream: the ring's flags have done
                     // their job (the target keeps its own state).
                     c.clear_state(STATE_NEEDS_INITIAL_SYNC | STATE_NEEDS_VERIFY);
@@ -454,7 +454,7 @@ impl Resync {
                 count += 1;
                 self.dirty_active = false;
                 if self.full.is_none() {
-                    stats.sync_phase.store(0, Ordering::Relaxed);
+                    stats.set_sync_phase(SyncPhase::None);
                 }
                 log::info!(
                     "dirty extents resent and acknowledged; the ring's overflow is resolved"
@@ -553,7 +553,7 @@ impl Resync {
             return Ok(1);
         }
         self.disk
-            .read_exact_at(&mut self.buf[..n], offset)
+            .read_at(offset, &mut self.buf[..n])
             .map_err(|e| Error::Invalid(format!("reading the disk at {offset} for resync: {e}")))?;
         if all_zero(&self.buf[..n]) {
             self.record(plain, seq, RecordKind::SyncZero, offset, small, full);
@@ -567,14 +567,7 @@ impl Resync {
 
     /// The whole range is unallocated (files only; block devices say no).
     fn is_hole(&self, offset: u64, len: u64) -> bool {
-        let Ok(off) = i64::try_from(offset) else {
-            return false;
-        };
-        match nix::unistd::lseek(self.disk.as_raw_fd(), off, nix::unistd::Whence::SeekData) {
-            Ok(data) => u64::try_from(data).is_ok_and(|d| d >= offset + len),
-            Err(nix::errno::Errno::ENXIO) => true,
-            Err(_) => false,
-        }
+        self.disk.is_hole(offset, len)
     }
 
     /// Hash a chunk of a compared full pass: SYNC_ZERO when it reads as
@@ -590,11 +583,9 @@ impl Resync {
         let n = usize::try_from(len).unwrap_or(0);
         let small = u32::try_from(len).unwrap_or(0);
         if !self.is_hole(offset, len) {
-            self.disk
-                .read_exact_at(&mut self.buf[..n], offset)
-                .map_err(|e| {
-                    Error::Invalid(format!("reading the disk at {offset} for resync: {e}"))
-                })?;
+            self.disk.read_at(offset, &mut self.buf[..n]).map_err(|e| {
+                Error::Invalid(format!("reading the disk at {offset} for resync: {e}"))
+            })?;
             stats.sync_compared_bytes.fetch_add(len, Ordering::Relaxed);
             if !all_zero(&self.buf[..n]) {
                 let h = blake3::hash(&self.buf[..n]);
@@ -641,7 +632,7 @@ impl Resync {
             )));
         }
         self.disk
-            .read_exact_at(&mut self.buf[..n], bh.offset)
+            .read_at(bh.offset, &mut self.buf[..n])
             .map_err(|e| {
                 Error::Invalid(format!("reading the disk at {} for resync: {e}", bh.offset))
             })?;

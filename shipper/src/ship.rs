@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use blockdev::FileDisk;
 use ring::{Batch, Consumer, LinkState};
 use rustls::pki_types::ServerName;
 
@@ -81,22 +82,14 @@ impl std::fmt::Debug for Shipper {
     }
 }
 
-/// The identity of a disk, to check that a ring belongs to it.
-pub fn disk_identity(path: &Path) -> std::io::Result<ring::DiskIdentity> {
-    use std::io::Seek;
-    use std::os::unix::fs::{FileTypeExt, MetadataExt};
-    let mut f = std::fs::File::open(path)?;
-    let m = f.metadata()?;
-    let (size, fingerprint) = if m.file_type().is_block_device() {
-        (f.seek(std::io::SeekFrom::End(0))?, [m.rdev(), 0])
-    } else {
-        (m.len(), [m.dev(), m.ino()])
-    };
-    let canon = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-    Ok(ring::DiskIdentity {
-        size,
-        fingerprint,
-        path: canon.display().to_string(),
+/// Open the protected disk for the resync and verify reads: read-only and
+/// without its lock (the splitter serving it holds that).
+fn open_disk(d: &Path) -> Result<FileDisk> {
+    FileDisk::open_unlocked(d, true).map_err(|e| match e {
+        blockdev::Error::Disk { source, .. } => {
+            Error::Invalid(format!("cannot open disk {}: {source}", d.display()))
+        }
+        e => Error::Invalid(format!("cannot open disk {}: {e}", d.display())),
     })
 }
 
@@ -120,18 +113,24 @@ impl Shipper {
             .map_err(|_| Error::Invalid(format!("{host:?} is not a host name or address")))?;
         let tls = transport::TlsDir::load(&cfg.tls_dir)?.client_config()?;
         let consumer = Consumer::open(&cfg.ring)?;
-        if let Some(d) = &cfg.disk {
-            let id = disk_identity(d)
-                .map_err(|e| Error::Invalid(format!("cannot open disk {}: {e}", d.display())))?;
-            consumer.check_disk(&id)?;
-        }
+        let disk = match &cfg.disk {
+            Some(d) => {
+                let disk = open_disk(d)?;
+                let id = disk.identity().map_err(|e| {
+                    Error::Invalid(format!("cannot open disk {}: {e}", d.display()))
+                })?;
+                consumer.check_disk(&id)?;
+                Some(Arc::new(disk))
+            }
+            None => None,
+        };
         let encoder = Encoder::new(cfg.zstd_level)?;
-        let resync = match &cfg.disk {
-            Some(d) => Some(crate::resync::Resync::open(
-                d,
+        let resync = match disk {
+            Some(disk) => Some(crate::resync::Resync::open(
+                disk,
                 consumer.disk_size(),
                 &cfg.ring,
-                ring::verify_state(&cfg.ring)?.1,
+                ring::verify_state(&cfg.ring)?.done,
                 cfg.sync_chunk,
             )?),
             None => None,

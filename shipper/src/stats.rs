@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use ring::{LinkState, ShipProgress};
+use ring::{LinkState, ShipProgress, SyncPhase};
 
 /// Live counters of one shipper.
 #[derive(Debug, Default)]
@@ -23,8 +23,8 @@ pub struct Stats {
     pub batches: AtomicU64,
     /// Connections made.
     pub connects: AtomicU64,
-    /// `LinkState` as u64.
-    pub state: AtomicU64,
+    /// The link state ([`LinkState::code`]; see [`Stats::set_state`]).
+    state: AtomicU64,
     /// Record bytes per second, recent.
     pub rate: AtomicU64,
     /// Capture time (ns) of the oldest unacknowledged record, 0 if none.
@@ -47,8 +47,8 @@ pub struct Stats {
     pub sync_compared_bytes: AtomicU64,
     /// Disk bytes sent as data by resyncs, cumulative.
     pub sync_data_bytes: AtomicU64,
-    /// Resync now: 0 none, 1 full pass copying, 2 full pass comparing, 3 dirty extents.
-    pub sync_phase: AtomicU64,
+    /// What the resync is doing ([`SyncPhase::code`]; see [`Stats::set_sync_phase`]).
+    sync_phase: AtomicU64,
     /// When the running pass started (ns since the epoch).
     pub sync_started_ns: AtomicU64,
     /// The last error, for status.
@@ -58,23 +58,27 @@ pub struct Stats {
 impl Stats {
     /// What goes into the ring file.
     pub fn progress(&self) -> ShipProgress {
+        let phase = self.sync_phase();
+        let (done, total) = match phase {
+            SyncPhase::FullCopy | SyncPhase::FullCompare => (
+                self.sync_full_done.load(Ordering::Relaxed),
+                self.sync_full_total.load(Ordering::Relaxed),
+            ),
+            SyncPhase::DirtyExtents => (
+                self.sync_dirty_done.load(Ordering::Relaxed),
+                self.sync_dirty_total.load(Ordering::Relaxed),
+            ),
+            SyncPhase::None => (0, 0),
+        };
         ShipProgress {
             acked_seq: self.acked_seq.load(Ordering::Relaxed),
-            state: LinkState::from_u64(self.state.load(Ordering::Relaxed)),
+            state: self.state(),
             plain_bytes: self.plain_bytes.load(Ordering::Relaxed),
             wire_bytes: self.wire_bytes.load(Ordering::Relaxed),
             rate: self.rate.load(Ordering::Relaxed),
-            sync_phase: self.sync_phase.load(Ordering::Relaxed),
-            sync_done: match self.sync_phase.load(Ordering::Relaxed) {
-                1 | 2 => self.sync_full_done.load(Ordering::Relaxed),
-                3 => self.sync_dirty_done.load(Ordering::Relaxed),
-                _ => 0,
-            },
-            sync_total: match self.sync_phase.load(Ordering::Relaxed) {
-                1 | 2 => self.sync_full_total.load(Ordering::Relaxed),
-                3 => self.sync_dirty_total.load(Ordering::Relaxed),
-                _ => 0,
-            },
+            sync_phase: phase,
+            sync_done: done,
+            sync_total: total,
             sync_started_ns: self.sync_started_ns.load(Ordering::Relaxed),
             sync_data_bytes: self.sync_data_bytes.load(Ordering::Relaxed),
         }
@@ -82,7 +86,22 @@ impl Stats {
 
     /// Set the link state.
     pub fn set_state(&self, s: LinkState) {
-        self.state.store(s as u64, Ordering::Relaxed);
+        self.state.store(s.code(), Ordering::Relaxed);
+    }
+
+    /// The link state.
+    pub fn state(&self) -> LinkState {
+        LinkState::from_u64(self.state.load(Ordering::Relaxed))
+    }
+
+    /// Set what the resync is doing.
+    pub fn set_sync_phase(&self, p: SyncPhase) {
+        self.sync_phase.store(p.code(), Ordering::Relaxed);
+    }
+
+    /// What the resync is doing.
+    pub fn sync_phase(&self) -> SyncPhase {
+        SyncPhase::from_u64(self.sync_phase.load(Ordering::Relaxed))
     }
 
     /// Remember an error.
@@ -186,9 +205,7 @@ impl Stats {
             "gauge",
             "1 while connected to the target.",
             &l,
-            f64::from(u8::from(
-                self.state.load(Ordering::Relaxed) == LinkState::Connected as u64,
-            )),
+            f64::from(u8::from(self.state() == LinkState::Connected)),
         );
         t.sample(
             "blockship_shipper_throughput_bytes_per_second",

@@ -15,10 +15,11 @@
 //! whichever shipper drains the ring, and reported in `RING.verify.json`.
 
 use std::collections::{HashMap, VecDeque};
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
+
+use blockdev::{Backend, FileDisk};
 
 use ring::Extent;
 use wire::frame::{block_hashes_frame_len, BlockHashes, MAX_BATCH_HASH_REPLY};
@@ -38,7 +39,8 @@ pub struct Verify {
     pub id: u64,
     /// Resend what differs.
     pub repair: bool,
-    disk: File,
+    /// The protected disk (shared with the resync).
+    disk: Arc<FileDisk>,
     disk_size: u64,
     next: u64,
     /// Answers to compare again: (block hashes, comparisons failed so far).
@@ -139,14 +141,12 @@ pub(crate) fn differing_runs(
 }
 
 impl Verify {
-    /// A verify of the disk `disk` (its own handle).
-    pub fn new(id: u64, repair: bool, disk: &File, disk_size: u64) -> Result<Verify> {
-        Ok(Verify {
+    /// A verify of the disk `disk`.
+    pub fn new(id: u64, repair: bool, disk: Arc<FileDisk>, disk_size: u64) -> Verify {
+        Verify {
             id,
             repair,
-            disk: disk.try_clone().map_err(|e| {
-                Error::Invalid(format!("cannot open the disk again for verify: {e}"))
-            })?,
+            disk,
             disk_size,
             next: 0,
             first: VecDeque::new(),
@@ -156,7 +156,7 @@ impl Verify {
             compared: 0,
             started: Instant::now(),
             buf: vec![0u8; CHUNK],
-        })
+        }
     }
 
     /// Disk bytes compared so far.
@@ -185,7 +185,7 @@ impl Verify {
             )));
         }
         self.disk
-            .read_exact_at(&mut self.buf[..len], offset)
+            .read_at(offset, &mut self.buf[..len])
             .map_err(|e| Error::Invalid(format!("reading the disk at {offset} for verify: {e}")))
     }
 

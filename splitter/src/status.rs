@@ -5,13 +5,6 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-const PHASES: [&str; 4] = [
-    "none",
-    "full pass (copying the disk)",
-    "full pass (comparing by hashes)",
-    "resending dirty extents",
-];
-
 /// Rate (bytes/s) and ETA (s) of the running resync pass.
 fn resync_rate(p: &ring::ShipProgress, now: u64) -> (f64, Option<f64>) {
     let secs = now.saturating_sub(p.sync_started_ns) as f64 / 1e9;
@@ -27,7 +20,7 @@ fn resync_rate(p: &ring::ShipProgress, now: u64) -> (f64, Option<f64>) {
 fn resync_json(p: &ring::ShipProgress, now: u64) -> serde_json::Value {
     let (rate, eta) = resync_rate(p, now);
     serde_json::json!({
-        "phase": PHASES.get(usize::try_from(p.sync_phase).unwrap_or(0)).copied().unwrap_or("none"),
+        "phase": p.sync_phase.name(),
         "done_bytes": p.sync_done,
         "total_bytes": p.sync_total,
         "rate_bytes_per_second": rate,
@@ -37,14 +30,11 @@ fn resync_json(p: &ring::ShipProgress, now: u64) -> serde_json::Value {
 }
 
 fn resync_line(p: &ring::ShipProgress, now: u64) -> Option<String> {
-    if p.sync_phase == 0 {
+    if !p.sync_phase.is_running() {
         return None;
     }
     let (rate, eta) = resync_rate(p, now);
-    let phase = PHASES
-        .get(usize::try_from(p.sync_phase).unwrap_or(0))
-        .copied()
-        .unwrap_or("?");
+    let phase = p.sync_phase.name();
     Some(format!(
         "{phase}: {:.1}% ({} of {} bytes), {:.1} MB/s, ETA {}; the replica is not crash-consistent until it ends",
         p.sync_done as f64 * 100.0 / p.sync_total.max(1) as f64,
@@ -245,4 +235,131 @@ pub fn status_text(path: &Path, st: &ring::Status, now: u64) -> String {
         let _ = writeln!(out, "note:             {n}");
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(phase: ring::SyncPhase) -> ring::Status {
+        ring::Status {
+            disk_id: "id".into(),
+            disk_path: "/d".into(),
+            disk_size: 1 << 20,
+            capacity: 1 << 16,
+            used_bytes: 0,
+            head_seq: 0,
+            tail_seq: 1,
+            records_waiting: 0,
+            oldest_waiting_ns: None,
+            overflow: false,
+            overflow_since_ns: None,
+            dirty_bytes: 0,
+            granularity: 65536,
+            needs_initial_sync: false,
+            needs_verify: false,
+            records_lost: 0,
+            producer_pid: 1,
+            crash_dirty: false,
+            clean: true,
+            shipper: Some(ring::ShipperStatus {
+                progress: ring::ShipProgress {
+                    state: ring::LinkState::Connected,
+                    sync_phase: phase,
+                    sync_done: 1,
+                    sync_total: 2,
+                    ..ring::ShipProgress::default()
+                },
+                updated_ns: 1,
+                pid: 2,
+            }),
+        }
+    }
+
+    fn keys(v: &serde_json::Value) -> Vec<&str> {
+        let mut k: Vec<&str> = v
+            .as_object()
+            .map(|o| o.keys().map(String::as_str).collect())
+            .unwrap_or_default();
+        k.sort_unstable();
+        k
+    }
+
+    /// The JSON keys and the phase names are a contract.
+    #[test]
+    fn json_keys_and_phase_names() {
+        let names = [
+            (ring::SyncPhase::None, "none"),
+            (ring::SyncPhase::FullCopy, "full pass (copying the disk)"),
+            (
+                ring::SyncPhase::FullCompare,
+                "full pass (comparing by hashes)",
+            ),
+            (ring::SyncPhase::DirtyExtents, "resending dirty extents"),
+        ];
+        for (phase, name) in names {
+            let j = status_json(Path::new("/r"), &status(phase), 10);
+            assert_eq!(
+                keys(&j),
+                [
+                    "bitmap_granularity",
+                    "capacity",
+                    "clean",
+                    "crash_dirty",
+                    "dirty_bytes",
+                    "disk_id",
+                    "disk_path",
+                    "disk_size",
+                    "head_seq",
+                    "needs_initial_sync",
+                    "needs_verify",
+                    "oldest_waiting_age_seconds",
+                    "overflow",
+                    "overflow_since_ns",
+                    "producer_pid",
+                    "records_lost",
+                    "records_waiting",
+                    "ring",
+                    "rpo_lag_seconds",
+                    "shipper",
+                    "tail_seq",
+                    "used_bytes",
+                ]
+            );
+            let sh = &j["shipper"];
+            assert_eq!(
+                keys(sh),
+                [
+                    "acked_seq",
+                    "bytes_before_compression",
+                    "bytes_on_wire",
+                    "compression_ratio",
+                    "pid",
+                    "resync",
+                    "state",
+                    "throughput_bytes_per_second",
+                    "updated_seconds_ago",
+                ]
+            );
+            assert_eq!(sh["state"], "connected");
+            assert_eq!(
+                keys(&sh["resync"]),
+                [
+                    "data_bytes_sent",
+                    "done_bytes",
+                    "eta_seconds",
+                    "phase",
+                    "rate_bytes_per_second",
+                    "total_bytes",
+                ]
+            );
+            assert_eq!(sh["resync"]["phase"], name);
+            let text = status_text(Path::new("/r"), &status(phase), 10);
+            assert_eq!(
+                text.contains(&format!("resync:           {name}: ")),
+                phase != ring::SyncPhase::None,
+                "{text}"
+            );
+        }
+    }
 }
