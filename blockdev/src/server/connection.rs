@@ -44,9 +44,9 @@ const MAX_EXTENTS: usize = 30;
 const HEAD_MAX: usize = 288;
 const _: () = assert!(HEAD_MAX >= ERROR_CHUNK_MAX);
 const _: () = assert!(HEAD_MAX >= STRUCTURED_REPLY_LEN + 4 + 8 * MAX_EXTENTS);
-/// Largest write done inline when the backend asks for it: a page-cache
-/// copy this small costs less than a hop to an io_uring worker thread;
-/// larger writes still go through io_uring, whose workers overlap them.
+/// Largest write done inline when the backend asks for it and nothing else
+/// is in flight: a page-cache copy this small costs less than a hop to an
+/// io_uring worker thread; larger writes still go through io_uring.
 const INLINE_WRITE_MAX: u32 = 128 << 10;
 /// How long a shutting-down connection waits for its client to take replies.
 const CLOSE_GRACE: Duration = Duration::from_secs(10);
@@ -715,7 +715,10 @@ impl<'a> Connection<'a> {
         };
         if let (Command::Write { len, .. }, Phase::Main) = (self.slots[i].cmd, self.slots[i].phase)
         {
-            if len <= INLINE_WRITE_MAX && self.inline_writes {
+            // Alone in flight (queue depth 1): the hop to a worker thread is
+            // pure latency. With others in flight, io_uring's workers run
+            // the writes in parallel, which is worth more.
+            if len <= INLINE_WRITE_MAX && self.inline_writes && self.ops_in_flight() <= 1 {
                 return self.run_inline(i);
             }
         }
