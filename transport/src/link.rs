@@ -258,7 +258,16 @@ impl Link {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e.into()),
             }
-            let state = self.tls.process_new_packets()?;
+            let state = match self.tls.process_new_packets() {
+                Ok(st) => st,
+                Err(e) => {
+                    // rustls queued an alert saying why (a certificate the
+                    // peer must hear was refused): send it before failing,
+                    // or the peer only sees the connection close.
+                    let _ = self.write_out();
+                    return Err(e.into());
+                }
+            };
             if state.plaintext_bytes_to_read() > 0 {
                 self.take_plaintext()?;
             }
