@@ -278,11 +278,12 @@ impl<'a> Connection<'a> {
                 return Ok(());
             }
             self.arm_waker()?;
+            // With results of inline operations waiting, handle them (and
+            // send their replies) before entering the kernel at all: what is
+            // queued in the submission ring goes with the next wait.
             if self.inline.is_empty() {
                 let timeout = self.closing_since.map(|_| Duration::from_millis(200));
                 self.ring.submit_and_wait(timeout)?;
-            } else {
-                self.ring.submit()?;
             }
             self.handle_completions()?;
             if let Some(t) = self.closing_since {

@@ -65,11 +65,6 @@ impl Uring {
         unsafe { self.push(&entry.0) }
     }
 
-    /// Submit queued entries without waiting.
-    pub(crate) fn submit(&mut self) -> io::Result<()> {
-        self.ring.submit().map(drop)
-    }
-
     /// Submit queued entries and wait for at least one completion, or until
     /// `timeout` passes.
     pub(crate) fn submit_and_wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
