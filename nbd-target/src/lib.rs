@@ -10,8 +10,7 @@
 //!
 //! It is *not* the shipper's retry logic nor the ring: a connection that
 //! fails is simply dropped, and the shipper reconnects and resumes from the
-//! applied sequence the hello reply gives it. Recovery points, test
-//! failover and failover are later work.
+//! applied sequence the hello reply gives it. Failover is later work.
 //!
 //! # Layout
 //! - [`server`]: the daemon (listeners, threads, live status).
@@ -24,7 +23,10 @@
 //! - [`state`]: the state file format (applied sequence, consistency).
 //! - [`replica`]: file and NBD-backed replicas.
 //! - [`registry`]: the replicas, claims, live numbers.
-//! - [`export`]: read-only NBD exports of the replicas.
+//! - [`journal`]: the recovery-point journal (an undo log beside each
+//!   replica), point-in-time views, marks, gaps, retention.
+//! - [`export`]: NBD exports of the replicas: latest (`ID`) and points
+//!   (`ID@POINT`).
 //! - [`status`]: `status` output and Prometheus metrics.
 //! - [`pki`]: the site's certificate authority.
 //! - [`seed`]: registering an image carried to the site as a starting replica.
@@ -33,6 +35,7 @@ pub mod admission;
 pub mod consistency;
 pub mod error;
 pub mod export;
+pub mod journal;
 pub mod pki;
 pub mod registry;
 pub mod replica;

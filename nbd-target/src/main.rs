@@ -208,6 +208,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         tls_dir: a.tls.clone(),
         nbd_listen,
         backends,
+        journal: None,
     };
     let target = Target::bind(&cfg).context("cannot start the target")?;
     let stop = target.stop_flag();

@@ -197,3 +197,10 @@ impl ReplicaWriter {
         self.disk.flush().map_err(self.err("syncing the replica"))
     }
 }
+
+impl ReplicaWriter {
+    /// Block status of `offset..offset+len` (holes read as zeroes).
+    pub fn extents(&self, offset: u64, len: u32, max: usize, out: &mut Vec<nbd::reply::Extent>) {
+        self.disk.extents(offset, len, max, out);
+    }
+}

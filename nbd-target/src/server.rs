@@ -28,6 +28,8 @@ pub struct TargetConfig {
     pub nbd_listen: Option<SocketAddr>,
     /// Disks kept on upstream NBD servers.
     pub backends: HashMap<String, ReplicaSpec>,
+    /// The recovery-point journal's limits (None: no journal).
+    pub journal: Option<crate::journal::JournalConfig>,
 }
 
 /// A bound, ready target.
@@ -80,6 +82,7 @@ impl Target {
                 tls,
                 stop: Arc::new(AtomicBool::new(false)),
                 admission: Arc::default(),
+                journal: cfg.journal,
             },
             lock,
         })

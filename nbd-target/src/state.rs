@@ -63,6 +63,11 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// The reason stored as `v` (unknown codes read as None).
+    pub fn from_code(v: u32) -> Reason {
+        Reason::from_u32(v)
+    }
+
     fn from_u32(v: u32) -> Reason {
         match v {
             1 => Reason::NeedsInitialSync,

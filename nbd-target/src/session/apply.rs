@@ -36,7 +36,7 @@ use wire::{RecordIter, RecordKind, WireError, WireRecord};
 use super::Refusal;
 use crate::consistency::Consistency;
 use crate::replica::ReplicaWriter;
-use crate::state::StateFile;
+use crate::state::{Reason, StateFile};
 
 /// Applied bytes after which the target makes them durable and acknowledges
 /// even if more batches are already waiting.
@@ -57,6 +57,24 @@ pub trait RecordSink {
     /// Make everything written so far durable. The state file (the applied
     /// seq) is written after it returns, and the ACK sent after that.
     fn commit(&mut self) -> crate::Result<()>;
+    /// The next record or resync item: ring record `seq` (captured at
+    /// `time_ns`), or (`sync`) a resync item tagged `seq + 1`, placed right
+    /// after ring record `seq`; `consistent`: the replica is consistent as
+    /// the record begins. The journal's positions come from here.
+    fn position(&mut self, seq: u64, sync: bool, time_ns: u64, consistent: bool) {
+        let _ = (seq, sync, time_ns, consistent);
+    }
+    /// A MARK record (at the last position given): its name and flags
+    /// (the record's offset field: bit 0 application-consistent).
+    fn mark(&mut self, name: &[u8], flags: u64) -> crate::Result<()> {
+        let _ = (name, flags);
+        Ok(())
+    }
+    /// The replica's consistency changed outside a record (a SYNC_END, a
+    /// HEARTBEAT, the HELLO).
+    fn consistency(&mut self, consistent: bool, reason: crate::state::Reason) {
+        let _ = (consistent, reason);
+    }
 }
 
 impl RecordSink for ReplicaWriter {
@@ -125,6 +143,9 @@ impl<S: RecordSink> Apply<S> {
     ) -> Result<Apply<S>, Refusal> {
         let dec = zstd::bulk::Decompressor::new()
             .map_err(|err| Refusal::new(ErrorCode::Internal, format!("zstd: {err}")))?;
+        let mut sink = sink;
+        let reason = consistency.reason();
+        sink.consistency(reason == Reason::None, reason);
         Ok(Apply {
             sink,
             file,
@@ -157,6 +178,8 @@ impl<S: RecordSink> Apply<S> {
     /// A HEARTBEAT's source flags.
     pub fn heartbeat(&mut self, source_flags: u32) {
         self.consistency.heartbeat(source_flags, self.pending);
+        let reason = self.consistency.reason();
+        self.sink.consistency(reason == Reason::None, reason);
     }
 
     /// The BLOCK_HASHES bodies the last batch asked for, to send before
@@ -274,6 +297,9 @@ impl<S: RecordSink> Apply<S> {
                 // Resync records are never a replay: their data was read from
                 // the source after every ring record before them in the
                 // stream was captured, so applying them here is correct.
+                let reason = self.consistency.reason();
+                self.sink
+                    .position(self.pending.max(r.seq.saturating_sub(1)), true, r.time_ns, reason == Reason::None);
                 self.apply_sync(&r)?;
                 applied_bytes += u64::from(r.len);
                 continue;
@@ -283,9 +309,13 @@ impl<S: RecordSink> Apply<S> {
             }
             log::trace!("record {} {:?} at {}+{}", r.seq, r.kind, r.offset, r.len);
             self.consistency.ring_record(r.seq, self.pending);
+            let reason = self.consistency.reason();
+            self.sink
+                .position(r.seq, false, r.time_ns, reason == Reason::None);
             let res = match r.kind {
                 RecordKind::Write => self.sink.write(r.offset, r.payload),
                 RecordKind::Trim | RecordKind::Zero => self.sink.zero(r.offset, u64::from(r.len)),
+                RecordKind::Mark => self.sink.mark(r.payload, r.offset),
                 // Resync records were handled above.
                 _ => Ok(()),
             };
@@ -378,6 +408,10 @@ impl<S: RecordSink> Apply<S> {
             RecordKind::SyncEnd => self.consistency.dirty_pass_ended(),
             _ => {}
         }
+        if r.kind == RecordKind::SyncEnd {
+            let reason = self.consistency.reason();
+            self.sink.consistency(reason == Reason::None, reason);
+        }
         Ok(())
     }
 
@@ -422,7 +456,7 @@ impl<S: RecordSink> Apply<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{Reason, ReplicaState};
+    use crate::state::ReplicaState;
     use std::path::PathBuf;
     use wire::records::{SYNC_END_DIRTY, SYNC_END_FULL_PASS};
 

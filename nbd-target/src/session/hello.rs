@@ -26,7 +26,7 @@ use super::{refuse, Refusal, SessionContext, SessionError};
 use crate::admission::Permit;
 use crate::consistency::{Consistency, SourceHello};
 use crate::registry::{Claim, STATE_FILE};
-use crate::replica::ReplicaWriter;
+use crate::journal::{JournalConfig, JournalWriter, Journaled};
 use crate::state::StateFile;
 
 /// Bytes read ahead of a complete frame before the HELLO (after it,
@@ -40,7 +40,7 @@ pub(super) struct Opened {
     /// The disk, held for this shipper until dropped.
     pub claim: Claim,
     /// The apply side, over the replica.
-    pub apply: Apply<ReplicaWriter>,
+    pub apply: Apply<Journaled>,
 }
 
 /// Handshake, HELLO, checks, state, replica, HELLO_REPLY. `permit` is told
@@ -86,7 +86,7 @@ pub(super) fn open(
         let m = format!("another shipper is connected for disk {:?}", hello.disk_id);
         return Err(refuse(&mut link, Refusal::new(ErrorCode::Busy, m)));
     };
-    let apply = match open_replica(&claim, &hello) {
+    let apply = match open_replica(&claim, &hello, ctx.journal) {
         Ok(a) => a,
         Err(r) => return Err(refuse(&mut link, r)),
     };
@@ -197,7 +197,11 @@ fn admit(hello: &Hello, id: &PeerIdentity) -> Result<(), Refusal> {
 /// The state (created at the disk's first connection), checked against
 /// the HELLO (Mismatch), the HELLO's news given to the consistency and
 /// saved if it changed anything, then the replica opened.
-fn open_replica(claim: &Claim, hello: &Hello) -> Result<Apply<ReplicaWriter>, Refusal> {
+fn open_replica(
+    claim: &Claim,
+    hello: &Hello,
+    journal: Option<JournalConfig>,
+) -> Result<Apply<Journaled>, Refusal> {
     let e = &claim.0;
     std::fs::create_dir_all(&e.dir).map_err(|err| {
         Refusal::new(
@@ -218,8 +222,23 @@ fn open_replica(claim: &Claim, hello: &Hello) -> Result<Apply<ReplicaWriter>, Re
             ),
         ));
     }
+    let jio = |err: crate::Error| Refusal::new(ErrorCode::ReplicaIo, format!("journal: {err}"));
+    // The journal opens on the durable state as it was before this HELLO
+    // (entries past it are applied but unacknowledged), and records a new
+    // epoch before the state file says the source's numbers start again.
+    let mut journal = match journal {
+        Some(cfg) => Some(
+            JournalWriter::open(&crate::journal::dir_of(&e.dir), cfg, &file.state, &e.id)
+                .map_err(jio)?,
+        ),
+        None => None,
+    };
+    let before = file.state;
     let mut consistency = Consistency::new(file.state, &hello.disk_id, hello.flags);
     consistency.hello(&source);
+    if let Some(j) = &mut journal {
+        j.after_hello(&before, consistency.state()).map_err(jio)?;
+    }
     if consistency.take_changed() {
         file.state = *consistency.state();
         file.save()
@@ -233,7 +252,8 @@ fn open_replica(claim: &Claim, hello: &Hello) -> Result<Apply<ReplicaWriter>, Re
         .state()
         .applied_seq
         .max(hello.tail_seq.saturating_sub(1));
-    Apply::new(writer, file, consistency, &e.id, hello.disk_size, pending)
+    let sink = Journaled::new(writer, journal);
+    Apply::new(sink, file, consistency, &e.id, hello.disk_size, pending)
 }
 
 #[cfg(test)]

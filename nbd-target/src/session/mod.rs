@@ -21,7 +21,7 @@ use wire::WireError;
 
 use crate::admission::{Admission, Permit};
 use crate::registry::{Claim, Registry};
-use crate::replica::ReplicaWriter;
+use crate::journal::Journaled;
 use crate::state::now_ns;
 
 pub mod apply;
@@ -72,6 +72,8 @@ pub struct SessionContext {
     /// The caps on connections (the accept loop admits, sessions hold a
     /// [`Permit`]).
     pub admission: Arc<Admission>,
+    /// The recovery-point journal's limits (None: `--journal off`).
+    pub journal: Option<crate::journal::JournalConfig>,
 }
 
 /// Serve one shipper connection until it ends; log how it ended. `permit`
@@ -147,7 +149,7 @@ fn run(sock: TcpStream, ctx: &SessionContext, permit: &mut Permit) -> Result<(),
 /// stops, or something fails.
 fn drive(
     link: &mut Link,
-    apply: &mut Apply<ReplicaWriter>,
+    apply: &mut Apply<Journaled>,
     claim: &Claim,
     stop: &AtomicBool,
 ) -> Result<(), SessionError> {
@@ -225,7 +227,7 @@ fn drive(
 /// One frame from the shipper.
 fn frame(
     link: &mut Link,
-    apply: &mut Apply<ReplicaWriter>,
+    apply: &mut Apply<Journaled>,
     rx: &Received,
     claim: &Claim,
 ) -> Result<(), SessionError> {
@@ -271,7 +273,7 @@ fn frame(
 /// Commit what the pipeline applied and acknowledge it.
 fn commit(
     link: &mut Link,
-    apply: &mut Apply<ReplicaWriter>,
+    apply: &mut Apply<Journaled>,
     claim: &Claim,
 ) -> Result<(), SessionError> {
     match apply.commit() {
