@@ -5,9 +5,12 @@
 //!   has: size, read, write (FUA), trim, zero, flush, extents, and what it
 //!   can do natively ([`Caps`]). Implemented by [`FileDisk`] (a file or a
 //!   block device; its descriptor is the io_uring path) and [`NbdDisk`] (an
-//!   export of an upstream NBD server). A copy-on-write overlay or a
-//!   point-in-time view is a further implementation that wraps another
-//!   backend, like an nbdkit filter.
+//!   export of an upstream NBD server). A filter wraps another backend,
+//!   like an nbdkit filter: [`Overlay`] is one.
+//! - [`overlay`] — a copy-on-write [`Overlay`] over a base backend that is
+//!   never written (test failover: a writable export of a disk at a
+//!   recovery point): 4 KiB blocks in an unnamed sparse file, discarded on
+//!   drop, with an optional cap (ENOSPC when full).
 //! - [`server`] — the one NBD transmission server: listeners, a bounded
 //!   handshake, one thread and one io_uring per connection, pipelining,
 //!   structured replies, block status, multi-conn, bounded memory, graceful
@@ -26,6 +29,7 @@ pub mod capture;
 mod error;
 pub mod file;
 pub mod nbd_backend;
+pub mod overlay;
 pub mod server;
 
 pub use backend::{Backend, Caps};
@@ -33,6 +37,7 @@ pub use capture::{CaptureSession, CaptureSync, NoCapture, RingCapture, WriteCapt
 pub use error::{Error, Result};
 pub use file::{DiskKind, FileDisk};
 pub use nbd_backend::NbdDisk;
+pub use overlay::{Overlay, OverlayError, OVERLAY_BLOCK};
 pub use server::{
     ExportSet, ListenAddr, OpenExport, ServeConfig, Server, ShutdownHandle, SingleExport,
     MAX_INFLIGHT_BYTES, MAX_OPS, MAX_PAYLOAD,
