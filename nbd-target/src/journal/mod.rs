@@ -33,6 +33,9 @@ pub mod timeline;
 pub mod view;
 pub mod writer;
 
+#[cfg(test)]
+mod model_tests;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
