@@ -3,9 +3,13 @@
 //! `nbdinfo`, `nbdfuse`, qemu). Served by the shared NBD server
 //! (`blockdev::server`, the splitter's): structured replies, block status,
 //! multi-conn, pipelining, bounded memory and connections, a handshake
-//! deadline, graceful stop. Read-only today: writes are refused with
-//! EPERM. A writable copy-on-write export (test failover) is another
-//! [`ExportSet`] entry whose backend is an overlay over the replica.
+//! deadline, graceful stop. Read-only: writes are refused with EPERM.
+//!
+//! `ID` is the replica at its latest applied state; `ID@POINT` is the disk
+//! at a recovery point (`ID@latest`, `ID@123456`, `ID@2026-11-24T10:15:00Z`,
+//! `ID@MARK`), a [`crate::journal::PointView`] opened per connection. A
+//! test failover serves a writable copy-on-write overlay over such a view
+//! with [`OneExport`].
 
 use std::io;
 use std::sync::Arc;
@@ -69,6 +73,66 @@ impl Backend for SizedReplica {
     }
 }
 
+impl ReplicaExports {
+    /// `ID@POINT`: the disk at a point, read-only.
+    fn open_point(&self, id: &str, point: &str) -> io::Result<OpenExport> {
+        let entry = self
+            .registry
+            .all()
+            .into_iter()
+            .find(|e| e.id == id)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no replica {id:?}")))?;
+        let data_dir = entry.dir.parent().unwrap_or(std::path::Path::new("."));
+        let fail = |e: crate::Error| io::Error::new(io::ErrorKind::NotFound, format!("{id}@{point}: {e}"));
+        let dp = crate::points::DiskPoints::load(data_dir, id).map_err(fail)?;
+        let pos = dp.resolve(point).map_err(fail)?;
+        let view = dp
+            .open_view(&entry.spec, pos, &format!("export {id}@{point}"))
+            .map_err(fail)?;
+        log::info!("export {id}@{point}: the disk at point {pos}");
+        Ok(OpenExport {
+            disk: Arc::new(view),
+            capture: Arc::new(NoCapture),
+            claims: Arc::new(Claims::default()),
+            read_only: true,
+        })
+    }
+}
+
+/// One backend under one name (any name the client asks for is it): a
+/// test failover's overlay.
+pub struct OneExport {
+    export: nbd::Export,
+    open: OpenExport,
+}
+
+impl OneExport {
+    /// Serve `disk` as `name`, described as `description`.
+    pub fn new(disk: Arc<dyn Backend>, name: &str, description: String) -> OneExport {
+        let caps = disk.caps();
+        let read_only = caps.read_only;
+        OneExport {
+            export: describe_export(name, description, disk.size(), caps, read_only),
+            open: OpenExport {
+                disk,
+                capture: Arc::new(NoCapture),
+                claims: Arc::new(Claims::default()),
+                read_only,
+            },
+        }
+    }
+}
+
+impl ExportSet for OneExport {
+    fn exports(&self) -> Vec<nbd::Export> {
+        vec![self.export.clone()]
+    }
+
+    fn open(&self, _name: &str) -> io::Result<OpenExport> {
+        Ok(self.open.clone())
+    }
+}
+
 impl ExportSet for ReplicaExports {
     fn exports(&self) -> Vec<nbd::Export> {
         self.registry
@@ -106,6 +170,9 @@ impl ExportSet for ReplicaExports {
     }
 
     fn open(&self, name: &str) -> io::Result<OpenExport> {
+        if let Some((id, point)) = name.split_once('@') {
+            return self.open_point(id, point);
+        }
         let entry = self
             .registry
             .all()

@@ -28,6 +28,8 @@
 //! - [`export`]: NBD exports of the replicas: latest (`ID`) and points
 //!   (`ID@POINT`).
 //! - [`status`]: `status` output and Prometheus metrics.
+//! - [`points`]: recovery points as commands see them (naming, listing, tags).
+//! - [`test_failover`]: a writable copy-on-write export of a point.
 //! - [`pki`]: the site's certificate authority.
 //! - [`seed`]: registering an image carried to the site as a starting replica.
 
@@ -37,6 +39,7 @@ pub mod error;
 pub mod export;
 pub mod journal;
 pub mod pki;
+pub mod points;
 pub mod registry;
 pub mod replica;
 pub mod seed;
@@ -44,6 +47,7 @@ pub mod server;
 pub mod session;
 pub mod state;
 pub mod status;
+pub mod test_failover;
 
 pub use error::{Error, Result};
 pub use server::{Target, TargetConfig};

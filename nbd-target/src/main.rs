@@ -62,6 +62,64 @@ enum Cmd {
         #[arg(long, value_name = "IMAGE")]
         from: PathBuf,
     },
+    /// List a disk's recovery points: the oldest and newest point kept,
+    /// every mark (sequence, capture time, crash/app, name, tested-at),
+    /// and the gaps where the replica was not consistent (no command
+    /// offers a point inside one).
+    ///
+    /// Points are named in every command as `latest` (the newest
+    /// consistent point), a sequence number (`123456`), a time
+    /// (`2026-11-24T10:15:00Z`: the last record captured at or before it)
+    /// or a mark's name (`mark:NAME` when the name looks like a number).
+    #[command(after_help = "Examples:
+  nbd-target points --data-dir /var/lib/blockship --disk-id db
+  nbd-target points --data-dir /var/lib/blockship --disk-id db --json | jq '.marks[] | .name'")]
+    Points {
+        /// The data folder the daemon uses.
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// The disk.
+        #[arg(long, value_name = "ID")]
+        disk_id: String,
+        /// Print JSON (keys in docs/OPERATIONS.md).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Serve a disk at a recovery point as a writable NBD export, while
+    /// replication goes on (a rehearsal: nothing reaches the replica).
+    ///
+    /// Writes go to a copy-on-write overlay that is discarded on SIGINT or
+    /// SIGTERM (exit 0). Runs in the foreground and prints `listening on
+    /// ADDR` when ready. Several may run at once, of the same or of
+    /// different points; the point is tagged "tested at" in `points`.
+    #[command(name = "test-failover", after_help = "Examples:
+  nbd-target test-failover --data-dir /var/lib/blockship --disk-id db --point before-upgrade --listen 127.0.0.1:10900
+  nbd-target test-failover --data-dir dr --disk-id db --point 2026-11-24T10:15:00Z --listen 127.0.0.1:10901 --overlay-max 2G
+  nbdfuse /mnt/tf/disk nbd://127.0.0.1:10900/db   # or qemu, nbdcopy, ...")]
+    TestFailover {
+        /// The data folder the daemon uses.
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// The disk.
+        #[arg(long, value_name = "ID")]
+        disk_id: String,
+        /// The point: latest, a sequence number, an RFC 3339 time or a mark.
+        #[arg(long, value_name = "P")]
+        point: String,
+        /// Serve here: HOST:PORT or a unix socket path.
+        #[arg(long, value_name = "ADDR")]
+        listen: String,
+        /// Most bytes the overlay may hold; writes beyond get ENOSPC
+        /// (reads keep working). Default: unlimited (the disk's size).
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        overlay_max: Option<u64>,
+        /// Folder for the overlay's (unnamed) file. Default: the disk's folder.
+        #[arg(long, value_name = "DIR")]
+        overlay_dir: Option<PathBuf>,
+        /// The replica lives on an upstream NBD server (as given to `serve --backend`).
+        #[arg(long, value_name = "URI")]
+        backend: Option<String>,
+    },
     /// Make and issue certificates.
     Pki {
         #[command(subcommand)]
@@ -91,6 +149,35 @@ struct ServeArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
+    /// Keep a recovery-point journal (an undo log of before-images) beside
+    /// each replica, so any point in the retention window can be presented.
+    #[arg(long, value_enum, default_value_t = OnOff::On)]
+    journal: OnOff,
+    /// Keep points this far back (units ms, s, m, h, d).
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_duration)]
+    retention: std::time::Duration,
+    /// Keep at most this many journal bytes per disk (K, M, G, T);
+    /// whichever of this and --retention binds first. Points an open
+    /// export or test failover needs are kept beyond it.
+    #[arg(long, value_name = "SIZE", default_value = "10G", value_parser = parse_size)]
+    journal_max: u64,
+    /// Journal segment size: pruning frees whole segments.
+    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_size, hide = true)]
+    journal_segment: u64,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum OnOff {
+    On,
+    Off,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    nbd_target::journal::parse_size(s)
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    nbd_target::journal::parse_duration(s)
 }
 
 #[derive(Subcommand, Debug)]
@@ -154,6 +241,57 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Cmd::Points {
+            data_dir,
+            disk_id,
+            json,
+        } => {
+            let dp = nbd_target::points::DiskPoints::load(&data_dir, &disk_id)
+                .with_context(|| format!("cannot read the points of disk {disk_id:?}"))?;
+            let v = dp.to_json();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", nbd_target::points::render_text(&v));
+            }
+            Ok(())
+        }
+        Cmd::TestFailover {
+            data_dir,
+            disk_id,
+            point,
+            listen,
+            overlay_max,
+            overlay_dir,
+            backend,
+        } => {
+            let cfg = nbd_target::test_failover::TestFailoverConfig {
+                data_dir,
+                disk_id: disk_id.clone(),
+                point: point.clone(),
+                listen: nbd_target::test_failover::parse_listen(&listen)?,
+                overlay_max,
+                overlay_dir,
+                backend,
+            };
+            let tf = nbd_target::test_failover::TestFailover::start(&cfg)
+                .with_context(|| format!("cannot test-fail-over disk {disk_id:?} at {point:?}"))?;
+            tf.shutdown_handle()
+                .on_signals()
+                .context("cannot install signal handlers")?;
+            for a in tf.local_addrs() {
+                log::info!(
+                    "test failover of {disk_id:?} at point {} ({point}): writable, writes go to an overlay discarded at exit",
+                    tf.point
+                );
+                println!("listening on {a}");
+            }
+            use std::io::Write as _;
+            let _ = std::io::stdout().flush();
+            let used = tf.run().context("the test failover failed")?;
+            log::info!("stopped; discarded the overlay ({used} bytes written by the test)");
+            Ok(())
+        }
         Cmd::Pki { command } => match command {
             PkiCmd::Init { dir, san } => {
                 nbd_target::pki::init(&dir, &san)
@@ -208,8 +346,14 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         tls_dir: a.tls.clone(),
         nbd_listen,
         backends,
-        journal: None,
+        journal: (a.journal == OnOff::On).then_some(nbd_target::journal::JournalConfig {
+            retention: a.retention,
+            max_bytes: a.journal_max,
+            segment_bytes: a.journal_segment,
+        }),
     };
+    nbd_target::points::write_config(&a.data_dir, cfg.journal.as_ref())
+        .context("cannot write to the data folder")?;
     let target = Target::bind(&cfg).context("cannot start the target")?;
     let stop = target.stop_flag();
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -227,6 +371,15 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         log::info!("replicas served read-only over NBD on {addr} (export name = disk id)");
     }
     log::info!("data folder {}", a.data_dir.display());
+    match &cfg.journal {
+        Some(j) => log::info!(
+            "recovery-point journal on: retention {} s, at most {} bytes per disk (points: nbd-target points --data-dir {} --disk-id ID; exports ID@POINT)",
+            j.retention.as_secs(),
+            j.max_bytes,
+            a.data_dir.display()
+        ),
+        None => log::info!("recovery-point journal off: only the latest state is kept"),
+    }
     target.run().context("the target failed")?;
     log::info!("stopped cleanly");
     Ok(())

@@ -82,6 +82,7 @@ pub fn collect(data_dir: &Path) -> crate::error::Result<Value> {
             "compression_ratio": if wire > 0 { plain as f64 / wire as f64 } else { 1.0 },
             "throughput_bytes_per_second": if connected { live.as_ref().and_then(|l| l["rate_bytes_per_second"].as_f64()).unwrap_or(0.0) } else { 0.0 },
             "last_error": live.as_ref().map(|l| l["last_error"].clone()),
+            "journal": crate::points::status_json(data_dir, &dir),
         }));
     }
     Ok(json!({ "data_dir": data_dir.display().to_string(), "disks": disks }))
@@ -152,6 +153,21 @@ pub fn render_text(v: &Value) -> String {
             d["bytes_on_wire"],
             d["compression_ratio"].as_f64().unwrap_or(1.0)
         );
+        let j = &d["journal"];
+        if j["journal"] == true {
+            let _ = writeln!(
+                s,
+                "  journal:        {} bytes (limit {}, retention {} s); oldest point {} ({}); {} open point export(s)",
+                j["journal_bytes"],
+                j["journal_limit_bytes"],
+                j["retention_seconds"],
+                j["oldest_point"]["seq"],
+                j["oldest_point_time"].as_str().unwrap_or("-"),
+                j["open_point_exports"]
+            );
+        } else {
+            let _ = writeln!(s, "  journal:        none (only the latest state is kept)");
+        }
         if let Some(e) = d["last_error"].as_str().filter(|e| !e.is_empty()) {
             let _ = writeln!(s, "  last error:     {e}");
         }
@@ -253,5 +269,32 @@ pub fn metrics_text(reg: &Registry) -> String {
         "Record bytes applied per second, recent.",
         &|l, _| l.rate,
     );
+    // The journal, from its files (cheap: headers and sizes).
+    let journals: Vec<(String, serde_json::Value)> = all
+        .iter()
+        .map(|e| {
+            let data_dir = e.dir.parent().unwrap_or(Path::new("."));
+            (e.id.clone(), crate::points::status_json(data_dir, &e.dir))
+        })
+        .collect();
+    for (name, help, key) in [
+        ("blockship_target_journal_bytes", "Bytes the recovery-point journal holds.", "journal_bytes"),
+        ("blockship_target_journal_limit_bytes", "The journal's size limit (--journal-max).", "journal_limit_bytes"),
+        ("blockship_target_journal_retention_seconds", "The retention in force (--retention).", "retention_seconds"),
+        ("blockship_target_open_point_exports", "Open point exports and test failovers.", "open_point_exports"),
+    ] {
+        for (id, j) in &journals {
+            t.sample(name, "gauge", help, &[("disk", id)], j[key].as_f64().unwrap_or(0.0));
+        }
+    }
+    for (id, j) in &journals {
+        t.sample(
+            "blockship_target_oldest_point_seq",
+            "gauge",
+            "Sequence number of the oldest recovery point kept.",
+            &[("disk", id)],
+            j["oldest_point"]["seq"].as_f64().unwrap_or(0.0),
+        );
+    }
     t.finish()
 }
