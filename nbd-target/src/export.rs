@@ -83,7 +83,8 @@ impl ReplicaExports {
             .find(|e| e.id == id)
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no replica {id:?}")))?;
         let data_dir = entry.dir.parent().unwrap_or(std::path::Path::new("."));
-        let fail = |e: crate::Error| io::Error::new(io::ErrorKind::NotFound, format!("{id}@{point}: {e}"));
+        let fail =
+            |e: crate::Error| io::Error::new(io::ErrorKind::NotFound, format!("{id}@{point}: {e}"));
         let dp = crate::points::DiskPoints::load(data_dir, id).map_err(fail)?;
         let pos = dp.resolve(point).map_err(fail)?;
         let view = dp
@@ -134,6 +135,41 @@ impl ExportSet for OneExport {
 }
 
 impl ExportSet for ReplicaExports {
+    fn lookup(&self, name: &str) -> Option<nbd::Export> {
+        let (id, point) = name.split_once('@')?;
+        let entry = self.registry.all().into_iter().find(|e| e.id == id)?;
+        let data_dir = entry.dir.parent()?;
+        let dp = match crate::points::DiskPoints::load(data_dir, id) {
+            Ok(dp) => dp,
+            Err(e) => {
+                log::warn!("export {name:?}: {e}");
+                return None;
+            }
+        };
+        let pos = match dp.resolve(point) {
+            Ok(p) => p,
+            Err(e) => {
+                log::warn!("export {name:?}: {e}");
+                return None;
+            }
+        };
+        let caps = blockdev::Caps {
+            read_only: true,
+            trim: false,
+            fast_zero: false,
+            extents: false,
+            multi_conn: true,
+            inline_writes: false,
+        };
+        Some(describe_export(
+            name,
+            format!("blockship replica of {id} at point {pos} ({point}), read-only"),
+            dp.state.disk_size,
+            caps,
+            true,
+        ))
+    }
+
     fn exports(&self) -> Vec<nbd::Export> {
         self.registry
             .all()

@@ -92,10 +92,13 @@ enum Cmd {
     /// SIGTERM (exit 0). Runs in the foreground and prints `listening on
     /// ADDR` when ready. Several may run at once, of the same or of
     /// different points; the point is tagged "tested at" in `points`.
-    #[command(name = "test-failover", after_help = "Examples:
+    #[command(
+        name = "test-failover",
+        after_help = "Examples:
   nbd-target test-failover --data-dir /var/lib/blockship --disk-id db --point before-upgrade --listen 127.0.0.1:10900
   nbd-target test-failover --data-dir dr --disk-id db --point 2026-11-24T10:15:00Z --listen 127.0.0.1:10901 --overlay-max 2G
-  nbdfuse /mnt/tf/disk nbd://127.0.0.1:10900/db   # or qemu, nbdcopy, ...")]
+  nbdfuse /mnt/tf/disk nbd://127.0.0.1:10900/db   # or qemu, nbdcopy, ..."
+    )]
     TestFailover {
         /// The data folder the daemon uses.
         #[arg(long, value_name = "DIR")]
@@ -284,6 +287,7 @@ fn main() -> anyhow::Result<()> {
                     "test failover of {disk_id:?} at point {} ({point}): writable, writes go to an overlay discarded at exit",
                     tf.point
                 );
+                log::info!("listening on {a}");
                 println!("listening on {a}");
             }
             use std::io::Write as _;
@@ -352,9 +356,9 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
             segment_bytes: a.journal_segment,
         }),
     };
+    let target = Target::bind(&cfg).context("cannot start the target")?;
     nbd_target::points::write_config(&a.data_dir, cfg.journal.as_ref())
         .context("cannot write to the data folder")?;
-    let target = Target::bind(&cfg).context("cannot start the target")?;
     let stop = target.stop_flag();
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, stop.clone()).context("cannot install signal handlers")?;

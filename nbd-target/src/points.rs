@@ -105,7 +105,10 @@ impl DiskPoints {
             .map(|v| {
                 (
                     Pos {
-                        epoch: v["epoch"].as_u64().and_then(|e| u32::try_from(e).ok()).unwrap_or(0),
+                        epoch: v["epoch"]
+                            .as_u64()
+                            .and_then(|e| u32::try_from(e).ok())
+                            .unwrap_or(0),
                         seq: v["seq"].as_u64().unwrap_or(0),
                         sub: v["sub"].as_bool().unwrap_or(false),
                     },
@@ -160,7 +163,9 @@ impl DiskPoints {
             .collect();
         let tested_list: Vec<Value> = tested
             .iter()
-            .map(|(p, tm)| json!({"seq": p.seq, "epoch": p.epoch, "tested_at": format_rfc3339(*tm)}))
+            .map(
+                |(p, tm)| json!({"seq": p.seq, "epoch": p.epoch, "tested_at": format_rfc3339(*tm)}),
+            )
             .collect();
         json!({
             "disk_id": self.disk_id,
@@ -199,7 +204,10 @@ pub fn render_text(v: &Value) -> String {
     let seq = |p: &Value| p["seq"].as_u64().map_or("-".to_string(), |n| n.to_string());
     let _ = writeln!(s, "disk {}", v["disk_id"].as_str().unwrap_or("?"));
     if v["journal"] != true {
-        let _ = writeln!(s, "  no journal: no recovery points are kept (serve with the journal on)");
+        let _ = writeln!(
+            s,
+            "  no journal: no recovery points are kept (serve with the journal on)"
+        );
         return s;
     }
     let _ = writeln!(
@@ -217,7 +225,11 @@ pub fn render_text(v: &Value) -> String {
         v["journal_bytes"], v["journal_segments"], v["open_point_exports"]
     );
     let marks = v["marks"].as_array().cloned().unwrap_or_default();
-    let _ = writeln!(s, "  marks:    {}", if marks.is_empty() { "none" } else { "" });
+    let _ = writeln!(
+        s,
+        "  marks:    {}",
+        if marks.is_empty() { "none" } else { "" }
+    );
     for m in &marks {
         let _ = writeln!(
             s,
@@ -226,8 +238,14 @@ pub fn render_text(v: &Value) -> String {
             m["time"].as_str().unwrap_or("-"),
             m["kind"].as_str().unwrap_or("?"),
             m["name"].as_str().unwrap_or("?"),
-            m["tested_at"].as_str().map_or(String::new(), |t| format!("  (tested at {t})")),
-            if m["available"] == false { "  (inside a gap: not available)" } else { "" }
+            m["tested_at"]
+                .as_str()
+                .map_or(String::new(), |t| format!("  (tested at {t})")),
+            if m["available"] == false {
+                "  (inside a gap: not available)"
+            } else {
+                ""
+            }
         );
     }
     let gaps = v["gaps"].as_array().cloned().unwrap_or_default();
@@ -238,11 +256,17 @@ pub fn render_text(v: &Value) -> String {
         let _ = writeln!(
             s,
             "    after {} until {}: {} since {}{}",
-            g["from_seq"].as_u64().map_or("the start".into(), |n| n.to_string()),
-            g["to_seq"].as_u64().map_or("now (resync running)".into(), |n| n.to_string()),
+            g["from_seq"]
+                .as_u64()
+                .map_or("the start".into(), |n| n.to_string()),
+            g["to_seq"]
+                .as_u64()
+                .map_or("now (resync running)".into(), |n| n.to_string()),
             g["reason"].as_str().unwrap_or("?"),
             g["since"].as_str().unwrap_or("-"),
-            g["closed"].as_str().map_or(String::new(), |c| format!(", closed {c}"))
+            g["closed"]
+                .as_str()
+                .map_or(String::new(), |c| format!(", closed {c}"))
         );
     }
     s

@@ -278,13 +278,35 @@ pub fn metrics_text(reg: &Registry) -> String {
         })
         .collect();
     for (name, help, key) in [
-        ("blockship_target_journal_bytes", "Bytes the recovery-point journal holds.", "journal_bytes"),
-        ("blockship_target_journal_limit_bytes", "The journal's size limit (--journal-max).", "journal_limit_bytes"),
-        ("blockship_target_journal_retention_seconds", "The retention in force (--retention).", "retention_seconds"),
-        ("blockship_target_open_point_exports", "Open point exports and test failovers.", "open_point_exports"),
+        (
+            "blockship_target_journal_bytes",
+            "Bytes the recovery-point journal holds.",
+            "journal_bytes",
+        ),
+        (
+            "blockship_target_journal_limit_bytes",
+            "The journal's size limit (--journal-max).",
+            "journal_limit_bytes",
+        ),
+        (
+            "blockship_target_journal_retention_seconds",
+            "The retention in force (--retention).",
+            "retention_seconds",
+        ),
+        (
+            "blockship_target_open_point_exports",
+            "Open point exports and test failovers.",
+            "open_point_exports",
+        ),
     ] {
         for (id, j) in &journals {
-            t.sample(name, "gauge", help, &[("disk", id)], j[key].as_f64().unwrap_or(0.0));
+            t.sample(
+                name,
+                "gauge",
+                help,
+                &[("disk", id)],
+                j[key].as_f64().unwrap_or(0.0),
+            );
         }
     }
     for (id, j) in &journals {

@@ -45,7 +45,9 @@ pub struct TestFailover {
 
 impl std::fmt::Debug for TestFailover {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TestFailover").field("point", &self.point).finish()
+        f.debug_struct("TestFailover")
+            .field("point", &self.point)
+            .finish()
     }
 }
 
@@ -73,10 +75,9 @@ impl TestFailover {
         );
         let dir = cfg.overlay_dir.clone().unwrap_or_else(|| dp.dir.clone());
         let base: Arc<dyn Backend> = Arc::new(view);
-        let overlay = Arc::new(
-            Overlay::create(base, &dir, cfg.overlay_max)
-                .map_err(|e| Error::Invalid(format!("test-failover overlay in {}: {e}", dir.display())))?,
-        );
+        let overlay = Arc::new(Overlay::create(base, &dir, cfg.overlay_max).map_err(|e| {
+            Error::Invalid(format!("test-failover overlay in {}: {e}", dir.display()))
+        })?);
         let exports = Arc::new(OneExport::new(
             overlay.clone(),
             &cfg.disk_id,
@@ -86,9 +87,8 @@ impl TestFailover {
             ),
         ));
         let scfg = ServeConfig::new(vec![cfg.listen.clone()]);
-        let server = Server::bind(exports, &scfg).map_err(|e| {
-            Error::Invalid(format!("cannot listen on {}: {e}", cfg.listen))
-        })?;
+        let server = Server::bind(exports, &scfg)
+            .map_err(|e| Error::Invalid(format!("cannot listen on {}: {e}", cfg.listen)))?;
         dp.tag_tested(point, &what)?;
         Ok(TestFailover {
             server,
@@ -126,7 +126,9 @@ pub fn parse_listen(s: &str) -> Result<ListenAddr> {
     if s.contains('/') {
         return Ok(ListenAddr::Unix(Path::new(s).to_path_buf()));
     }
-    s.parse()
-        .map(ListenAddr::Tcp)
-        .map_err(|_| Error::Invalid(format!("--listen {s:?}: expected HOST:PORT or a unix socket path")))
+    s.parse().map(ListenAddr::Tcp).map_err(|_| {
+        Error::Invalid(format!(
+            "--listen {s:?}: expected HOST:PORT or a unix socket path"
+        ))
+    })
 }

@@ -65,6 +65,22 @@ struct State {
 
 /// Run the server's side of the handshake on `s`.
 pub fn serve_handshake<S: Read + Write>(s: &mut S, exports: &[Export]) -> Result<Outcome> {
+    let mut list = exports.to_vec();
+    serve_handshake_with(s, &mut list, &|_| None)
+}
+
+/// Looks up an export the list does not name (a name with parameters,
+/// like a recovery point `disk@123`); None: no such export.
+pub type ExportLookup<'a> = &'a dyn Fn(&str) -> Option<Export>;
+
+/// [`serve_handshake`] where names not in `exports` are asked of `lookup`;
+/// an export it finds is appended to `exports` (so a negotiated index may
+/// point past the list the caller passed in).
+pub fn serve_handshake_with<S: Read + Write>(
+    s: &mut S,
+    exports: &mut Vec<Export>,
+    lookup: ExportLookup<'_>,
+) -> Result<Outcome> {
     let mut hello = Vec::with_capacity(18);
     hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
     hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
@@ -119,7 +135,7 @@ pub fn serve_handshake<S: Read + Write>(s: &mut S, exports: &[Export]) -> Result
         match opt {
             OPT_EXPORT_NAME => {
                 let name = String::from_utf8_lossy(&data);
-                let Some(idx) = find_export(exports, &name) else {
+                let Some(idx) = find_or_lookup(&mut *exports, lookup, &name) else {
                     return Err(Error::UnknownExport(name.into_owned()));
                 };
                 let neg = negotiated(&st, exports, idx);
@@ -142,7 +158,7 @@ pub fn serve_handshake<S: Read + Write>(s: &mut S, exports: &[Export]) -> Result
                     reply(s, opt, REP_ERR_INVALID, b"NBD_OPT_LIST takes no data")?;
                     continue;
                 }
-                for e in exports {
+                for e in exports.iter() {
                     let mut d = Vec::with_capacity(4 + e.name.len());
                     d.extend_from_slice(&len_u32(e.name.len()).to_be_bytes());
                     d.extend_from_slice(e.name.as_bytes());
@@ -168,7 +184,7 @@ pub fn serve_handshake<S: Read + Write>(s: &mut S, exports: &[Export]) -> Result
                     reply(s, opt, REP_ERR_INVALID, b"malformed NBD_OPT_INFO/GO data")?;
                     continue;
                 };
-                let Some(idx) = find_export(exports, &name) else {
+                let Some(idx) = find_or_lookup(&mut *exports, lookup, &name) else {
                     let msg = format!("no export named {name:?}");
                     reply(s, opt, REP_ERR_UNKNOWN, msg.as_bytes())?;
                     continue;
@@ -181,7 +197,7 @@ pub fn serve_handshake<S: Read + Write>(s: &mut S, exports: &[Export]) -> Result
                 }
             }
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
-                meta_context(s, opt, &data, exports, &mut st)?;
+                meta_context(s, opt, &data, &mut *exports, lookup, &mut st)?;
             }
             OPT_STARTTLS => {
                 reply(
@@ -197,6 +213,19 @@ pub fn serve_handshake<S: Read + Write>(s: &mut S, exports: &[Export]) -> Result
             }
         }
     }
+}
+
+fn find_or_lookup(
+    exports: &mut Vec<Export>,
+    lookup: ExportLookup<'_>,
+    name: &str,
+) -> Option<usize> {
+    if let Some(i) = find_export(exports, name) {
+        return Some(i);
+    }
+    let e = lookup(name)?;
+    exports.push(e);
+    Some(exports.len() - 1)
 }
 
 fn find_export(exports: &[Export], name: &str) -> Option<usize> {
@@ -320,7 +349,8 @@ fn meta_context<S: Write>(
     s: &mut S,
     opt: u32,
     data: &[u8],
-    exports: &[Export],
+    exports: &mut Vec<Export>,
+    lookup: ExportLookup<'_>,
     st: &mut State,
 ) -> Result<()> {
     let set = opt == OPT_SET_META_CONTEXT;
@@ -345,7 +375,7 @@ fn meta_context<S: Write>(
     let Some((name, queries)) = parsed else {
         return reply(s, opt, REP_ERR_INVALID, b"malformed meta context request");
     };
-    if find_export(exports, &name).is_none() {
+    if find_or_lookup(&mut *exports, lookup, &name).is_none() {
         let msg = format!("no export named {name:?}");
         return reply(s, opt, REP_ERR_UNKNOWN, msg.as_bytes());
     }

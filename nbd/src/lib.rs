@@ -26,7 +26,9 @@ mod validate;
 
 pub use client::Client;
 pub use error::{Error, Result};
-pub use handshake::{serve_handshake, Export, Negotiated, Outcome};
+pub use handshake::{
+    serve_handshake, serve_handshake_with, Export, ExportLookup, Negotiated, Outcome,
+};
 pub use protocol::Errno;
 pub use request::RequestHeader;
 pub use validate::{validate, Command, ExportLimits, Rejected};

@@ -105,6 +105,13 @@ pub trait ExportSet: Send + Sync {
     /// Open the export `name` (one of [`ExportSet::exports`]) for a
     /// connection that chose it.
     fn open(&self, name: &str) -> io::Result<OpenExport>;
+    /// An export a client names that [`ExportSet::exports`] does not list
+    /// (names with parameters, like a recovery point `disk@123`); None
+    /// when there is none. Asked during the handshake.
+    fn lookup(&self, name: &str) -> Option<Export> {
+        let _ = name;
+        None
+    }
     /// The server stops: nothing may wait for a capture any more.
     fn interrupt(&self) {}
     /// Every connection has ended: make everything durable.
@@ -602,14 +609,15 @@ impl Drop for Established<'_> {
 
 fn serve_connection(shared: &Shared, mut stream: Stream, peer: &str, conn_id: u64) {
     let budget = Handshaking(shared, conn_id);
-    let exports = shared.exports.exports();
+    let mut exports = shared.exports.exports();
     let deadline = Instant::now() + shared.cfg.handshake_timeout;
     let neg = {
         let mut d = Deadlined {
             s: &mut stream,
             deadline,
         };
-        match nbd::serve_handshake(&mut d, &exports) {
+        let lookup = |name: &str| shared.exports.lookup(name);
+        match nbd::serve_handshake_with(&mut d, &mut exports, &lookup) {
             Ok(Outcome::Transmission(n)) => n,
             Ok(Outcome::Aborted) => {
                 log::debug!("{peer}: client ended the handshake");

@@ -212,7 +212,10 @@ impl Header {
     /// Decode and check; the error says what is wrong.
     pub fn decode(b: &[u8]) -> Result<Header, String> {
         if b.len() < HEADER_LEN {
-            return Err(format!("index header is {} bytes, not {HEADER_LEN}", b.len()));
+            return Err(format!(
+                "index header is {} bytes, not {HEADER_LEN}",
+                b.len()
+            ));
         }
         if b[0..8] != IDX_MAGIC {
             return Err("not a blockship journal index (bad magic)".into());
@@ -302,7 +305,11 @@ impl Entry {
 
     /// An entry for a ring record (its capture time names a point).
     pub fn is_ring_record(&self) -> bool {
-        !self.pos.sub && matches!(self.kind, Kind::Undo | Kind::UndoZero | Kind::Noop | Kind::Mark)
+        !self.pos.sub
+            && matches!(
+                self.kind,
+                Kind::Undo | Kind::UndoZero | Kind::Noop | Kind::Mark
+            )
     }
 }
 

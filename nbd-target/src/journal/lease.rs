@@ -82,15 +82,25 @@ pub fn live(dir: &Path) -> Vec<LeaseInfo> {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
             continue;
         };
-        let pid = v["pid"].as_u64().and_then(|p| u32::try_from(p).ok()).unwrap_or(0);
+        let pid = v["pid"]
+            .as_u64()
+            .and_then(|p| u32::try_from(p).ok())
+            .unwrap_or(0);
         if pid == 0 || !Path::new(&format!("/proc/{pid}")).exists() {
-            log::info!("journal {}: removing the stale lease {} (its process {pid} is gone)", dir.display(), p.display());
+            log::info!(
+                "journal {}: removing the stale lease {} (its process {pid} is gone)",
+                dir.display(),
+                p.display()
+            );
             let _ = std::fs::remove_file(&p);
             continue;
         }
         out.push(LeaseInfo {
             point: Pos {
-                epoch: v["epoch"].as_u64().and_then(|e| u32::try_from(e).ok()).unwrap_or(0),
+                epoch: v["epoch"]
+                    .as_u64()
+                    .and_then(|e| u32::try_from(e).ok())
+                    .unwrap_or(0),
                 seq: v["seq"].as_u64().unwrap_or(0),
                 sub: v["sub"].as_bool().unwrap_or(false),
             },

@@ -41,7 +41,7 @@ use std::time::Duration;
 
 pub use timeline::{PointName, Timeline};
 pub use view::PointView;
-pub use writer::{Journaled, JournalWriter};
+pub use writer::{JournalWriter, Journaled};
 
 /// The journal's folder inside a disk's folder.
 pub const JOURNAL_DIR: &str = "journal";
@@ -162,7 +162,10 @@ mod tests {
     fn durations_and_sizes() {
         assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86400));
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_duration("7d").unwrap(), Duration::from_secs(7 * 86400));
+        assert_eq!(
+            parse_duration("7d").unwrap(),
+            Duration::from_secs(7 * 86400)
+        );
         assert!(parse_duration("24").is_err());
         assert!(parse_duration("1y").is_err());
         assert_eq!(parse_size("10G").unwrap(), 10 << 30);

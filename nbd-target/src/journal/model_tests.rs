@@ -80,13 +80,23 @@ fn read_all(b: &dyn Backend) -> Vec<u8> {
 /// Equal, or a short message naming the first difference.
 fn same(got: &[u8], want: &[u8], what: &str) {
     if let Some(i) = (0..got.len().min(want.len())).find(|&i| got[i] != want[i]) {
-        panic!("{what}: differs first at byte {i}: {} != {}", got[i], want[i]);
+        panic!(
+            "{what}: differs first at byte {i}: {} != {}",
+            got[i], want[i]
+        );
     }
     assert_eq!(got.len(), want.len(), "{what}: lengths");
 }
 
 /// Random records; returns the model's snapshot after each seq (index = seq).
-fn run(s: &mut Journaled, rng: &mut Rng, from_seq: u64, n: u64, model: &mut Vec<u8>, snaps: &mut Vec<Vec<u8>>) {
+fn run(
+    s: &mut Journaled,
+    rng: &mut Rng,
+    from_seq: u64,
+    n: u64,
+    model: &mut Vec<u8>,
+    snaps: &mut Vec<Vec<u8>>,
+) {
     for seq in from_seq..from_seq + n {
         s.position(seq, false, 1_000 + seq, true);
         let off = rng.below(SIZE / 512) * 512;
@@ -130,26 +140,62 @@ fn every_point_reads_as_the_disk_was() {
     let mut model = vec![0u8; SIZE as usize];
     let mut snaps = vec![model.clone()];
     // A view opened before the writes sees them go by untouched.
-    let early = view(&f, Pos { epoch: 0, seq: 0, sub: true });
+    let early = view(
+        &f,
+        Pos {
+            epoch: 0,
+            seq: 0,
+            sub: true,
+        },
+    );
     run(&mut s, &mut rng, 1, 300, &mut model, &mut snaps);
     let segs = segment::list(&f.jdir).unwrap();
     assert!(segs.len() > 2, "segments rolled: {segs:?}");
     same(&read_all(&early), &snaps[0], "early view");
-    same(&std::fs::read(&f.img).unwrap(), &model, "the replica is the latest");
+    same(
+        &std::fs::read(&f.img).unwrap(),
+        &model,
+        "the replica is the latest",
+    );
     for seq in [1u64, 2, 3, 10, 77, 150, 151, 299, 300] {
         for sub in [false, true] {
             let v = view(&f, Pos { epoch: 0, seq, sub });
-            same(&read_all(&v), &snaps[seq as usize], &format!("point {seq} {sub}"));
+            same(
+                &read_all(&v),
+                &snaps[seq as usize],
+                &format!("point {seq} {sub}"),
+            );
         }
     }
     // Unaligned reads through a view.
-    let v = view(&f, Pos { epoch: 0, seq: 42, sub: false });
+    let v = view(
+        &f,
+        Pos {
+            epoch: 0,
+            seq: 42,
+            sub: false,
+        },
+    );
     let mut b = vec![0u8; 10_000];
     v.read_at(1_234, &mut b).unwrap();
     same(&b, &snaps[42][1_234..11_234], "unaligned");
     let t = Timeline::load(&f.jdir, Some(&state(300, Reason::None))).unwrap();
-    assert_eq!(t.oldest, Some(Pos { epoch: 0, seq: 0, sub: true }));
-    assert_eq!(t.newest, Some(Pos { epoch: 0, seq: 300, sub: false }));
+    assert_eq!(
+        t.oldest,
+        Some(Pos {
+            epoch: 0,
+            seq: 0,
+            sub: true
+        })
+    );
+    assert_eq!(
+        t.newest,
+        Some(Pos {
+            epoch: 0,
+            seq: 300,
+            sub: false
+        })
+    );
     assert_eq!(t.latest(), t.newest);
     // Times name the last record captured at or before them.
     let p = t
@@ -198,7 +244,14 @@ fn torn_tail_and_reopen_keep_every_acknowledged_point() {
     let mut model = snaps[35].clone();
     run(&mut s, &mut rng3, 36, 15, &mut model, &mut snaps);
     for seq in [0u64, 5, 35, 36, 38, 40, 41, 50] {
-        let v = view(&f, Pos { epoch: 0, seq, sub: true });
+        let v = view(
+            &f,
+            Pos {
+                epoch: 0,
+                seq,
+                sub: true,
+            },
+        );
         same(&read_all(&v), &snaps[seq as usize], &format!("point {seq}"));
     }
 }
@@ -227,8 +280,22 @@ fn gaps_epochs_and_marks() {
     assert!(t.marks[0].app);
     assert_eq!(t.gaps.len(), 1);
     let g = t.gaps[0];
-    assert_eq!(g.from, Some(Pos { epoch: 0, seq: 11, sub: false }));
-    assert_eq!(g.to, Some(Pos { epoch: 0, seq: 12, sub: true }));
+    assert_eq!(
+        g.from,
+        Some(Pos {
+            epoch: 0,
+            seq: 11,
+            sub: false
+        })
+    );
+    assert_eq!(
+        g.to,
+        Some(Pos {
+            epoch: 0,
+            seq: 12,
+            sub: true
+        })
+    );
     assert_eq!(g.reason, Reason::SourceOverflow);
     let m = t
         .resolve(&f.jdir, None, &PointName::Mark("before-upgrade".into()))
@@ -237,13 +304,18 @@ fn gaps_epochs_and_marks() {
     assert!(t.resolve(&f.jdir, None, &PointName::Seq(12)).is_ok());
     assert_eq!(
         t.resolve(&f.jdir, None, &PointName::Seq(12)).unwrap(),
-        Pos { epoch: 0, seq: 12, sub: true }
+        Pos {
+            epoch: 0,
+            seq: 12,
+            sub: true
+        }
     );
     // The source's numbers start again (its ring went back to 5).
     drop(s);
     let before = state(12, Reason::None);
     let mut j = JournalWriter::open(&f.jdir, cfg(1 << 30), &before, "d").unwrap();
-    j.after_hello(&before, &state(5, Reason::SourceGap)).unwrap();
+    j.after_hello(&before, &state(5, Reason::SourceGap))
+        .unwrap();
     let w = ReplicaSpec::File(f.img.clone()).open_writer(SIZE).unwrap();
     let mut s = Journaled::new(w, Some(j));
     s.position(6, false, 3_000, false);
@@ -252,7 +324,14 @@ fn gaps_epochs_and_marks() {
     let t = Timeline::load(&f.jdir, Some(&state(6, Reason::SourceGap))).unwrap();
     assert_eq!(t.newest.map(|p| p.epoch), Some(1));
     // The newest consistent point is the last one before the new epoch.
-    assert_eq!(t.latest(), Some(Pos { epoch: 0, seq: 12, sub: true }));
+    assert_eq!(
+        t.latest(),
+        Some(Pos {
+            epoch: 0,
+            seq: 12,
+            sub: true
+        })
+    );
     let v = view(&f, t.latest().unwrap());
     let mut want = snaps[11].clone();
     want[0..4096].fill(0xee);
@@ -269,7 +348,14 @@ fn pruning_keeps_what_a_lease_needs() {
     let mut model = vec![0u8; SIZE as usize];
     let mut snaps = vec![model.clone()];
     run(&mut s, &mut rng, 1, 100, &mut model, &mut snaps);
-    let old = view(&f, Pos { epoch: 0, seq: 5, sub: true });
+    let old = view(
+        &f,
+        Pos {
+            epoch: 0,
+            seq: 5,
+            sub: true,
+        },
+    );
     c.max_bytes = 1;
     let p = prune::prune(&f.jdir, &c, "d").unwrap();
     assert_eq!(p.segments, 0, "the lease on 5 keeps everything after it");
@@ -282,7 +368,11 @@ fn pruning_keeps_what_a_lease_needs() {
     let t = Timeline::load(&f.jdir, Some(&state(150, Reason::None))).unwrap();
     let oldest = t.oldest.unwrap();
     assert!(oldest.seq > 5, "{oldest}");
-    same(&read_all(&view(&f, oldest)), &snaps[oldest.seq as usize], "oldest");
+    same(
+        &read_all(&view(&f, oldest)),
+        &snaps[oldest.seq as usize],
+        "oldest",
+    );
     assert!(t.resolve(&f.jdir, None, &PointName::Seq(5)).is_err());
     // Retention by age: every segment but the newest goes.
     c.max_bytes = 1 << 40;

@@ -37,7 +37,8 @@ pub fn prune(dir: &Path, cfg: &JournalConfig, disk_id: &str) -> Result<Pruned> {
     let sizes: Vec<u64> = segs.iter().map(|&n| segment::bytes(dir, n)).collect();
     let mut total: u64 = sizes.iter().sum();
     let leases = super::lease::live(dir);
-    let cutoff = now_ns().saturating_sub(u64::try_from(cfg.retention.as_nanos()).unwrap_or(u64::MAX));
+    let cutoff =
+        now_ns().saturating_sub(u64::try_from(cfg.retention.as_nanos()).unwrap_or(u64::MAX));
     for i in 0..segs.len() - 1 {
         // Segment i ends where segment i+1 begins.
         let Some(next) = Segment::open(dir, segs[i + 1])? else {

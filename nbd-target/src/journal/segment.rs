@@ -33,7 +33,10 @@ pub fn list(dir: &Path) -> Result<Vec<u64>> {
         let ent = ent.map_err(io(dir, "listing the journal"))?;
         let name = ent.file_name();
         let Some(name) = name.to_str() else { continue };
-        if let Some(n) = name.strip_suffix(".idx").and_then(|n| n.parse::<u64>().ok()) {
+        if let Some(n) = name
+            .strip_suffix(".idx")
+            .and_then(|n| n.parse::<u64>().ok())
+        {
             v.push(n);
         }
     }
@@ -177,7 +180,8 @@ pub fn repair_newest(dir: &Path, n: u64) -> Result<Option<(Header, Vec<Entry>, u
                 have - len
             );
             f.set_len(len).map_err(io(&p, "cutting a torn tail"))?;
-            f.sync_all().map_err(io(&p, "syncing a repaired journal file"))?;
+            f.sync_all()
+                .map_err(io(&p, "syncing a repaired journal file"))?;
         }
     }
     Ok(Some((header, entries, dat_len)))

@@ -254,10 +254,18 @@ impl Timeline {
     }
 
     /// Resolve `name` to a point, re-reading the journal for a time.
-    pub fn resolve(&self, dir: &Path, state: Option<&ReplicaState>, name: &PointName) -> Result<Pos> {
+    pub fn resolve(
+        &self,
+        dir: &Path,
+        state: Option<&ReplicaState>,
+        name: &PointName,
+    ) -> Result<Pos> {
         let no = |why: String| Error::Invalid(format!("point {name}: {why}"));
         let (Some(oldest), Some(newest)) = (self.oldest, self.newest) else {
-            return Err(no("this disk has no journal yet (is `nbd-target serve` running with the journal on?)".into()));
+            return Err(no(
+                "this disk has no journal yet (is `nbd-target serve` running with the journal on?)"
+                    .into(),
+            ));
         };
         match name {
             PointName::Latest => self.latest().ok_or_else(|| {
@@ -348,7 +356,13 @@ fn reason_of(code: u32) -> Reason {
 /// Parse `YYYY-MM-DDTHH:MM:SS[.frac](Z|+HH:MM|-HH:MM)` to ns since the epoch.
 pub fn parse_rfc3339(s: &str) -> Option<u64> {
     let b = s.as_bytes();
-    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') || b[13] != b':' || b[16] != b':' {
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b'T' | b't' | b' ')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
         return None;
     }
     let num = |r: std::ops::Range<usize>| -> Option<i64> { s.get(r)?.parse().ok() };
@@ -377,11 +391,18 @@ pub fn parse_rfc3339(s: &str) -> Option<u64> {
     }
     let off_s: i64 = match &s[i..] {
         "Z" | "z" => 0,
-        rest if rest.len() == 6 && (rest.starts_with('+') || rest.starts_with('-')) && &rest[3..4] == ":" => {
+        rest if rest.len() == 6
+            && (rest.starts_with('+') || rest.starts_with('-'))
+            && &rest[3..4] == ":" =>
+        {
             let oh: i64 = rest[1..3].parse().ok()?;
             let om: i64 = rest[4..6].parse().ok()?;
             let v = oh * 3600 + om * 60;
-            if rest.starts_with('-') { -v } else { v }
+            if rest.starts_with('-') {
+                -v
+            } else {
+                v
+            }
         }
         _ => return None,
     };
@@ -439,7 +460,10 @@ mod tests {
     fn names_parse() {
         assert_eq!(PointName::parse("latest"), PointName::Latest);
         assert_eq!(PointName::parse("123456"), PointName::Seq(123_456));
-        assert_eq!(PointName::parse("before-upgrade"), PointName::Mark("before-upgrade".into()));
+        assert_eq!(
+            PointName::parse("before-upgrade"),
+            PointName::Mark("before-upgrade".into())
+        );
         assert_eq!(PointName::parse("mark:42"), PointName::Mark("42".into()));
         assert_eq!(
             PointName::parse("2026-11-24T10:15:00Z"),
@@ -457,7 +481,10 @@ mod tests {
         assert_eq!(format_rfc3339(t), "2026-11-24T10:15:00.123Z");
         assert_eq!(parse_rfc3339(&format_rfc3339(t)), Some(t));
         assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Some(0));
-        assert_eq!(parse_rfc3339("2024-02-29T00:00:00Z"), Some(1_709_164_800_000_000_000));
+        assert_eq!(
+            parse_rfc3339("2024-02-29T00:00:00Z"),
+            Some(1_709_164_800_000_000_000)
+        );
         assert!(parse_rfc3339("2026-13-01T00:00:00Z").is_none());
         assert!(parse_rfc3339("2026-11-24 10:15").is_none());
     }
@@ -484,13 +511,25 @@ mod tests {
         assert!(!t.valid(p(9, true)));
         assert!(!t.valid(p(51, false)));
         let d = tempfile::tempdir().unwrap();
-        assert_eq!(t.resolve(d.path(), None, &PointName::Seq(30)).unwrap(), p(30, true));
-        assert_eq!(t.resolve(d.path(), None, &PointName::Seq(20)).unwrap(), p(20, false));
-        let e = t.resolve(d.path(), None, &PointName::Seq(25)).unwrap_err().to_string();
+        assert_eq!(
+            t.resolve(d.path(), None, &PointName::Seq(30)).unwrap(),
+            p(30, true)
+        );
+        assert_eq!(
+            t.resolve(d.path(), None, &PointName::Seq(20)).unwrap(),
+            p(20, false)
+        );
+        let e = t
+            .resolve(d.path(), None, &PointName::Seq(25))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("gap") && e.contains("source-overflow"), "{e}");
         assert_eq!(t.latest(), Some(p(50, true)));
         let open = Timeline {
-            gaps: vec![Gap { to: None, ..t.gaps[0] }],
+            gaps: vec![Gap {
+                to: None,
+                ..t.gaps[0]
+            }],
             ..t.clone()
         };
         assert_eq!(open.latest(), Some(p(20, false)));

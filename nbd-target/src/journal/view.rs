@@ -71,7 +71,13 @@ impl std::fmt::Debug for PointView {
 impl PointView {
     /// Open the view of `point` over `replica` (the disk's `size` bytes)
     /// with the journal in `dir`, holding a lease for `what`.
-    pub fn open(dir: &Path, replica: Box<dyn Backend>, size: u64, point: Pos, what: &str) -> Result<PointView> {
+    pub fn open(
+        dir: &Path,
+        replica: Box<dyn Backend>,
+        size: u64,
+        point: Pos,
+        what: &str,
+    ) -> Result<PointView> {
         // The lease first: once it is there, pruning keeps what the point
         // needs; the segment files opened below stay readable anyway.
         let lease = Lease::take(dir, point, what)?;
@@ -129,7 +135,10 @@ impl PointView {
     /// Disk ranges this view reads from the journal, and the entries
     /// behind them.
     pub fn mapped(&self) -> (u64, u64) {
-        let m = self.map.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let m = self
+            .map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         (m.pieces.values().count() as u64, m.entries)
     }
 }
@@ -170,7 +179,14 @@ impl Map {
             add.push((cursor, b));
         }
         for (s, t) in add {
-            self.pieces.insert(s, Piece { end: t, seg, src: src_of(s) });
+            self.pieces.insert(
+                s,
+                Piece {
+                    end: t,
+                    seg,
+                    src: src_of(s),
+                },
+            );
         }
     }
 
@@ -230,8 +246,12 @@ impl Backend for PointView {
             .ok_or_else(einval)?;
         // The replica first, the journal's tail after (see the module doc).
         self.replica.read_at(offset, buf)?;
-        let mut m = self.map.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        m.tail(self.point).map_err(|e| io::Error::other(e.to_string()))?;
+        let mut m = self
+            .map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        m.tail(self.point)
+            .map_err(|e| io::Error::other(e.to_string()))?;
         let mut hits = Vec::new();
         if let Some((&s, p)) = m.pieces.range(..offset).next_back() {
             if p.end > offset {

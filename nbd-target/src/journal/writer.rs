@@ -83,7 +83,12 @@ impl JournalWriter {
     /// sequence (applied, never acknowledged) are kept: their
     /// before-images were read from the replica as the stream left it, so
     /// they undo correctly; the stream continues after the durable state.
-    pub fn open(dir: &Path, cfg: JournalConfig, state: &ReplicaState, disk_id: &str) -> Result<JournalWriter> {
+    pub fn open(
+        dir: &Path,
+        cfg: JournalConfig,
+        state: &ReplicaState,
+        disk_id: &str,
+    ) -> Result<JournalWriter> {
         std::fs::create_dir_all(dir).map_err(io(dir, "creating the journal folder"))?;
         let durable = Pos {
             epoch: 0,
@@ -109,7 +114,10 @@ impl JournalWriter {
                     w.last,
                     entries.len(),
                     match w.gap {
-                        Some(g) => format!(", gap open since {}", g.from.map_or("the start".into(), |p| p.to_string())),
+                        Some(g) => format!(
+                            ", gap open since {}",
+                            g.from.map_or("the start".into(), |p| p.to_string())
+                        ),
                         None => String::new(),
                     }
                 );
@@ -145,7 +153,14 @@ impl JournalWriter {
         Ok(w)
     }
 
-    fn with_files(dir: &Path, cfg: JournalConfig, n: u64, h: &Header, dat_len: u64, disk_id: &str) -> Result<JournalWriter> {
+    fn with_files(
+        dir: &Path,
+        cfg: JournalConfig,
+        n: u64,
+        h: &Header,
+        dat_len: u64,
+        disk_id: &str,
+    ) -> Result<JournalWriter> {
         let (ip, dp) = (idx_path(dir, n), dat_path(dir, n));
         let idx = OpenOptions::new()
             .read(true)
@@ -413,9 +428,13 @@ impl JournalWriter {
             .write_all_at(&self.idx_buf, self.idx_len)
             .map_err(io(&ip, "appending to the journal index"))?;
         if !self.dat_buf.is_empty() {
-            self.dat.sync_data().map_err(io(&dp, "syncing the journal"))?;
+            self.dat
+                .sync_data()
+                .map_err(io(&dp, "syncing the journal"))?;
         }
-        self.idx.sync_data().map_err(io(&ip, "syncing the journal index"))?;
+        self.idx
+            .sync_data()
+            .map_err(io(&ip, "syncing the journal index"))?;
         self.dat_len += self.dat_buf.len() as u64;
         self.idx_len += self.idx_buf.len() as u64;
         self.dat_buf.clear();
@@ -435,14 +454,20 @@ impl JournalWriter {
                 gap: self.gap,
             };
             write_new_segment(&self.dir, &h)?;
-            let w = JournalWriter::with_files(&self.dir, self.cfg, h.segment, &h, 0, &self.disk_id)?;
+            let w =
+                JournalWriter::with_files(&self.dir, self.cfg, h.segment, &h, 0, &self.disk_id)?;
             self.seg = w.seg;
             self.idx = w.idx;
             self.dat = w.dat;
             self.idx_len = HEADER_LEN as u64;
             self.dat_len = 0;
             self.stats.segment = self.seg;
-            log::debug!("disk {:?}: journal segment {} begun at {}", self.disk_id, self.seg, self.last);
+            log::debug!(
+                "disk {:?}: journal segment {} begun at {}",
+                self.disk_id,
+                self.seg,
+                self.last
+            );
         }
         if self.last_prune.is_none_or(|t| t.elapsed().as_secs() >= 1) {
             self.last_prune = Some(Instant::now());
@@ -457,7 +482,8 @@ impl JournalWriter {
 fn write_new_segment(dir: &Path, h: &Header) -> Result<()> {
     let dp = dat_path(dir, h.segment);
     let dat = File::create(&dp).map_err(io(&dp, "creating a journal segment"))?;
-    dat.sync_all().map_err(io(&dp, "syncing a new journal segment"))?;
+    dat.sync_all()
+        .map_err(io(&dp, "syncing a new journal segment"))?;
     let ip = idx_path(dir, h.segment);
     let tmp = dir.join(format!("{:08}.idx.new", h.segment));
     let f = File::create(&tmp).map_err(io(&tmp, "creating a journal index"))?;
@@ -545,7 +571,8 @@ impl Journaled {
             match h.data {
                 Some(start) => {
                     let n = usize::try_from(h.len).unwrap_or(usize::MAX);
-                    self.replica.write(h.offset, &self.held_data[start..start + n])?;
+                    self.replica
+                        .write(h.offset, &self.held_data[start..start + n])?;
                 }
                 None => self.replica.zero(h.offset, h.len)?,
             }

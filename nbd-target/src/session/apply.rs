@@ -298,8 +298,12 @@ impl<S: RecordSink> Apply<S> {
                 // the source after every ring record before them in the
                 // stream was captured, so applying them here is correct.
                 let reason = self.consistency.reason();
-                self.sink
-                    .position(self.pending.max(r.seq.saturating_sub(1)), true, r.time_ns, reason == Reason::None);
+                self.sink.position(
+                    self.pending.max(r.seq.saturating_sub(1)),
+                    true,
+                    r.time_ns,
+                    reason == Reason::None,
+                );
                 self.apply_sync(&r)?;
                 applied_bytes += u64::from(r.len);
                 continue;

@@ -25,8 +25,8 @@ use super::apply::Apply;
 use super::{refuse, Refusal, SessionContext, SessionError};
 use crate::admission::Permit;
 use crate::consistency::{Consistency, SourceHello};
-use crate::registry::{Claim, STATE_FILE};
 use crate::journal::{JournalConfig, JournalWriter, Journaled};
+use crate::registry::{Claim, STATE_FILE};
 use crate::state::StateFile;
 
 /// Bytes read ahead of a complete frame before the HELLO (after it,

@@ -20,8 +20,8 @@ use wire::timing::{HEARTBEAT_EVERY, PEER_TIMEOUT};
 use wire::WireError;
 
 use crate::admission::{Admission, Permit};
-use crate::registry::{Claim, Registry};
 use crate::journal::Journaled;
+use crate::registry::{Claim, Registry};
 use crate::state::now_ns;
 
 pub mod apply;

@@ -1,0 +1,520 @@
+#![allow(clippy::unwrap_used)]
+//! Recovery points and test failover end to end: splitter (in-process
+//! shipper) → TLS → nbd-target with its journal; points named by sequence
+//! number, time and mark checked against copies of the source saved at
+//! that moment; ext4 rounds with marks, each test-failed-over and mounted;
+//! a resync that keeps the last consistent point; retention with an open
+//! test failover; kill -9 during apply and pruning; the overlay cap; two
+//! test failovers at once.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use blockship::site::*;
+use blockship::{bin, have_tool, is_root, make_disk, pattern, run, FuseLoopMount, Rng, Splitter};
+
+const MIB: u64 = 1 << 20;
+const DISK: &str = "db";
+
+struct Site {
+    dir: tempfile::TempDir,
+    disk: PathBuf,
+    ring: PathBuf,
+    shp: PathBuf,
+    target: Target,
+    splitter: Option<Splitter>,
+}
+
+fn site(size: u64, target_extra: &[&str], ring_extra: &[&str]) -> Option<Site> {
+    if !have_tool("nbdcopy") {
+        eprintln!("skipped: nbdcopy missing");
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    let ring = dir.path().join("disk.ring");
+    make_disk(&disk, size);
+    let pki = Pki::init(&dir.path().join("pki"));
+    let shp = pki.issue("source-1", &[DISK], &dir.path().join("shp"), 30);
+    let target = Target::start(dir.path(), &pki.target_tls(), target_extra);
+    let mut s = Site {
+        dir,
+        disk,
+        ring,
+        shp,
+        target,
+        splitter: None,
+    };
+    s.start_splitter(ring_extra);
+    Some(s)
+}
+
+impl Site {
+    fn start_splitter(&mut self, ring_extra: &[&str]) {
+        let mut a: Vec<String> = vec![
+            "--ring".into(),
+            self.ring.display().to_string(),
+            "--ship-to".into(),
+            self.target.addr.clone(),
+            "--disk-id".into(),
+            DISK.into(),
+            "--tls".into(),
+            self.shp.display().to_string(),
+        ];
+        a.extend(ring_extra.iter().map(|s| s.to_string()));
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        self.splitter = Some(Splitter::start(self.dir.path(), &self.disk, &a));
+    }
+
+    fn sp(&self) -> &Splitter {
+        self.splitter.as_ref().unwrap()
+    }
+
+    fn converge(&self) {
+        wait_converged(&self.ring, &self.target, DISK, 120);
+    }
+
+    /// Random 4-64 KiB writes in `lo..hi`, flushed.
+    fn scribble(&self, seed: u64, n: usize, lo: u64, hi: u64) {
+        let mut c = self.sp().client();
+        let mut rng = Rng::new(seed);
+        for i in 0..n {
+            let len = rng.range(1, 17) * 4096;
+            let off = rng.range(lo / 4096, (hi - len) / 4096) * 4096;
+            let mut buf = vec![0u8; len as usize];
+            pattern(&mut buf, seed * 1000 + i as u64);
+            c.write(off, &buf, false).unwrap();
+        }
+        c.flush().unwrap();
+    }
+
+    /// A copy of the source as it is now (nothing is writing).
+    fn save(&self, name: &str) -> PathBuf {
+        let p = self.dir.path().join(format!("{name}.copy"));
+        std::fs::copy(&self.disk, &p).unwrap();
+        p
+    }
+
+    fn head_seq(&self) -> u64 {
+        ring_status(&self.ring)["head_seq"].as_u64().unwrap()
+    }
+
+    fn points(&self) -> serde_json::Value {
+        let out = run(Command::new(bin("nbd-target"))
+            .args(["points", "--json", "--disk-id", DISK, "--data-dir"])
+            .arg(&self.target.data_dir));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    fn mark(&self, name: &str, extra: &[&str]) -> String {
+        let out = run(Command::new(bin("splitter"))
+            .args(["mark", "--ring"])
+            .arg(&self.ring)
+            .args(extra)
+            .arg(name));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `test-failover` of `point` on a fresh port.
+    fn test_failover(&self, point: &str, extra: &[&str]) -> TestFailover {
+        let port = free_port();
+        let mut args: Vec<String> = vec![
+            "test-failover".into(),
+            "--data-dir".into(),
+            self.target.data_dir.display().to_string(),
+            "--disk-id".into(),
+            DISK.into(),
+            "--point".into(),
+            point.into(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let log = self.dir.path().join(format!("tf-{port}.log"));
+        let mut proc = Proc::spawn("nbd-target", &args, &log);
+        proc.wait_log("listening on", 30);
+        TestFailover {
+            proc,
+            uri: format!("nbd://127.0.0.1:{port}/{DISK}"),
+        }
+    }
+
+    /// nbdcopy `uri` to a file next to the others.
+    fn copy_of(&self, uri: &str, name: &str) -> PathBuf {
+        let p = self.dir.path().join(format!("{name}.nbd"));
+        let _ = std::fs::remove_file(&p);
+        run(Command::new("nbdcopy").arg(uri).arg(&p));
+        p
+    }
+}
+
+struct TestFailover {
+    proc: Proc,
+    uri: String,
+}
+
+impl Drop for TestFailover {
+    fn drop(&mut self) {
+        let _ = self.proc.terminate();
+    }
+}
+
+fn now_rfc3339() -> String {
+    let out = run(Command::new("date").args(["-u", "+%Y-%m-%dT%H:%M:%S.%NZ"]));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn points_by_sequence_time_and_mark_equal_copies_saved_then() {
+    let Some(s) = site(64 * MIB, &[], &[]) else {
+        return;
+    };
+    let mut saved = Vec::new();
+    for round in 0..4u64 {
+        s.scribble(round + 1, 200, 0, 64 * MIB);
+        s.converge();
+        let copy = s.save(&format!("round{round}"));
+        let seq = s.head_seq();
+        std::thread::sleep(Duration::from_millis(20));
+        let t = now_rfc3339();
+        std::thread::sleep(Duration::from_millis(20));
+        let mark = s.mark(&format!("round-{round}"), &[]);
+        assert!(mark.contains("seq"), "{mark}");
+        saved.push((copy, seq, t));
+    }
+    s.scribble(99, 300, 0, 64 * MIB);
+    s.converge();
+    let p = s.points();
+    assert_eq!(p["marks"].as_array().unwrap().len(), 4, "{p}");
+    for (i, (copy, seq, t)) in saved.iter().enumerate() {
+        let by_seq = s.copy_of(&format!("nbd://{}/{DISK}@{seq}", s.target.nbd_addr), "seq");
+        assert_same(copy, &by_seq);
+        let tf = s.test_failover(t, &[]);
+        let by_time = s.copy_of(&tf.uri, "time");
+        assert_same(copy, &by_time);
+        drop(tf);
+        let by_mark = s.copy_of(
+            &format!("nbd://{}/{DISK}@round-{i}", s.target.nbd_addr),
+            "mark",
+        );
+        assert_same(copy, &by_mark);
+    }
+    // Tagged, and the latest untouched.
+    let p = s.points();
+    assert!(p["tested"].as_array().unwrap().len() >= 4, "{p}");
+    assert_same(&s.disk, &s.target.replica(DISK));
+    // A point outside the journal: a clear error, not a hang.
+    let out = Command::new(bin("nbd-target"))
+        .args([
+            "test-failover",
+            "--disk-id",
+            DISK,
+            "--point",
+            "no-such-mark",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(&s.target.data_dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no mark of that name"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn ext4_rounds_with_marks_each_test_failed_over_and_mounted() {
+    if !is_root() || !have_tool("nbdfuse") || !have_tool("mkfs.ext4") || !have_tool("fio") {
+        eprintln!("skipped: needs root, nbdfuse, mkfs.ext4, fio");
+        return;
+    }
+    let Some(s) = site(160 * MIB, &[], &[]) else {
+        return;
+    };
+    let mut m = FuseLoopMount::attach(&s.dir.path().join("src"), &s.sp().uri());
+    // The file system takes the first 96 MiB; fio writes beyond it.
+    run(Command::new("mkfs.ext4").args(["-q", "-F", m.dev(), "96M"]));
+    m.mount();
+    let fio = Command::new("fio")
+        .current_dir(s.dir.path())
+        .args(["--name=other", "--ioengine=nbd"])
+        .arg(format!("--uri={}", s.sp().uri()))
+        .args([
+            "--offset=112M",
+            "--size=40M",
+            "--rw=randwrite",
+            "--bs=16k",
+            "--iodepth=4",
+        ])
+        .args(["--time_based", "--runtime=600", "--rate=2m"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let fio = Kill(fio);
+    let content =
+        |round: usize, i: usize| format!("round {round} file {i} ").repeat(2000 + round * 100 + i);
+    for round in 0..5 {
+        for i in 0..4 {
+            std::fs::write(
+                m.mount_dir.join(format!("r{round}-{i}.txt")),
+                content(round, i),
+            )
+            .unwrap();
+        }
+        run(&mut Command::new("sync"));
+        let out = s.mark(&format!("round-{round}"), &[]);
+        assert!(out.contains("seq"), "{out}");
+    }
+    drop(fio);
+    m.umount();
+    drop(m);
+    s.converge();
+    for round in 0..5 {
+        let tf = s.test_failover(&format!("round-{round}"), &[]);
+        let mut t = FuseLoopMount::attach(&s.dir.path().join(format!("tf{round}")), &tf.uri);
+        let fsck = Command::new("fsck.ext4")
+            .args(["-fn", t.dev()])
+            .output()
+            .unwrap();
+        // The point is crash-consistent: the journal may need replaying
+        // (exit 4 with -n only for a dirty journal, never real damage).
+        let text = String::from_utf8_lossy(&fsck.stdout).to_string()
+            + &String::from_utf8_lossy(&fsck.stderr);
+        assert!(
+            !text.contains("Inode") || text.contains("clean"),
+            "fsck at round {round}: {text}"
+        );
+        t.mount();
+        for r in 0..5 {
+            for i in 0..4 {
+                let f = t.mount_dir.join(format!("r{r}-{i}.txt"));
+                if r <= round {
+                    assert_eq!(
+                        std::fs::read_to_string(&f).unwrap(),
+                        content(r, i),
+                        "round {round}: {}",
+                        f.display()
+                    );
+                } else {
+                    assert!(!f.exists(), "round {round}: {} is from later", f.display());
+                }
+            }
+        }
+        // The test export is writable; the writes go nowhere near the replica.
+        std::fs::write(t.mount_dir.join("test-write.txt"), "rehearsal").unwrap();
+        run(&mut Command::new("sync"));
+        t.umount();
+        drop(t);
+        drop(tf);
+    }
+    s.converge();
+    assert_same(&s.disk, &s.target.replica(DISK));
+}
+
+#[test]
+fn a_resync_keeps_the_last_consistent_point_and_reports_the_gap() {
+    let Some(mut s) = site(96 * MIB, &[], &["--ring-size", "4M"]) else {
+        return;
+    };
+    s.scribble(1, 100, 0, 96 * MIB);
+    s.converge();
+    let before = s.save("before");
+    let seq = s.head_seq();
+    // The target goes away; the ring overflows into the dirty bitmap.
+    s.target.proc.kill9();
+    s.scribble(2, 1500, 0, 96 * MIB);
+    let after = s.save("after");
+    s.target.restart();
+    // While the dirty extents are resent, the last consistent point stays
+    // exportable, the gap is reported, and no command offers a point in it.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let p = s.points();
+        let gaps = p["gaps"].as_array().cloned().unwrap_or_default();
+        if let Some(g) = gaps.iter().find(|g| g["reason"] == "source-overflow") {
+            assert!(g["from_seq"].as_u64().unwrap() <= seq, "{p}");
+            if g["open"] == true {
+                assert_eq!(p["latest"]["seq"].as_u64(), g["from_seq"].as_u64(), "{p}");
+                let c = s.copy_of(
+                    &format!("nbd://{}/{DISK}@latest", s.target.nbd_addr),
+                    "during",
+                );
+                assert_same(&before, &c);
+            } else {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "the gap did not close: {p}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    s.converge();
+    // After it completes the timeline continues: new points, the old one kept.
+    s.scribble(3, 20, 0, 96 * MIB);
+    s.converge();
+    let p = s.points();
+    assert!(p["latest"]["seq"].as_u64().unwrap() > seq, "{p}");
+    let c = s.copy_of(&format!("nbd://{}/{DISK}@{seq}", s.target.nbd_addr), "old");
+    assert_same(&before, &c);
+    let _ = after;
+    assert_same(&s.disk, &s.target.replica(DISK));
+    s.splitter.take();
+}
+
+#[test]
+fn retention_prunes_while_an_old_test_failover_keeps_working_and_kill9_keeps_points() {
+    let Some(mut s) = site(
+        64 * MIB,
+        &["--retention", "2s", "--journal-segment", "256K"],
+        &[],
+    ) else {
+        return;
+    };
+    s.scribble(1, 100, 0, 64 * MIB);
+    s.converge();
+    let old = s.save("old");
+    let old_seq = s.head_seq();
+    let tf = s.test_failover(&old_seq.to_string(), &[]);
+    for round in 0..6 {
+        s.scribble(10 + round, 100, 0, 64 * MIB);
+        if round == 2 {
+            // kill -9 during apply: every acknowledged point stays.
+            s.target.restart();
+        }
+        std::thread::sleep(Duration::from_millis(700));
+    }
+    s.converge();
+    let mid = s.save("mid");
+    let mid_seq = s.head_seq();
+    std::thread::sleep(Duration::from_millis(2500));
+    s.scribble(30, 50, 0, 64 * MIB);
+    s.converge();
+    let p = s.points();
+    let oldest = p["oldest"]["seq"].as_u64().unwrap();
+    // Everything the open test failover needs is kept past the retention.
+    assert!(
+        oldest <= old_seq,
+        "oldest {oldest}, old point {old_seq}: {p}\n{}",
+        s.target
+            .proc
+            .log_text()
+            .lines()
+            .filter(|l| l.contains("journal") || l.contains("lease"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    // The test failover opened on the old point reads it whole still.
+    assert_same(&old, &s.copy_of(&tf.uri, "old"));
+    drop(tf);
+    std::thread::sleep(Duration::from_millis(1500));
+    s.scribble(32, 20, 0, 64 * MIB);
+    s.converge();
+    let p = s.points();
+    let oldest = p["oldest"]["seq"].as_u64().unwrap();
+    assert!(
+        oldest > old_seq,
+        "once it ended, pruning went past it: oldest {oldest}: {p}"
+    );
+    // A kill -9 while pruning and applying: the journal reopens.
+    s.scribble(31, 100, 0, 64 * MIB);
+    s.target.restart();
+    s.converge();
+    let p = s.points();
+    let oldest = p["oldest"]["seq"].as_u64().unwrap();
+    if oldest <= mid_seq {
+        let c = s.copy_of(
+            &format!("nbd://{}/{DISK}@{mid_seq}", s.target.nbd_addr),
+            "mid",
+        );
+        assert_same(&mid, &c);
+    }
+    let st = s.target.disk_status(DISK).unwrap();
+    assert!(st["journal"]["journal_bytes"].as_u64().unwrap() > 0, "{st}");
+    assert_eq!(st["journal"]["retention_seconds"], 2, "{st}");
+    assert_same(&s.disk, &s.target.replica(DISK));
+    s.splitter.take();
+}
+
+#[test]
+fn overlay_cap_and_two_test_failovers_at_once() {
+    if !have_tool("qemu-io") {
+        eprintln!("skipped: qemu-io missing");
+        return;
+    }
+    let Some(s) = site(32 * MIB, &[], &[]) else {
+        return;
+    };
+    s.scribble(1, 50, 0, 32 * MIB);
+    s.converge();
+    let a = s.save("a");
+    let a_seq = s.head_seq();
+    s.scribble(2, 50, 0, 32 * MIB);
+    s.converge();
+    let b = s.save("b");
+    let b_seq = s.head_seq();
+    let ta = s.test_failover(&a_seq.to_string(), &["--overlay-max", "1M"]);
+    let tb = s.test_failover(&b_seq.to_string(), &[]);
+    let tb2 = s.test_failover(&b_seq.to_string(), &[]);
+    // Replication goes on meanwhile.
+    s.scribble(3, 50, 0, 32 * MIB);
+    let qio = |uri: &str, cmd: &str| {
+        Command::new("qemu-io")
+            .args(["--image-opts"])
+            .arg(format!(
+                "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={},export={DISK}",
+                uri.rsplit(':').next().unwrap().split('/').next().unwrap()
+            ))
+            .args(["-c", cmd])
+            .output()
+            .unwrap()
+    };
+    // Within the cap: fine. Beyond: ENOSPC, reads still work.
+    let ok = qio(&ta.uri, "write -P 0x5a 0 512k");
+    assert!(
+        ok.status.success() && !String::from_utf8_lossy(&ok.stdout).contains("error"),
+        "{ok:?}"
+    );
+    let full = qio(&ta.uri, "write -P 0x5b 4M 2M");
+    let text =
+        String::from_utf8_lossy(&full.stdout).to_string() + &String::from_utf8_lossy(&full.stderr);
+    assert!(text.contains("No space left"), "{text}");
+    let read = qio(&ta.uri, "read -P 0x5a 0 512k");
+    assert!(
+        String::from_utf8_lossy(&read.stdout).contains("read 524288/524288"),
+        "{read:?}"
+    );
+    assert!(
+        ta.proc.log_text().contains("overlay full"),
+        "{}",
+        ta.proc.log_text()
+    );
+    // Both points read as saved (beyond the test's own writes).
+    let cb = s.copy_of(&tb.uri, "b1");
+    assert_same(&b, &cb);
+    assert_same(&b, &s.copy_of(&tb2.uri, "b2"));
+    let ca = s.copy_of(&ta.uri, "a");
+    let (x, y) = (std::fs::read(&a).unwrap(), std::fs::read(&ca).unwrap());
+    assert!(y[..512 << 10].iter().all(|&v| v == 0x5a));
+    assert!(
+        x[512 << 10..] == y[512 << 10..],
+        "beyond the test's write, point {a_seq}"
+    );
+    drop((ta, tb, tb2));
+    s.converge();
+    assert_same(&s.disk, &s.target.replica(DISK));
+    let p = s.points();
+    let _ = Path::new("");
+    assert!(p["open_point_exports"] == 0, "leases released: {p}");
+}
