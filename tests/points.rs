@@ -82,7 +82,7 @@ impl Site {
         for i in 0..n {
             let len = rng.range(1, 17) * 4096;
             let off = rng.range(lo / 4096, (hi - len) / 4096) * 4096;
-            let mut buf = vec![0u8; len as usize];
+            let mut buf = vec![0u8; usize::try_from(len).unwrap()];
             pattern(&mut buf, seed * 1000 + i as u64);
             c.write(off, &buf, false).unwrap();
         }

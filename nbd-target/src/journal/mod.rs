@@ -23,7 +23,7 @@
 //! - [`timeline`]: points, marks, gaps; resolving a point's name.
 //! - [`view`]: the point-in-time `Backend`.
 //! - [`lease`]: what an open view holds so pruning keeps its segments.
-//! - [`prune`]: retention.
+//! - [`prune`]: retention, whichever of age and size binds first.
 
 pub mod format;
 pub mod lease;

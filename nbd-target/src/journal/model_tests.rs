@@ -1,3 +1,4 @@
+#![allow(clippy::cast_possible_truncation, clippy::ptr_arg)] // test code: sizes are small, on 64-bit hosts
 //! The journal against a model: every point a view presents equals the
 //! disk as it was after that record, across segment rolls, overlapping
 //! writes held and flushed, zeroes over holes and data, a torn tail, a
