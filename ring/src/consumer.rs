@@ -18,7 +18,7 @@ pub struct Record<'a> {
     pub seq: u64,
     /// What happened.
     pub kind: Kind,
-    /// Disk offset.
+    /// Disk offset (MARK: its flags, [`MARK_APP`]).
     pub offset: u64,
     /// Disk bytes covered (MARK: name length).
     pub len: u32,
@@ -28,6 +28,15 @@ pub struct Record<'a> {
     pub after_gap: bool,
     /// WRITE data, or a MARK's name (copied out of the shared mapping).
     pub payload: &'a [u8],
+}
+
+impl Record<'_> {
+    /// A MARK taken application-consistent (bit 0 of its offset field,
+    /// [`MARK_APP`]); false for a crash-consistent mark and for any other
+    /// kind. Other bits of a mark's offset are reserved and ignored.
+    pub fn is_app_mark(&self) -> bool {
+        self.kind == Kind::Mark && self.offset & MARK_APP != 0
+    }
 }
 
 #[derive(Debug, Clone, Copy)]

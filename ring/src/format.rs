@@ -168,6 +168,15 @@ pub const KIND_MARK: u16 = 4;
 /// Padding to the end of the data area; not a change, carries no sequence.
 pub const KIND_PAD: u16 = 5;
 
+// Format: a MARK record's disk offset field holds the mark's flags (a mark
+// covers no extent): bit 0 = MARK_APP; every other bit is reserved, written
+// 0 and ignored by readers (a reader that does not know a bit still reads
+// the mark as a crash-consistent point).
+/// MARK flag (in the record's `offset` field): an application-consistent
+/// point, taken with the file system frozen (`fsfreeze`) and/or between
+/// application hooks. Without it a mark is crash-consistent.
+pub const MARK_APP: u64 = 1 << 0;
+
 /// Record flag: the sequence continues after a gap that recovery left (the
 /// records of a torn tail were lost); allowed to skip numbers.
 pub const FLAG_AFTER_GAP: u16 = 1 << 0;

@@ -112,7 +112,7 @@ pub struct DumpEntry {
     pub seq: u64,
     /// Kind.
     pub kind: Kind,
-    /// Disk offset.
+    /// Disk offset (MARK: its flags, bit 0 = [`crate::format::MARK_APP`]).
     pub offset: u64,
     /// Disk bytes (MARK: name length).
     pub len: u32,

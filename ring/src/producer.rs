@@ -46,10 +46,14 @@ pub enum Change<'a> {
         /// Length.
         len: u32,
     },
-    /// A named point in the stream.
+    /// A named point in the stream (a recovery point).
     Mark {
         /// The name (at most 4096 bytes).
         name: &'a str,
+        /// Application-consistent (taken with the file system frozen or
+        /// between application hooks); false: crash-consistent. Stored as
+        /// bit 0 ([`crate::format::MARK_APP`]) of the record's offset field.
+        app: bool,
     },
 }
 
@@ -171,6 +175,22 @@ impl Producer {
             );
             rf
         };
+        Producer::take(rf, existed, policy)
+    }
+
+    /// Open an existing ring as its producer without the disk it belongs
+    /// to: for a process that only appends marks while no splitter serves
+    /// the disk (`splitter mark`). The ring is recovered like at any open
+    /// (a torn tail cut, what was in flight at a crash moved to the dirty
+    /// bitmap); [`Producer::close`] it when done. Fails with
+    /// [`Error::Busy`] when another process is the producer.
+    pub fn open_existing(path: &Path, policy: FullPolicy) -> Result<(Producer, Recovery)> {
+        let rf = RingFile::open(path)?;
+        Producer::take(rf, true, policy)
+    }
+
+    /// Take the producer role of an opened (or new) ring and recover it.
+    fn take(rf: RingFile, existed: bool, policy: FullPolicy) -> Result<(Producer, Recovery)> {
         rf.lock(Role::Producer)?;
         let mut rec = recover(&rf)?;
         if existed {
@@ -235,6 +255,13 @@ impl Producer {
     /// Append one change. Total order: records get consecutive sequence
     /// numbers in the order calls take the internal lock.
     pub fn append(&self, change: Change<'_>) -> Result<Appended> {
+        self.append_timed(change).map(|(a, _)| a)
+    }
+
+    /// [`Producer::append`], also returning the capture time the record
+    /// carries (ns since the Unix epoch; the time of the attempt when the
+    /// change overflowed).
+    pub fn append_timed(&self, change: Change<'_>) -> Result<(Appended, u64)> {
         let (kind, offset, len, payload): (Kind, u64, u32, &[u8]) = match change {
             Change::Write { offset, data } => {
                 let len = u32::try_from(data.len())
@@ -243,14 +270,14 @@ impl Producer {
             }
             Change::Trim { offset, len } => (Kind::Trim, offset, len, &[]),
             Change::Zero { offset, len } => (Kind::Zero, offset, len, &[]),
-            Change::Mark { name } => {
+            Change::Mark { name, app } => {
                 if name.len() > 4096 {
                     return Err(self.invalid("mark names are at most 4096 bytes"));
                 }
                 // At most 4096, checked above.
                 (
                     Kind::Mark,
-                    0,
+                    if app { MARK_APP } else { 0 },
                     u32::try_from(name.len()).unwrap_or(0),
                     name.as_bytes(),
                 )
@@ -290,7 +317,7 @@ impl Producer {
                 continue;
             }
             drop(st);
-            return Ok(self.overflow(kind, offset, len));
+            return Ok((self.overflow(kind, offset, len), wall_clock_ns()));
         };
         let time_ns = wall_clock_ns();
         if pad >= RECORD_HEADER_LEN as u64 {
@@ -349,7 +376,7 @@ impl Producer {
         // under HEAD (the resync relies on it to place chunks).
         self.rf.set(live::HEAD, st.head);
         self.rf.set(live::NEXT_SEQ, st.next_seq);
-        Ok(Appended::Record(seq))
+        Ok((Appended::Record(seq), time_ns))
     }
 
     /// Mark an extent in the bitmap and count it for the next sync plan.

@@ -17,7 +17,7 @@ const DISK: u64 = 1 << 30;
 enum Op {
     Write { offset: u64, len: u32, fill: u8 },
     Trim { offset: u64, len: u32 },
-    Mark,
+    Mark { app: bool },
     Drain { max: usize, release_all: bool },
     Reopen,
 }
@@ -26,7 +26,7 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         6 => (0u64..(DISK >> 12), 1u32..9000, any::<u8>()).prop_map(|(o, len, fill)| Op::Write { offset: o * 512, len, fill }),
         1 => (0u64..(DISK >> 12) - 256, 1u32..(1 << 20)).prop_map(|(o, len)| Op::Trim { offset: o * 4096, len }),
-        1 => Just(Op::Mark),
+        1 => any::<bool>().prop_map(|app| Op::Mark { app }),
         3 => (1usize..20, any::<bool>()).prop_map(|(max, release_all)| Op::Drain { max, release_all }),
         1 => Just(Op::Reopen),
     ]
@@ -87,11 +87,12 @@ proptest! {
                         Appended::Overflowed => overflowed.push((offset, u64::from(len))),
                     }
                 }
-                Op::Mark => {
-                    if let Appended::Record(seq) = p.append(Change::Mark { name: "point" }).unwrap() {
+                Op::Mark { app } => {
+                    if let Appended::Record(seq) = p.append(Change::Mark { name: "point", app }).unwrap() {
                         prop_assert_eq!(seq, last_seq + 1);
                         last_seq = seq;
-                        model.push_back((seq, Kind::Mark, 0, b"point".to_vec()));
+                        // The MARK's offset field carries its flags (bit 0: app-consistent).
+                        model.push_back((seq, Kind::Mark, u64::from(app), b"point".to_vec()));
                     }
                 }
                 Op::Drain { max, release_all } => {

@@ -294,3 +294,74 @@ fn changes_in_flight_at_a_crash_go_to_the_bitmap() {
     let (_p, rec) = producer(&path).unwrap();
     assert!(!rec.unclean && rec.inflight_marked == 0, "{rec:?}");
 }
+
+#[test]
+fn marks_carry_their_kind_and_a_ring_opens_as_producer_without_its_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ring");
+    {
+        let (p, _) = producer(&path).unwrap();
+        write(&p, 0);
+        // Without its disk, the ring cannot be opened as a second producer.
+        assert!(matches!(
+            Producer::open_existing(&path, FullPolicy::Bitmap),
+            Err(Error::Busy { .. })
+        ));
+        p.close().unwrap();
+    }
+    {
+        let (p, rec) = Producer::open_existing(&path, FullPolicy::Bitmap).unwrap();
+        assert!(!rec.unclean);
+        let (a, t) = p
+            .append_timed(Change::Mark {
+                name: "crash-point",
+                app: false,
+            })
+            .unwrap();
+        assert_eq!(a, Appended::Record(2));
+        assert!(t > 0);
+        assert_eq!(
+            p.append(Change::Mark {
+                name: "app-point",
+                app: true
+            })
+            .unwrap(),
+            Appended::Record(3)
+        );
+        p.sync().unwrap();
+        p.close().unwrap();
+    }
+    let (entries, damage) = ring::dump(&path, Some(2), 10).unwrap();
+    assert!(damage.is_none());
+    let marks: Vec<_> = entries
+        .iter()
+        .map(|e| (e.seq, e.mark.clone().unwrap(), e.offset))
+        .collect();
+    assert_eq!(
+        marks,
+        [
+            (2, "crash-point".to_string(), 0),
+            (3, "app-point".to_string(), ring::format::MARK_APP)
+        ]
+    );
+    // The serving splitter opens it again with its disk; the sequence goes on.
+    let (p, rec) = producer(&path).unwrap();
+    assert!(!rec.unclean && !rec.gap);
+    assert_eq!(write(&p, 1), 4);
+    let mut c = Consumer::open(&path).unwrap();
+    let mut got = ring::Batch::new();
+    c.read(10, usize::MAX, &mut got).unwrap();
+    let kinds: Vec<_> = got
+        .iter()
+        .map(|r| (r.seq, r.kind, r.is_app_mark()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            (1, ring::Kind::Write, false),
+            (2, ring::Kind::Mark, false),
+            (3, ring::Kind::Mark, true),
+            (4, ring::Kind::Write, false)
+        ]
+    );
+}

@@ -10,9 +10,15 @@
 //!
 //! # Layout
 //! - [`drain`]: a stand-in consumer of the ring for tests, benchmarks and debugging.
+//! - [`mark`]: `splitter mark`: named points (recovery points) in the ring,
+//!   crash- or application-consistent (`--freeze`, `--pre`, `--post`).
+//! - [`control`]: the control socket (`RING.ctl`) through which a running
+//!   `splitter serve` takes marks from other processes.
 //! - [`status`]: `splitter ring status` as text and JSON, and the ring's Prometheus text.
 
+pub mod control;
 pub mod drain;
+pub mod mark;
 pub mod status;
 
 pub use blockdev::{

@@ -1,5 +1,5 @@
 //! `splitter`: serve a protected disk over NBD and capture its writes into
-//! the ring; inspect and drain rings.
+//! the ring; inspect and drain rings; mark recovery points.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
+use splitter::control::GatedCapture;
 use splitter::{
     FileDisk, ListenAddr, NoCapture, RingCapture, ServeConfig, Server, SingleExport, WriteCapture,
 };
@@ -50,6 +51,84 @@ enum Cmd {
         #[command(subcommand)]
         command: RingCmd,
     },
+    /// Put a named point (a recovery point) in a ring: crash-consistent, or
+    /// application-consistent with --freeze / --pre / --post.
+    ///
+    /// Appends a MARK record to the ring: every change captured before it
+    /// has a lower sequence number, so the replica at that sequence is the
+    /// disk as it was at the mark. The mark is durable (synced like an
+    /// acknowledged FLUSH) before the command prints
+    /// `mark "NAME" at seq 1234 (crash-consistent)` and exits 0.
+    ///
+    /// Who appends it: the `splitter serve` that owns the ring, asked over
+    /// its control socket RING.ctl (a unix socket next to the ring, made by
+    /// `splitter serve --ring RING` and removed when it stops; one request
+    /// line `mark crash|app NAME`, one reply line). When no process owns the
+    /// ring, this command opens the ring itself, appends, syncs and closes
+    /// it. A ring owned by a process that does not answer on RING.ctl is an
+    /// error that says what to do; so is a full (overflowed) ring.
+    ///
+    /// A plain mark is crash-consistent: the disk as a power cut at that
+    /// moment would have left it. --freeze MOUNTPOINT makes it
+    /// application-consistent (kind "app", bit 0 of the record's offset
+    /// field): `fsfreeze -f MOUNTPOINT` (the file system flushes and holds
+    /// every writer), the mark, `fsfreeze -u MOUNTPOINT`; the time the file
+    /// system was frozen is reported. The thaw always happens: when the mark
+    /// fails, on SIGINT or SIGTERM (it runs before the command exits, within
+    /// about 2 s), and at the latest after --freeze-timeout, when the
+    /// command fails without a mark.
+    ///
+    /// Hooks (also application-consistent): --pre CMD runs with `sh -c`
+    /// before freezing; if it fails, nothing is frozen, no mark is taken and
+    /// the command exits 1. --post CMD runs after thawing whenever --pre (if
+    /// any) succeeded, also when the mark failed. Both see
+    /// BLOCKSHIP_MARK_NAME and BLOCKSHIP_MARK_RING; --post also
+    /// BLOCKSHIP_MARK_RESULT (ok or failed) and BLOCKSHIP_MARK_SEQ. Their
+    /// output goes to stderr. A failing --post fails the command, after the
+    /// mark it did record has been printed.
+    #[command(after_help = "Examples:
+  # a crash-consistent point
+  splitter mark --ring /var/lib/blockship/db.ring nightly-2026-05-01
+  # application-consistent: /srv/db frozen while the mark is appended
+  splitter mark --ring /var/lib/blockship/db.ring --freeze /srv/db before-upgrade
+  # with hooks around the freeze, JSON output for scripts
+  splitter mark --ring db.ring --freeze /srv/db --freeze-timeout 5s \\
+      --pre 'psql -c \"CHECKPOINT\"' --post 'logger mark done' --json pre-migration
+  # names that start with '-' follow --
+  splitter mark --ring db.ring -- -odd-name")]
+    Mark(MarkArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct MarkArgs {
+    /// The ring file to mark (the `--ring` of `splitter serve`).
+    #[arg(long, value_name = "PATH")]
+    ring: PathBuf,
+    /// The mark's name: 1 to 4096 bytes of UTF-8, no control characters.
+    #[arg(value_name = "NAME")]
+    name: String,
+    /// Print {"name":..,"seq":..,"kind":"crash"|"app","time_ns":..,"frozen_ms":..}
+    /// (frozen_ms is null without --freeze).
+    #[arg(long)]
+    json: bool,
+    /// Freeze the file system mounted here (`fsfreeze -f`) while the mark
+    /// is appended, then thaw it: an application-consistent mark. The ring
+    /// must not be on that file system.
+    #[arg(long, value_name = "MOUNTPOINT")]
+    freeze: Option<PathBuf>,
+    /// Longest time the file system stays frozen (ms, s or m suffix): the
+    /// thaw comes then at the latest and the command fails without a mark.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = splitter::mark::parse_duration)]
+    freeze_timeout: Duration,
+    /// Run this with `sh -c` first (before freezing); if it fails, nothing
+    /// is frozen and no mark is taken. Makes the mark application-consistent.
+    #[arg(long, value_name = "CMD")]
+    pre: Option<String>,
+    /// Run this with `sh -c` last (after thawing), whenever --pre (if
+    /// given) succeeded, also when the mark failed. Makes the mark
+    /// application-consistent.
+    #[arg(long, value_name = "CMD")]
+    post: Option<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -154,6 +233,44 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Cmd::Serve(a) => serve(*a),
         Cmd::Ring { command } => ring_cmd(command),
+        Cmd::Mark(a) => mark(a),
+    }
+}
+
+fn mark(a: MarkArgs) -> anyhow::Result<()> {
+    let opts = splitter::mark::MarkOptions {
+        ring: a.ring,
+        name: a.name,
+        freeze: a.freeze,
+        freeze_timeout: a.freeze_timeout,
+        pre: a.pre,
+        post: a.post,
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    if opts.app() {
+        // While hooks run or a file system is frozen, SIGINT and SIGTERM
+        // only set the flag: the thaw (and --post) run before the exit.
+        for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+            signal_hook::flag::register(sig, stop.clone())
+                .context("cannot install signal handlers")?;
+        }
+    }
+    let print = |r: &splitter::mark::MarkReport| -> anyhow::Result<()> {
+        if a.json {
+            println!("{}", serde_json::to_string(&r.json())?);
+        } else {
+            println!("{}", r.text());
+        }
+        Ok(())
+    };
+    match splitter::mark::take(&opts, &stop) {
+        Ok(r) => print(&r),
+        Err(f) => {
+            if let Some(r) = &f.recorded {
+                print(r)?;
+            }
+            Err(anyhow::Error::new(f))
+        }
     }
 }
 
@@ -169,6 +286,8 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     }
     let cfg = ServeConfig::new(listen);
     let mut shipper = None;
+    // Dropped (socket removed) when serve returns, also on an error.
+    let mut control = None;
     let capture: Arc<dyn WriteCapture> = match &a.ring {
         None => Arc::new(NoCapture),
         Some(path) => {
@@ -195,6 +314,21 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
             };
             let (producer, _) = ring::Producer::open_or_create(path, &opts, &identity, policy)
                 .with_context(|| format!("cannot use ring {}", path.display()))?;
+            let producer = Arc::new(producer);
+            let marker = Arc::new(splitter::mark::Marker::new(producer.clone()));
+            match splitter::control::ControlServer::start(path, marker.clone()) {
+                Ok(c) => {
+                    log::info!(
+                        "marks: `splitter mark --ring {}` (control socket {})",
+                        path.display(),
+                        c.path().display()
+                    );
+                    control = Some(c);
+                }
+                Err(e) => log::error!(
+                    "{e}: `splitter mark` cannot reach this splitter (the ring is captured all the same)"
+                ),
+            }
             let st = ring::status(path)
                 .with_context(|| format!("cannot read ring {}", path.display()))?;
             log::info!(
@@ -229,7 +363,10 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
                     .with_context(|| format!("cannot ship ring {} to {target}", path.display()))?;
                 shipper = Some(sh);
             }
-            Arc::new(RingCapture::new(Arc::new(producer), shares_disk_device))
+            Arc::new(GatedCapture::new(
+                RingCapture::new(producer, shares_disk_device),
+                marker,
+            ))
         }
     };
     let size = disk.size();
@@ -288,6 +425,9 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
             Err(_) => log::error!("the shipper thread panicked"),
         }
     }
+    if let Some(mut c) = control.take() {
+        c.stop();
+    }
     served?;
     log::info!("stopped cleanly");
     Ok(())
@@ -314,7 +454,17 @@ fn ring_cmd(cmd: RingCmd) -> anyhow::Result<()> {
             let (entries, damage) = ring::dump(&path, from, limit)
                 .with_context(|| format!("cannot read ring {}", path.display()))?;
             for e in entries {
-                let mark = e.mark.map(|m| format!(" name={m:?}")).unwrap_or_default();
+                let mark = e
+                    .mark
+                    .map(|m| {
+                        let kind = if e.offset & ring::format::MARK_APP != 0 {
+                            "app"
+                        } else {
+                            "crash"
+                        };
+                        format!(" name={m:?} point={kind}")
+                    })
+                    .unwrap_or_default();
                 println!(
                     "seq={} kind={} offset={} len={} time_ns={} at={} crc={:08x}{}",
                     e.seq,

@@ -34,4 +34,4 @@ pub use frame::{
     Ack, BatchHeader, BlockHashes, Codec, ErrorCode, ErrorMsg, FrameHeader, FrameType, Heartbeat,
     Hello, HelloReply,
 };
-pub use records::{RecordIter, RecordKind, WireRecord};
+pub use records::{RecordIter, RecordKind, WireRecord, MARK_APP};

@@ -11,7 +11,7 @@ use crate::frame::{le32, le64, BatchHeader};
 // Format: record inside a batch (40-byte header, then the payload)
 //   off  size  field
 //   0    8     sequence
-//   8    8     disk offset (MARK: 0)
+//   8    8     disk offset (MARK: flags, bit 0 MARK_APP; other bits reserved, ignored)
 //   16   4     disk bytes covered (MARK: name length)
 //   20   1     kind: 1 WRITE, 2 TRIM, 3 ZERO, 4 MARK (ring records);
 //                    5 SYNC_DATA, 6 SYNC_ZERO, 7 SYNC_END, 8 SYNC_HASH,
@@ -38,6 +38,12 @@ pub const SYNC_END_FULL_PASS: u64 = 1;
 pub const SYNC_END_DIRTY: u64 = 2;
 /// Longest MARK name.
 pub const MAX_MARK_NAME: u32 = 4096;
+/// MARK flag, in the record's offset field (a mark covers no extent): the
+/// point is application-consistent (taken with the file system frozen or
+/// between application hooks); without it, crash-consistent. The ring's
+/// `MARK_APP`, copied as is. Other bits are reserved: senders write 0,
+/// receivers ignore them.
+pub const MARK_APP: u64 = 1;
 
 /// What a record does to the replica.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -132,6 +138,12 @@ impl WireRecord<'_> {
     /// Bytes this record takes in a batch.
     pub fn encoded_len(&self) -> usize {
         RECORD_HEADER_LEN + self.payload.len()
+    }
+
+    /// A MARK taken application-consistent ([`MARK_APP`] in its offset);
+    /// false for a crash-consistent mark and for any other kind.
+    pub fn is_app_mark(&self) -> bool {
+        self.kind == RecordKind::Mark && self.offset & MARK_APP != 0
     }
 
     /// First disk byte after the extent.
@@ -235,7 +247,9 @@ impl<'a> RecordIter<'a> {
         let ok_len = match kind {
             RecordKind::Write => plen == len && len > 0,
             RecordKind::Trim | RecordKind::Zero => plen == 0 && len > 0,
-            RecordKind::Mark => plen == len && len <= MAX_MARK_NAME && offset == 0,
+            // A mark's offset holds its flags (MARK_APP, reserved bits
+            // ignored), not an extent.
+            RecordKind::Mark => plen == len && len <= MAX_MARK_NAME,
             RecordKind::SyncData => plen == len && len > 0,
             RecordKind::SyncZero => plen == 0 && len > 0,
             RecordKind::SyncEnd => {
@@ -247,7 +261,7 @@ impl<'a> RecordIter<'a> {
         if !ok_len {
             return self.bad(format!("{kind:?} with length {len} and payload {plen}"));
         }
-        if offset.checked_add(u64::from(len)).is_none() {
+        if kind != RecordKind::Mark && offset.checked_add(u64::from(len)).is_none() {
             return self.bad("extent wraps around".into());
         }
         let total = RECORD_HEADER_LEN + plen as usize;

@@ -347,7 +347,7 @@ proptest! {
                 RecordKind::Mark => ((*l).min(4096), &payloads[i][..(*l).min(4096) as usize]),
                 _ => (*l, &[]),
             };
-            recs.push(WireRecord { full_pass: false, seq, kind, offset: if kind == RecordKind::Mark { 0 } else { u64::from(*l) * 4096 }, len, after_gap: *gap && i > 0, time_ns: *t, payload });
+            recs.push(WireRecord { full_pass: false, seq, kind, offset: if kind == RecordKind::Mark { *t } else { u64::from(*l) * 4096 }, len, after_gap: *gap && i > 0, time_ns: *t, payload });
             seq += 1;
         }
         let (h, plain) = batch_plain(&recs);
@@ -440,4 +440,24 @@ fn block_hashes_frame_len_is_the_encoded_answer() {
     }
     // The cap holds at least one answer of the largest hashed chunk.
     assert!(block_hashes_frame_len(wire::records::MAX_HASHED_CHUNK) <= MAX_BATCH_HASH_REPLY);
+}
+
+#[test]
+fn a_mark_carries_its_kind_in_the_offset_and_reserved_bits_are_ignored() {
+    let mut crash = rec(1, RecordKind::Mark, b"nightly");
+    crash.offset = 0;
+    let mut app = rec(2, RecordKind::Mark, b"db-quiesced");
+    app.offset = wire::MARK_APP;
+    // A later sender's bits this receiver does not know: still a mark.
+    let mut future = rec(3, RecordKind::Mark, b"later");
+    future.offset = !wire::MARK_APP;
+    let recs = [crash, app, future];
+    let (h, plain) = batch_plain(&recs);
+    let got: Vec<_> = RecordIter::new(h, &plain)
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(got, recs);
+    let kinds: Vec<bool> = got.iter().map(WireRecord::is_app_mark).collect();
+    assert_eq!(kinds, [false, true, false]);
+    assert!(!rec(4, RecordKind::Write, b"x").is_app_mark());
 }
