@@ -534,6 +534,10 @@ pub struct Journaled {
     held: Vec<Held>,
     held_data: Vec<u8>,
     scratch: Vec<u8>,
+    /// A write or flush failed: held writes may be lost, so nothing more
+    /// is committed through this sink (the session ends; the shipper
+    /// resends from the durable state).
+    poisoned: bool,
 }
 
 impl Journaled {
@@ -545,6 +549,7 @@ impl Journaled {
             held: Vec::new(),
             held_data: Vec::new(),
             scratch: Vec::new(),
+            poisoned: false,
         }
     }
 
@@ -563,11 +568,21 @@ impl Journaled {
     /// Make the held before-images durable, then let the held writes reach
     /// the replica.
     fn flush_held(&mut self) -> crate::Result<()> {
+        if self.poisoned {
+            return Err(crate::Error::Invalid(
+                "an earlier journal or replica write of this connection failed: nothing more is committed through it".into(),
+            ));
+        }
+        let r = self.try_flush_held();
+        self.poisoned |= r.is_err();
+        r
+    }
+
+    fn try_flush_held(&mut self) -> crate::Result<()> {
         if let Some(j) = &mut self.journal {
             j.flush_entries()?;
         }
-        let held = std::mem::take(&mut self.held);
-        for h in &held {
+        for h in &self.held {
             match h.data {
                 Some(start) => {
                     let n = usize::try_from(h.len).unwrap_or(usize::MAX);
@@ -577,7 +592,6 @@ impl Journaled {
                 None => self.replica.zero(h.offset, h.len)?,
             }
         }
-        self.held = held;
         self.held.clear();
         self.held_data.clear();
         Ok(())
@@ -643,8 +657,8 @@ fn is_zero(b: &[u8]) -> bool {
     b.iter().all(|&x| x == 0)
 }
 
-impl RecordSink for Journaled {
-    fn write(&mut self, offset: u64, data: &[u8]) -> crate::Result<()> {
+impl Journaled {
+    fn write_inner(&mut self, offset: u64, data: &[u8]) -> crate::Result<()> {
         if self.journal.is_none() {
             return self.replica.write(offset, data);
         }
@@ -665,7 +679,7 @@ impl RecordSink for Journaled {
         self.maybe_flush()
     }
 
-    fn zero(&mut self, offset: u64, len: u64) -> crate::Result<()> {
+    fn zero_inner(&mut self, offset: u64, len: u64) -> crate::Result<()> {
         if self.journal.is_none() {
             return self.replica.zero(offset, len);
         }
@@ -682,6 +696,20 @@ impl RecordSink for Journaled {
         });
         self.maybe_flush()
     }
+}
+
+impl RecordSink for Journaled {
+    fn write(&mut self, offset: u64, data: &[u8]) -> crate::Result<()> {
+        let r = self.write_inner(offset, data);
+        self.poisoned |= r.is_err();
+        r
+    }
+
+    fn zero(&mut self, offset: u64, len: u64) -> crate::Result<()> {
+        let r = self.zero_inner(offset, len);
+        self.poisoned |= r.is_err();
+        r
+    }
 
     fn read(&mut self, offset: u64, buf: &mut [u8]) -> crate::Result<()> {
         if self.overlaps_held(offset, buf.len() as u64) {
@@ -692,7 +720,9 @@ impl RecordSink for Journaled {
 
     fn commit(&mut self) -> crate::Result<()> {
         self.flush_held()?;
-        self.replica.sync()?;
+        let r = self.replica.sync();
+        self.poisoned |= r.is_err();
+        r?;
         if let Some(j) = &mut self.journal {
             j.after_commit()?;
         }
