@@ -242,7 +242,7 @@ fn ext4_rounds_with_marks_each_test_failed_over_and_mounted() {
     m.mount();
     let fio = Command::new("fio")
         .current_dir(s.dir.path())
-        .args(["--name=other", "--ioengine=nbd"])
+        .args(["--name=other", "--ioengine=nbd", "--thread"])
         .arg(format!("--uri={}", s.sp().uri()))
         .args([
             "--offset=112M",
