@@ -518,3 +518,37 @@ fn overlay_cap_and_two_test_failovers_at_once() {
     let _ = Path::new("");
     assert!(p["open_point_exports"] == 0, "leases released: {p}");
 }
+
+#[test]
+fn after_an_acknowledged_commit_nothing_the_journal_recovers_from_is_only_in_memory() {
+    if !is_root() {
+        eprintln!("SKIP: the page-cache check needs root (/proc/kpageflags)");
+        return;
+    }
+    let Some(s) = site(32 * MIB, &["--journal-segment", "1M"], &[]) else {
+        return;
+    };
+    for round in 0..3 {
+        s.scribble(40 + round, 150, 0, 32 * MIB);
+        s.converge();
+        // Everything is acknowledged: a power cut now must lose nothing the
+        // journal, the replica or the state need.
+        let dir = s.target.data_dir.join(DISK);
+        let mut files = vec![dir.join("replica.img"), dir.join("state")];
+        for e in std::fs::read_dir(dir.join("journal")).unwrap().flatten() {
+            let p = e.path();
+            if matches!(p.extension().and_then(|x| x.to_str()), Some("idx" | "dat")) {
+                files.push(p);
+            }
+        }
+        assert!(round < 2 || files.len() > 4, "segments rolled: {files:?}");
+        for f in &files {
+            let dirty = crashsim::dirty_pages(f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+            assert!(
+                dirty.is_empty(),
+                "round {round}: {} has pages only in memory: {dirty:?}",
+                f.display()
+            );
+        }
+    }
+}

@@ -382,3 +382,30 @@ fn pruning_keeps_what_a_lease_needs() {
     prune::prune(&f.jdir, &c, "d").unwrap();
     assert_eq!(segment::list(&f.jdir).unwrap().len(), 1);
 }
+
+#[test]
+fn a_write_reaches_the_replica_only_after_its_undo_entry_is_written() {
+    let f = fixture();
+    let mut s = sink(&f, cfg(1 << 30), &state(0, Reason::None));
+    s.position(1, false, 1, true);
+    s.write(0, &[7; 4096]).unwrap();
+    // Held: neither in the replica nor is its entry in the index yet.
+    let img = std::fs::read(&f.img).unwrap();
+    assert!(
+        img[..4096].iter().all(|&b| b == 0),
+        "held until the journal is durable"
+    );
+    let idx = segment::idx_path(&f.jdir, 1);
+    assert_eq!(std::fs::metadata(&idx).unwrap().len(), 128);
+    // A record touching it flushes first: entry, then the replica.
+    s.position(2, false, 2, true);
+    s.write(2048, &[8; 4096]).unwrap();
+    assert_eq!(std::fs::metadata(&idx).unwrap().len(), 128 + 64);
+    assert!(std::fs::read(&f.img).unwrap()[..4096]
+        .iter()
+        .all(|&b| b == 7));
+    s.commit().unwrap();
+    let img = std::fs::read(&f.img).unwrap();
+    assert!(img[..2048].iter().all(|&b| b == 7) && img[2048..6144].iter().all(|&b| b == 8));
+    assert_eq!(std::fs::metadata(&idx).unwrap().len(), 128 + 2 * 64);
+}
