@@ -552,3 +552,40 @@ fn after_an_acknowledged_commit_nothing_the_journal_recovers_from_is_only_in_mem
         }
     }
 }
+
+#[test]
+fn point_exports_are_capped_per_daemon_and_say_why() {
+    let Some(s) = site(16 * MIB, &[], &[]) else {
+        return;
+    };
+    s.scribble(1, 20, 0, 16 * MIB);
+    s.converge();
+    let connect = |name: &str| {
+        let t = std::net::TcpStream::connect(&s.target.nbd_addr).unwrap();
+        t.set_read_timeout(Some(Duration::from_secs(20))).ok();
+        nbd::Client::connect(t, name)
+    };
+    // A point that does not exist: the client is told why.
+    let Err(e) = connect("db@no-such-mark") else {
+        panic!("refused")
+    };
+    let e = e.to_string();
+    assert!(e.contains("no mark of that name"), "{e}");
+    let mut open = Vec::new();
+    for _ in 0..32 {
+        open.push(connect("db@latest").expect("within the cap"));
+    }
+    let Err(e) = connect("db@latest") else {
+        panic!("over the cap")
+    };
+    let e = e.to_string();
+    assert!(e.contains("point exports are open"), "{e}");
+    // The latest export is not a point view: still served.
+    let mut c = connect(DISK).unwrap();
+    let mut b = vec![0u8; 4096];
+    c.read(0, &mut b).unwrap();
+    drop(open);
+    std::thread::sleep(Duration::from_millis(500));
+    let mut again = connect("db@latest").expect("room again once they closed");
+    again.read(0, &mut b).unwrap();
+}

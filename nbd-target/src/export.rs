@@ -12,6 +12,7 @@
 //! with [`OneExport`].
 
 use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use blockdev::server::{describe_export, Claims, ExportSet, OpenExport};
@@ -19,15 +20,63 @@ use blockdev::{Backend, NoCapture};
 
 use crate::registry::Registry;
 
+/// Point exports (`ID@POINT`) open at once, per daemon: each holds a map
+/// of the ranges changed since its point and the journal files it reads.
+pub const MAX_POINT_VIEWS: usize = 32;
+
 /// Every replica that has a state, read-only, named by its disk id.
 pub struct ReplicaExports {
     registry: Arc<Registry>,
+    /// Point views open now.
+    views: Arc<AtomicUsize>,
 }
 
 impl ReplicaExports {
     /// The exports of `registry`'s replicas.
     pub fn new(registry: Arc<Registry>) -> ReplicaExports {
-        ReplicaExports { registry }
+        ReplicaExports {
+            registry,
+            views: Arc::default(),
+        }
+    }
+}
+
+/// A point view counted among the open ones while it lives.
+struct Counted {
+    view: crate::journal::PointView,
+    views: Arc<AtomicUsize>,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.views.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Backend for Counted {
+    fn size(&self) -> u64 {
+        self.view.size()
+    }
+    fn caps(&self) -> blockdev::Caps {
+        self.view.caps()
+    }
+    fn describe(&self) -> String {
+        self.view.describe()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.view.read_at(offset, buf)
+    }
+    fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
+        self.view.write_at(offset, data, fua)
+    }
+    fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.view.trim(offset, len)
+    }
+    fn zero(&self, offset: u64, len: u64, may_trim: bool, fast_only: bool) -> io::Result<()> {
+        self.view.zero(offset, len, may_trim, fast_only)
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.view.flush()
     }
 }
 
@@ -87,9 +136,22 @@ impl ReplicaExports {
             |e: crate::Error| io::Error::new(io::ErrorKind::NotFound, format!("{id}@{point}: {e}"));
         let dp = crate::points::DiskPoints::load(data_dir, id).map_err(fail)?;
         let pos = dp.resolve(point).map_err(fail)?;
-        let view = dp
-            .open_view(&entry.spec, pos, &format!("export {id}@{point}"))
-            .map_err(fail)?;
+        if self.views.fetch_add(1, Ordering::AcqRel) >= MAX_POINT_VIEWS {
+            self.views.fetch_sub(1, Ordering::AcqRel);
+            return Err(io::Error::other(format!(
+                "{id}@{point}: {MAX_POINT_VIEWS} point exports are open already"
+            )));
+        }
+        let view = match dp.open_view(&entry.spec, pos, &format!("export {id}@{point}")) {
+            Ok(v) => Counted {
+                view: v,
+                views: self.views.clone(),
+            },
+            Err(e) => {
+                self.views.fetch_sub(1, Ordering::AcqRel);
+                return Err(fail(e));
+            }
+        };
         log::info!("export {id}@{point}: the disk at point {pos}");
         Ok(OpenExport {
             disk: Arc::new(view),
@@ -135,24 +197,31 @@ impl ExportSet for OneExport {
 }
 
 impl ExportSet for ReplicaExports {
-    fn lookup(&self, name: &str) -> Option<nbd::Export> {
-        let (id, point) = name.split_once('@')?;
-        let entry = self.registry.all().into_iter().find(|e| e.id == id)?;
-        let data_dir = entry.dir.parent()?;
-        let dp = match crate::points::DiskPoints::load(data_dir, id) {
-            Ok(dp) => dp,
-            Err(e) => {
-                log::warn!("export {name:?}: {e}");
-                return None;
-            }
+    fn lookup(&self, name: &str) -> Result<nbd::Export, String> {
+        let unknown = || format!("no export named {name:?}");
+        let (id, point) = name.split_once('@').ok_or_else(unknown)?;
+        let entry = self
+            .registry
+            .all()
+            .into_iter()
+            .find(|e| e.id == id)
+            .ok_or_else(unknown)?;
+        let open = self.views.load(Ordering::Acquire);
+        if open >= MAX_POINT_VIEWS {
+            let m = format!(
+                "{name}: {open} point exports are open, the most this target serves at once; close one and retry"
+            );
+            log::warn!("{m}");
+            return Err(m);
+        }
+        let data_dir = entry.dir.parent().ok_or_else(unknown)?;
+        let said = |e: crate::Error| {
+            let m = format!("{name}: {e}");
+            log::warn!("export {m}");
+            m
         };
-        let pos = match dp.resolve(point) {
-            Ok(p) => p,
-            Err(e) => {
-                log::warn!("export {name:?}: {e}");
-                return None;
-            }
-        };
+        let dp = crate::points::DiskPoints::load(data_dir, id).map_err(said)?;
+        let pos = dp.resolve(point).map_err(said)?;
         let caps = blockdev::Caps {
             read_only: true,
             trim: false,
@@ -161,7 +230,7 @@ impl ExportSet for ReplicaExports {
             multi_conn: true,
             inline_writes: false,
         };
-        Some(describe_export(
+        Ok(describe_export(
             name,
             format!("blockship replica of {id} at point {pos} ({point}), read-only"),
             dp.state.disk_size,

@@ -66,12 +66,15 @@ struct State {
 /// Run the server's side of the handshake on `s`.
 pub fn serve_handshake<S: Read + Write>(s: &mut S, exports: &[Export]) -> Result<Outcome> {
     let mut list = exports.to_vec();
-    serve_handshake_with(s, &mut list, &|_| None)
+    serve_handshake_with(s, &mut list, &|name| {
+        Err(format!("no export named {name:?}"))
+    })
 }
 
 /// Looks up an export the list does not name (a name with parameters,
-/// like a recovery point `disk@123`); None: no such export.
-pub type ExportLookup<'a> = &'a dyn Fn(&str) -> Option<Export>;
+/// like a recovery point `disk@123`); the error is the message the client
+/// is given (NBD_REP_ERR_UNKNOWN).
+pub type ExportLookup<'a> = &'a dyn Fn(&str) -> std::result::Result<Export, String>;
 
 /// [`serve_handshake`] where names not in `exports` are asked of `lookup`;
 /// an export it finds is appended to `exports` (so a negotiated index may
@@ -135,7 +138,7 @@ pub fn serve_handshake_with<S: Read + Write>(
         match opt {
             OPT_EXPORT_NAME => {
                 let name = String::from_utf8_lossy(&data);
-                let Some(idx) = find_or_lookup(&mut *exports, lookup, &name) else {
+                let Ok(idx) = find_or_lookup(&mut *exports, lookup, &name) else {
                     return Err(Error::UnknownExport(name.into_owned()));
                 };
                 let neg = negotiated(&st, exports, idx);
@@ -184,10 +187,12 @@ pub fn serve_handshake_with<S: Read + Write>(
                     reply(s, opt, REP_ERR_INVALID, b"malformed NBD_OPT_INFO/GO data")?;
                     continue;
                 };
-                let Some(idx) = find_or_lookup(&mut *exports, lookup, &name) else {
-                    let msg = format!("no export named {name:?}");
-                    reply(s, opt, REP_ERR_UNKNOWN, msg.as_bytes())?;
-                    continue;
+                let idx = match find_or_lookup(&mut *exports, lookup, &name) {
+                    Ok(i) => i,
+                    Err(msg) => {
+                        reply(s, opt, REP_ERR_UNKNOWN, msg.as_bytes())?;
+                        continue;
+                    }
                 };
                 let neg = negotiated(&st, exports, idx);
                 send_info(s, opt, &exports[idx], neg.flags, &requests)?;
@@ -219,13 +224,13 @@ fn find_or_lookup(
     exports: &mut Vec<Export>,
     lookup: ExportLookup<'_>,
     name: &str,
-) -> Option<usize> {
+) -> std::result::Result<usize, String> {
     if let Some(i) = find_export(exports, name) {
-        return Some(i);
+        return Ok(i);
     }
     let e = lookup(name)?;
     exports.push(e);
-    Some(exports.len() - 1)
+    Ok(exports.len() - 1)
 }
 
 fn find_export(exports: &[Export], name: &str) -> Option<usize> {
@@ -375,8 +380,7 @@ fn meta_context<S: Write>(
     let Some((name, queries)) = parsed else {
         return reply(s, opt, REP_ERR_INVALID, b"malformed meta context request");
     };
-    if find_or_lookup(&mut *exports, lookup, &name).is_none() {
-        let msg = format!("no export named {name:?}");
+    if let Err(msg) = find_or_lookup(&mut *exports, lookup, &name) {
         return reply(s, opt, REP_ERR_UNKNOWN, msg.as_bytes());
     }
     let matches = |q: &str| {

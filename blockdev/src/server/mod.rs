@@ -106,11 +106,10 @@ pub trait ExportSet: Send + Sync {
     /// connection that chose it.
     fn open(&self, name: &str) -> io::Result<OpenExport>;
     /// An export a client names that [`ExportSet::exports`] does not list
-    /// (names with parameters, like a recovery point `disk@123`); None
-    /// when there is none. Asked during the handshake.
-    fn lookup(&self, name: &str) -> Option<Export> {
-        let _ = name;
-        None
+    /// (names with parameters, like a recovery point `disk@123`). Asked
+    /// during the handshake; the error is what the client is told.
+    fn lookup(&self, name: &str) -> std::result::Result<Export, String> {
+        Err(format!("no export named {name:?}"))
     }
     /// The server stops: nothing may wait for a capture any more.
     fn interrupt(&self) {}
