@@ -170,7 +170,8 @@ impl DiskPoints {
         json!({
             "disk_id": self.disk_id,
             "journal": t.oldest.is_some(),
-            "oldest": t.oldest.map(point_json),
+            "oldest": t.oldest_valid().map(point_json),
+            "journal_base": t.oldest.map(point_json),
             "oldest_time": format_rfc3339(t.oldest_time_ns),
             "newest": t.newest.map(point_json),
             "newest_time": format_rfc3339(t.newest_time_ns),

@@ -243,6 +243,23 @@ impl Timeline {
         self.gaps.iter().find(|g| g.contains(p))
     }
 
+    /// The oldest point that can be presented: the oldest kept, or the
+    /// end of the gap it is in.
+    pub fn oldest_valid(&self) -> Option<Pos> {
+        let o = self.oldest?;
+        if self.valid(o) {
+            return Some(o);
+        }
+        let mut p = o;
+        // Gaps are in stream order; follow them until a valid point.
+        for g in &self.gaps {
+            if g.contains(p) {
+                p = g.to?;
+            }
+        }
+        self.valid(p).then_some(p)
+    }
+
     /// The newest consistent point.
     pub fn latest(&self) -> Option<Pos> {
         let n = self.newest?;
