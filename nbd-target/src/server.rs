@@ -154,6 +154,30 @@ impl Target {
                 .name("live-status".into())
                 .spawn(move || live_writer(&reg, &stop));
         }
+        if let Some(cfg) = self.ctx.journal {
+            // Retention also for disks whose shipper is away (a connected
+            // one prunes after its commits as well; both are safe at once:
+            // pruning never touches the newest segment).
+            let (reg, stop) = (self.ctx.registry.clone(), stop.clone());
+            let _ = std::thread::Builder::new()
+                .name("journal-prune".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        for e in reg.all() {
+                            let dir = crate::journal::dir_of(&e.dir);
+                            if let Err(err) = crate::journal::prune::prune(&dir, &cfg, &e.id) {
+                                log::warn!("disk {:?}: pruning the journal: {err}", e.id);
+                            }
+                        }
+                        for _ in 0..50 {
+                            if stop.load(Ordering::Relaxed) {
+                                break;
+                            }
+                            std::thread::sleep(Duration::from_millis(100));
+                        }
+                    }
+                });
+        }
         self.listener
             .set_nonblocking(true)
             .map_err(|source| Error::Io {
