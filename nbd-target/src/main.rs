@@ -14,7 +14,8 @@ use nbd_target::{Target, TargetConfig};
 ///
 /// Accepts shippers over TLS 1.3 with mutual certificate authentication,
 /// applies their records in sequence order to one replica per protected disk,
-/// and serves every replica read-only over NBD (export name = disk id).
+/// keeps a journal of recovery points beside each, and serves every replica
+/// read-only over NBD (export name = disk id; `ID@POINT` for a point).
 #[derive(Parser, Debug)]
 #[command(version, propagate_version = true)]
 struct Cli {
@@ -372,7 +373,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         log::info!("accepting shippers on {addr} (TLS 1.3, client certificates required)");
     }
     if let Some(addr) = target.nbd_addr() {
-        log::info!("replicas served read-only over NBD on {addr} (export name = disk id)");
+        log::info!("replicas served read-only over NBD on {addr} (export names: ID for the latest state, ID@POINT for a recovery point)");
     }
     log::info!("data folder {}", a.data_dir.display());
     match &cfg.journal {
