@@ -19,6 +19,7 @@
 //! # Layout
 //! - [`format`]: index header and entry bytes.
 //! - [`segment`]: listing, reading and repairing segment files.
+//! - [`payload`]: appending payloads (staged, direct writes).
 //! - [`writer`]: the apply side ([`Journaled`]).
 //! - [`timeline`]: points, marks, gaps; resolving a point's name.
 //! - [`view`]: the point-in-time `Backend`.
@@ -27,6 +28,7 @@
 
 pub mod format;
 pub mod lease;
+pub mod payload;
 pub mod prune;
 pub mod segment;
 pub mod timeline;

@@ -25,6 +25,7 @@ use std::time::Instant;
 use super::format::{
     Entry, Header, Kind, OpenGap, ENTRY_APP, ENTRY_FROM_START, ENTRY_LEN, HEADER_LEN,
 };
+use super::payload::PayloadOut;
 use super::segment::{self, dat_path, idx_path};
 use super::{JournalConfig, Pos};
 use crate::error::{io, Result};
@@ -59,11 +60,10 @@ pub struct JournalWriter {
     cfg: JournalConfig,
     seg: u64,
     idx: File,
-    dat: File,
+    /// The payload file, staged (direct writes where possible).
+    dat: PayloadOut,
     idx_len: u64,
-    dat_len: u64,
     idx_buf: Vec<u8>,
-    dat_buf: Vec<u8>,
     /// Position of the newest record or item seen.
     last: Pos,
     last_good: Pos,
@@ -167,11 +167,7 @@ impl JournalWriter {
             .write(true)
             .open(&ip)
             .map_err(io(&ip, "opening the journal index"))?;
-        let dat = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&dp)
-            .map_err(io(&dp, "opening the journal payloads"))?;
+        let dat = PayloadOut::open(&dp, dat_len)?;
         Ok(JournalWriter {
             dir: dir.to_path_buf(),
             cfg,
@@ -179,9 +175,7 @@ impl JournalWriter {
             idx,
             dat,
             idx_len: HEADER_LEN as u64,
-            dat_len,
             idx_buf: Vec::new(),
-            dat_buf: Vec::new(),
             last: h.base,
             last_good: h.last_good,
             gap: h.gap,
@@ -291,7 +285,7 @@ impl JournalWriter {
             dat_len: 0,
             dat_crc: 0,
         };
-        self.push(e, &[]);
+        self.push_meta(e);
         self.gap = Some(OpenGap {
             from,
             reason,
@@ -359,13 +353,20 @@ impl JournalWriter {
             dat_len: 0,
             dat_crc: 0,
         };
-        self.push(e, &[]);
+        self.push_meta(e);
         self.gap = None;
         self.last_good = at;
     }
 
     /// An entry for the current position.
-    fn entry(&mut self, kind: Kind, flags: u8, offset: u64, len: u64, payload: &[u8]) {
+    fn entry(
+        &mut self,
+        kind: Kind,
+        flags: u8,
+        offset: u64,
+        len: u64,
+        payload: &[u8],
+    ) -> Result<()> {
         let e = Entry {
             kind,
             flags,
@@ -377,34 +378,48 @@ impl JournalWriter {
             dat_len: 0,
             dat_crc: 0,
         };
-        self.push(e, payload);
+        self.push(e, payload)?;
         self.cur_has_entry = true;
+        Ok(())
     }
 
-    fn push(&mut self, mut e: Entry, payload: &[u8]) {
-        if !payload.is_empty() {
-            e.dat_pos = self.dat_len + self.dat_buf.len() as u64;
-            // Payloads are pieces of at most PIECE bytes or mark names.
-            e.dat_len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
-            e.dat_crc = crc32c::crc32c(payload);
-            self.dat_buf.extend_from_slice(payload);
-        }
+    /// An entry without payload.
+    fn push_meta(&mut self, e: Entry) {
         self.idx_buf.extend_from_slice(&e.encode());
         self.stats.entries += 1;
+    }
+
+    /// An entry and its payload (pieces of at most PIECE bytes, or a mark
+    /// name); flushes first when the stage has no room for it.
+    fn push(&mut self, mut e: Entry, payload: &[u8]) -> Result<()> {
+        if payload.is_empty() {
+            self.push_meta(e);
+            return Ok(());
+        }
+        if payload.len() > self.dat.room() {
+            self.flush_entries()?;
+        }
+        e.dat_pos = self.dat.next_pos();
+        e.dat_len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
+        e.dat_crc = crc32c::crc32c(payload);
+        self.dat.push(payload);
         self.stats.payload_bytes += payload.len() as u64;
+        self.push_meta(e);
+        Ok(())
     }
 
     /// The current ring record changed nothing: keep its time.
-    fn noop_if_none(&mut self) {
+    fn noop_if_none(&mut self) -> Result<()> {
         if !self.cur_has_entry {
-            self.entry(Kind::Noop, 0, 0, 0, &[]);
+            self.entry(Kind::Noop, 0, 0, 0, &[])?;
         }
+        Ok(())
     }
 
     /// A MARK record at the current position.
-    pub fn mark(&mut self, name: &[u8], flags: u64) {
+    pub fn mark(&mut self, name: &[u8], flags: u64) -> Result<()> {
         let f = if flags & 1 != 0 { ENTRY_APP } else { 0 };
-        self.entry(Kind::Mark, f, 0, name.len() as u64, name);
+        self.entry(Kind::Mark, f, 0, name.len() as u64, name)
     }
 
     /// Something is buffered.
@@ -417,27 +432,17 @@ impl JournalWriter {
         if self.idx_buf.is_empty() {
             return Ok(());
         }
-        let dp = dat_path(&self.dir, self.seg);
         let ip = idx_path(&self.dir, self.seg);
-        if !self.dat_buf.is_empty() {
-            self.dat
-                .write_all_at(&self.dat_buf, self.dat_len)
-                .map_err(io(&dp, "appending to the journal"))?;
-        }
+        // Payloads durable first: an entry is never visible (to a view in
+        // another process) before the bytes it names.
+        self.dat.flush()?;
         self.idx
             .write_all_at(&self.idx_buf, self.idx_len)
             .map_err(io(&ip, "appending to the journal index"))?;
-        if !self.dat_buf.is_empty() {
-            self.dat
-                .sync_data()
-                .map_err(io(&dp, "syncing the journal"))?;
-        }
         self.idx
             .sync_data()
             .map_err(io(&ip, "syncing the journal index"))?;
-        self.dat_len += self.dat_buf.len() as u64;
         self.idx_len += self.idx_buf.len() as u64;
-        self.dat_buf.clear();
         self.idx_buf.clear();
         Ok(())
     }
@@ -445,7 +450,7 @@ impl JournalWriter {
     /// After a commit: a new segment when this one is full, and pruning
     /// (at most once a second).
     pub fn after_commit(&mut self) -> Result<()> {
-        if self.dat_len + self.idx_len >= self.cfg.segment_bytes {
+        if self.dat.end() + self.idx_len >= self.cfg.segment_bytes {
             let h = Header {
                 segment: self.seg + 1,
                 created_ns: now_ns(),
@@ -460,7 +465,6 @@ impl JournalWriter {
             self.idx = w.idx;
             self.dat = w.dat;
             self.idx_len = HEADER_LEN as u64;
-            self.dat_len = 0;
             self.stats.segment = self.seg;
             log::debug!(
                 "disk {:?}: journal segment {} begun at {}",
@@ -627,7 +631,7 @@ impl Journaled {
             let piece_new = new.map(|d| &d[usize::try_from(at).unwrap_or(0)..][..nu]);
             if hole {
                 if piece_new.is_some_and(|d| !is_zero(d)) {
-                    j.entry(Kind::UndoZero, 0, off, n, &[]);
+                    j.entry(Kind::UndoZero, 0, off, n, &[])?;
                     changed = true;
                 }
             } else {
@@ -640,21 +644,23 @@ impl Journaled {
                 if !same {
                     changed = true;
                     if is_zero(&self.scratch) {
-                        j.entry(Kind::UndoZero, 0, off, n, &[]);
+                        j.entry(Kind::UndoZero, 0, off, n, &[])?;
                     } else {
-                        j.entry(Kind::Undo, 0, off, n, &self.scratch);
+                        j.entry(Kind::Undo, 0, off, n, &self.scratch)?;
                     }
                 }
             }
             at += n;
         }
-        j.noop_if_none();
+        j.noop_if_none()?;
         Ok(changed)
     }
 }
 
+/// All zeroes (compared a block at a time: memcmp speed).
 fn is_zero(b: &[u8]) -> bool {
-    b.iter().all(|&x| x == 0)
+    const Z: [u8; 4096] = [0; 4096];
+    b.chunks(Z.len()).all(|c| c == &Z[..c.len()])
 }
 
 impl Journaled {
@@ -737,7 +743,7 @@ impl RecordSink for Journaled {
 
     fn mark(&mut self, name: &[u8], flags: u64) -> crate::Result<()> {
         if let Some(j) = &mut self.journal {
-            j.mark(name, flags);
+            j.mark(name, flags)?;
         }
         Ok(())
     }
