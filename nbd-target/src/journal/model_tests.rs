@@ -168,6 +168,21 @@ fn every_point_reads_as_the_disk_was() {
             );
         }
     }
+    // Block by block (many wholly covered by the journal: read from it alone).
+    let v = view(
+        &f,
+        Pos {
+            epoch: 0,
+            seq: 150,
+            sub: false,
+        },
+    );
+    let mut blk = vec![0u8; 4096];
+    for i in 0..(SIZE / 4096) {
+        v.read_at(i * 4096, &mut blk).unwrap();
+        let o = (i * 4096) as usize;
+        same(&blk, &snaps[150][o..o + 4096], &format!("block {i} at 150"));
+    }
     // Unaligned reads through a view.
     let v = view(
         &f,

@@ -190,6 +190,24 @@ impl Map {
         }
     }
 
+    /// Every byte of `a..b` is mapped.
+    fn covers(&self, a: u64, b: u64) -> bool {
+        let mut at = a;
+        if let Some((_, p)) = self.pieces.range(..=a).next_back() {
+            at = at.max(p.end);
+        }
+        for (&s, p) in self.pieces.range(a..b) {
+            if at >= b {
+                break;
+            }
+            if s > at {
+                return false;
+            }
+            at = at.max(p.end);
+        }
+        at >= b
+    }
+
     /// Take in what the daemon appended since the last look.
     fn tail(&mut self, point: Pos) -> Result<()> {
         loop {
@@ -244,14 +262,27 @@ impl Backend for PointView {
             .checked_add(buf.len() as u64)
             .filter(|&e| e <= self.size)
             .ok_or_else(einval)?;
-        // The replica first, the journal's tail after (see the module doc).
-        self.replica.read_at(offset, buf)?;
+        // A range the map covers whole already is read from the journal
+        // only (pieces never shrink while the view lives). Otherwise the
+        // replica first, the journal's tail after (see the module doc).
+        let covered = {
+            let m = self
+                .map
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            m.covers(offset, end)
+        };
+        if !covered {
+            self.replica.read_at(offset, buf)?;
+        }
         let mut m = self
             .map
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        m.tail(self.point)
-            .map_err(|e| io::Error::other(e.to_string()))?;
+        if !covered {
+            m.tail(self.point)
+                .map_err(|e| io::Error::other(e.to_string()))?;
+        }
         let mut hits = Vec::new();
         if let Some((&s, p)) = m.pieces.range(..offset).next_back() {
             if p.end > offset {
