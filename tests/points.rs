@@ -350,6 +350,13 @@ fn a_resync_keeps_the_last_consistent_point_and_reports_the_gap() {
             assert!(g["from_seq"].as_u64().unwrap() <= seq, "{p}");
             if g["open"] == true {
                 assert_eq!(p["latest"]["seq"].as_u64(), g["from_seq"].as_u64(), "{p}");
+                let st = s.target.disk_status(DISK).unwrap();
+                let sg = &st["journal"]["gap"];
+                // status says so too (unless the gap closed in between).
+                assert!(
+                    sg["reason"] == "source-overflow" && sg["from_seq"] == g["from_seq"],
+                    "{st}"
+                );
                 let c = s.copy_of(
                     &format!("nbd://{}/{DISK}@latest", s.target.nbd_addr),
                     "during",
@@ -512,6 +519,20 @@ fn overlay_cap_and_two_test_failovers_at_once() {
     assert!(
         x[512 << 10..] == y[512 << 10..],
         "beyond the test's write, point {a_seq}"
+    );
+    // SIGTERM discards the overlay and exits 0.
+    let (mut ta, mut tb, mut tb2) = (ta, tb, tb2);
+    for t in [&mut ta, &mut tb, &mut tb2] {
+        assert!(
+            t.proc.terminate(),
+            "test-failover exits 0 on SIGTERM: {}",
+            t.proc.log_text()
+        );
+    }
+    assert!(
+        ta.proc.log_text().contains("discarded the overlay"),
+        "{}",
+        ta.proc.log_text()
     );
     drop((ta, tb, tb2));
     s.converge();

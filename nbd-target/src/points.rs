@@ -303,6 +303,7 @@ pub fn status_json(data_dir: &Path, disk_dir: &Path) -> Value {
         .and_then(|&n| segment::Segment::open(&jdir, n).ok().flatten())
         .map(|s| (s.header.base, s.header.created_ns));
     let leases = lease::live(&jdir);
+    let gap = segs.last().and_then(|&n| newest_gap(&jdir, n));
     json!({
         "journal": !segs.is_empty(),
         "journal_bytes": bytes,
@@ -312,5 +313,38 @@ pub fn status_json(data_dir: &Path, disk_dir: &Path) -> Value {
         "oldest_point_time": oldest.map(|(_, t)| format_rfc3339(t)),
         "open_point_exports": leases.len(),
         "open_point_exports_detail": leases.iter().map(|l| json!({"seq": l.point.seq, "pid": l.pid, "what": l.what})).collect::<Vec<_>>(),
+        "gap": gap,
     })
+}
+
+/// The gap open in the newest segment (or the last one closed in it), from
+/// that segment alone: `{from_seq, to_seq, open, reason, since}`.
+fn newest_gap(jdir: &Path, n: u64) -> Option<Value> {
+    let seg = segment::Segment::open(jdir, n).ok()??;
+    let mut entries = Vec::new();
+    seg.read_entries(0, &mut entries, false).ok()?;
+    let mut gap = seg.header.gap.map(|g| (g.from, None, g.reason, g.since_ns));
+    for e in &entries {
+        match e.kind {
+            journal::format::Kind::GapOpen => {
+                let from = (e.flags & journal::format::ENTRY_FROM_START == 0).then_some(e.pos);
+                gap = Some((from, None, u32::try_from(e.offset).unwrap_or(0), e.time_ns));
+            }
+            journal::format::Kind::GapClose => {
+                if let Some(g) = gap.as_mut() {
+                    g.1 = Some(e.pos);
+                }
+            }
+            _ => {}
+        }
+    }
+    let (from, to, reason, since) = gap?;
+    let reason = state::Reason::from_code(reason);
+    Some(json!({
+        "from_seq": from.map(|p| p.seq),
+        "to_seq": to.map(|p: Pos| p.seq),
+        "open": to.is_none(),
+        "reason": reason.name(),
+        "since": format_rfc3339(since),
+    }))
 }

@@ -165,6 +165,15 @@ pub fn render_text(v: &Value) -> String {
                 j["oldest_point_time"].as_str().unwrap_or("-"),
                 j["open_point_exports"]
             );
+            if j["gap"]["open"] == true {
+                let _ = writeln!(
+                    s,
+                    "  timeline gap:   after {} until now ({} since {}): no point inside it is offered; the last consistent point stays available",
+                    j["gap"]["from_seq"].as_u64().map_or("the start".into(), |n| n.to_string()),
+                    j["gap"]["reason"].as_str().unwrap_or("?"),
+                    j["gap"]["since"].as_str().unwrap_or("-")
+                );
+            }
         } else {
             let _ = writeln!(s, "  journal:        none (only the latest state is kept)");
         }

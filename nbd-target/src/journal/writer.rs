@@ -109,6 +109,9 @@ impl JournalWriter {
                 if w.last > durable {
                     w.last = durable;
                 }
+                if w.last_good > w.last {
+                    w.last_good = w.last;
+                }
                 log::info!(
                     "disk {disk_id:?}: journal segment {n} reopened at {} ({} entries in it){}",
                     w.last,
