@@ -23,7 +23,7 @@ use std::sync::Mutex;
 
 use blockdev::{Backend, Caps};
 
-use super::format::{Entry, Kind};
+use super::format::{Entry, Kind, ENTRY_LEN, HEADER_LEN};
 use super::lease::Lease;
 use super::segment::{self, Segment};
 use super::Pos;
@@ -48,6 +48,9 @@ struct Map {
     pieces: BTreeMap<u64, Piece>,
     entries: u64,
     scratch: Vec<Entry>,
+    /// The index file of the segment after the newest one read (checked
+    /// for at every read that maps nothing new).
+    next_idx: PathBuf,
 }
 
 /// The disk at one point.
@@ -88,6 +91,7 @@ impl PointView {
             pieces: BTreeMap::new(),
             entries: 0,
             scratch: Vec::new(),
+            next_idx: PathBuf::new(),
         };
         let list = segment::list(dir)?;
         let mut opened = Vec::new();
@@ -112,6 +116,7 @@ impl PointView {
             .count();
         map.segs = opened.split_off(skip);
         let last = map.segs.len() - 1;
+        map.next_idx = segment::idx_path(dir, map.segs[last].n + 1);
         for i in 0..=last {
             let n = map.read_from(i, 0, point)?;
             if i == last {
@@ -212,9 +217,18 @@ impl Map {
     fn tail(&mut self, point: Pos) -> Result<()> {
         loop {
             let i = self.segs.len() - 1;
-            self.tail_next = self.read_from(i, self.tail_next, point)?;
+            // Only when the index grew is it read (an fstat otherwise).
+            let have = HEADER_LEN as u64 + self.tail_next * ENTRY_LEN as u64;
+            let len = self.segs[i]
+                .idx
+                .metadata()
+                .map(|m| m.len())
+                .unwrap_or(u64::MAX);
+            if len >= have + ENTRY_LEN as u64 {
+                self.tail_next = self.read_from(i, self.tail_next, point)?;
+            }
             let n = self.segs[i].n + 1;
-            if !segment::idx_path(&self.dir, n).exists() {
+            if !self.next_idx.exists() {
                 return Ok(());
             }
             let Some(s) = Segment::open(&self.dir, n)? else {
@@ -225,6 +239,7 @@ impl Map {
             self.tail_next = self.read_from(i, self.tail_next, point)?;
             self.segs.push(s);
             self.tail_next = 0;
+            self.next_idx = segment::idx_path(&self.dir, n + 1);
         }
     }
 }
@@ -283,14 +298,17 @@ impl Backend for PointView {
             m.tail(self.point)
                 .map_err(|e| io::Error::other(e.to_string()))?;
         }
-        let mut hits = Vec::new();
-        if let Some((&s, p)) = m.pieces.range(..offset).next_back() {
-            if p.end > offset {
-                hits.push((s, *p));
-            }
-        }
-        hits.extend(m.pieces.range(offset..end).map(|(&s, p)| (s, *p)));
-        for (s, p) in hits {
+        let before = m
+            .pieces
+            .range(..offset)
+            .next_back()
+            .filter(|(_, p)| p.end > offset)
+            .map(|(&s, p)| (s, *p));
+        let m = &*m;
+        for (s, p) in before
+            .into_iter()
+            .chain(m.pieces.range(offset..end).map(|(&s, p)| (s, *p)))
+        {
             let a = s.max(offset);
             let b = p.end.min(end);
             if a >= b {
