@@ -190,6 +190,20 @@ fn points_by_sequence_time_and_mark_equal_copies_saved_then() {
     for (i, (copy, seq, t)) in saved.iter().enumerate() {
         let by_seq = s.copy_of(&format!("nbd://{}/{DISK}@{seq}", s.target.nbd_addr), "seq");
         assert_same(copy, &by_seq);
+        // Block by block too: reads inside one before-image go straight to
+        // the journal's file through io_uring.
+        let want = std::fs::read(copy).unwrap();
+        let t_ = std::net::TcpStream::connect(&s.target.nbd_addr).unwrap();
+        let mut c = nbd::Client::connect(t_, &format!("{DISK}@{seq}")).unwrap();
+        let mut blk = vec![0u8; 4096];
+        for b in 0..(16 * MIB / 4096) {
+            c.read(b * 4096, &mut blk).unwrap();
+            let o = usize::try_from(b * 4096).unwrap();
+            assert!(
+                blk[..] == want[o..o + 4096],
+                "point {seq}: block {b} differs"
+            );
+        }
         let tf = s.test_failover(t, &[]);
         let by_time = s.copy_of(&tf.uri, "time");
         assert_same(copy, &by_time);

@@ -71,6 +71,15 @@ pub trait Backend: Send + Sync {
     fn uring_fd(&self) -> Option<RawFd> {
         None
     }
+    /// For a backend without [`Backend::uring_fd`]: a descriptor and file
+    /// offset that `offset..offset+len` can be read from as they are (so
+    /// the server reads it through io_uring, several at once, instead of
+    /// calling [`Backend::read_at`] inline). The descriptor must stay open
+    /// and those bytes unchanged while the backend lives. The default: none.
+    fn read_source(&self, offset: u64, len: u32) -> Option<(RawFd, u64)> {
+        let _ = (offset, len);
+        None
+    }
 }
 
 /// Zeroes for backends that write them.

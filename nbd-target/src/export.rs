@@ -78,6 +78,9 @@ impl Backend for Counted {
     fn flush(&self) -> io::Result<()> {
         self.view.flush()
     }
+    fn read_source(&self, offset: u64, len: u32) -> Option<(std::os::fd::RawFd, u64)> {
+        self.view.read_source(offset, len)
+    }
 }
 
 /// A replica read through its own handle, presented at the disk's size.

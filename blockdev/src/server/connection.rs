@@ -712,6 +712,35 @@ impl<'a> Connection<'a> {
     /// Submit the current phase of slot `i`.
     fn submit(&mut self, i: usize) {
         let Some(fd) = self.cfg.disk.uring_fd() else {
+            // Reads the backend can point at a descriptor for still go
+            // through io_uring (a recovery point's journal payloads).
+            if let (Command::Read { offset, len }, Phase::Main) =
+                (self.slots[i].cmd, self.slots[i].phase)
+            {
+                let done = self.slots[i].done;
+                if let Some((fd, at)) = self
+                    .cfg
+                    .disk
+                    .read_source(offset + u64::from(done), len - done)
+                {
+                    let s = &mut self.slots[i];
+                    // SAFETY: done < len <= buf.len().
+                    let p = unsafe { s.buf.as_mut_ptr().add(done as usize) };
+                    let entry = opcode::Read::new(types::Fd(fd), p, len - done)
+                        .offset(at)
+                        .build()
+                        .user_data(i as u64);
+                    // SAFETY: the entry points into slot i's buffer, which
+                    // stays active and untouched until complete() handles
+                    // this entry's completion; the descriptor is the
+                    // backend's, open while it lives (read_source's contract).
+                    if let Err(e) = unsafe { self.ring.push(&entry) } {
+                        log::error!("{}: io_uring submission failed: {e}", self.cfg.peer);
+                        self.finish(i, Err((Errno::Io, "io_uring submission failed")));
+                    }
+                    return;
+                }
+            }
             return self.run_inline(i);
         };
         if let (Command::Write { len, .. }, Phase::Main) = (self.slots[i].cmd, self.slots[i].phase)

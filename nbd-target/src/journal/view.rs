@@ -339,4 +339,21 @@ impl Backend for PointView {
     fn flush(&self) -> io::Result<()> {
         Ok(())
     }
+
+    fn read_source(&self, offset: u64, len: u32) -> Option<(std::os::fd::RawFd, u64)> {
+        use std::os::fd::AsRawFd;
+        // A range inside one before-image: those bytes never change, and
+        // the segment's file stays open while the view lives.
+        let end = offset.checked_add(u64::from(len))?;
+        let m = self
+            .map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (&s, p) = m.pieces.range(..=offset).next_back()?;
+        if p.end < end {
+            return None;
+        }
+        let src = p.src?;
+        Some((m.segs[p.seg].dat.as_raw_fd(), src + (offset - s)))
+    }
 }
