@@ -137,6 +137,10 @@ impl Timeline {
         let mut open: Option<Gap> = None;
         for (i, &n) in segs.iter().enumerate() {
             let Some(seg) = Segment::open(dir, n)? else {
+                // Pruned while read: everything before it is going too.
+                *self = Timeline::default();
+                last = Pos::default();
+                open = None;
                 continue;
             };
             self.segments += 1;
@@ -157,16 +161,23 @@ impl Timeline {
             for e in &entries {
                 match e.kind {
                     Kind::GapOpen => {
-                        if let Some(g) = open.take() {
-                            self.gaps.push(g);
-                        }
-                        open = Some(Gap {
+                        let mut g = Gap {
                             from: (e.flags & ENTRY_FROM_START == 0).then_some(e.pos),
                             to: None,
                             reason: reason_of(u32::try_from(e.offset).unwrap_or(0)),
                             since_ns: e.time_ns,
                             closed_ns: 0,
-                        });
+                        };
+                        // Opened again while open (a new epoch inside a
+                        // resync): one gap, from the earlier start.
+                        if let Some(prev) = open.take() {
+                            g.from = match (prev.from, g.from) {
+                                (Some(a), Some(b)) => Some(a.min(b)),
+                                _ => None,
+                            };
+                            g.since_ns = prev.since_ns;
+                        }
+                        open = Some(g);
                         let epoch = u32::try_from(e.len).unwrap_or(0);
                         if epoch > last.epoch {
                             last = Pos {

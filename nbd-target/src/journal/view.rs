@@ -100,6 +100,14 @@ impl PointView {
                 opened.push(s);
             }
         }
+        // Pruning removes the oldest segments first, but one may vanish
+        // between the listing and its opening: keep only the unbroken run
+        // of segments that ends at the newest.
+        let mut start = opened.len().saturating_sub(1);
+        while start > 0 && opened[start - 1].n + 1 == opened[start].n {
+            start -= 1;
+        }
+        let mut opened = opened.split_off(start);
         let Some(first) = opened.first() else {
             return Err(Error::Invalid(format!("{}: no journal", dir.display())));
         };

@@ -59,6 +59,10 @@ pub struct JournalWriter {
     dir: PathBuf,
     cfg: JournalConfig,
     seg: u64,
+    /// The highest position of any entry in the current segment (those
+    /// kept from before a crash too): the next segment's base is at least
+    /// this, so segment k never holds anything after segment k+1's base.
+    seg_max: Pos,
     idx: File,
     /// The payload file, staged (direct writes where possible).
     dat: PayloadOut,
@@ -175,6 +179,7 @@ impl JournalWriter {
             dir: dir.to_path_buf(),
             cfg,
             seg: n,
+            seg_max: h.base,
             idx,
             dat,
             idx_len: HEADER_LEN as u64,
@@ -231,6 +236,7 @@ impl JournalWriter {
             }
         }
         self.stats.last = self.last;
+        self.seg_max = entries.iter().map(|e| e.pos).fold(h.base, Pos::max);
     }
 
     /// Newest position recorded, and the stats.
@@ -319,6 +325,12 @@ impl JournalWriter {
                     self.last
                 );
                 pos.epoch += 1;
+                // Durable with the gap it opens (or continues), like after_hello's.
+                let from = match self.gap {
+                    Some(g) => g.from,
+                    None => Some(self.last_good),
+                };
+                self.push_gap_open(from, Reason::SourceGap as u32, pos.epoch);
             }
         }
         if consistent && self.gap.is_some() {
@@ -388,6 +400,7 @@ impl JournalWriter {
 
     /// An entry without payload.
     fn push_meta(&mut self, e: Entry) {
+        self.seg_max = self.seg_max.max(e.pos);
         self.idx_buf.extend_from_slice(&e.encode());
         self.stats.entries += 1;
     }
@@ -457,7 +470,7 @@ impl JournalWriter {
             let h = Header {
                 segment: self.seg + 1,
                 created_ns: now_ns(),
-                base: self.last,
+                base: self.last.max(self.seg_max),
                 last_good: self.last_good,
                 gap: self.gap,
             };
@@ -465,6 +478,7 @@ impl JournalWriter {
             let w =
                 JournalWriter::with_files(&self.dir, self.cfg, h.segment, &h, 0, &self.disk_id)?;
             self.seg = w.seg;
+            self.seg_max = w.seg_max;
             self.idx = w.idx;
             self.dat = w.dat;
             self.idx_len = HEADER_LEN as u64;
