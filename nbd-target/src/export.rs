@@ -225,14 +225,7 @@ impl ExportSet for ReplicaExports {
         };
         let dp = crate::points::DiskPoints::load(data_dir, id).map_err(said)?;
         let pos = dp.resolve(point).map_err(said)?;
-        let caps = blockdev::Caps {
-            read_only: true,
-            trim: false,
-            fast_zero: false,
-            extents: false,
-            multi_conn: true,
-            inline_writes: false,
-        };
+        let caps = crate::journal::view::READ_ONLY;
         Ok(describe_export(
             name,
             format!("blockship replica of {id} at point {pos} ({point}), read-only"),
@@ -258,14 +251,7 @@ impl ExportSet for ReplicaExports {
                         "not consistent"
                     }
                 );
-                let caps = blockdev::Caps {
-                    read_only: true,
-                    trim: false,
-                    fast_zero: false,
-                    extents: false,
-                    multi_conn: true,
-                    inline_writes: false,
-                };
+                let caps = crate::journal::view::READ_ONLY;
                 Some(describe_export(
                     &e.id,
                     description,

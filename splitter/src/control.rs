@@ -533,7 +533,7 @@ impl<C: WriteCapture> WriteCapture for GatedCapture<C> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #![allow(clippy::unwrap_used)] // tests fail loudly on any error
     use super::*;
     use ring::Producer;
@@ -583,7 +583,8 @@ mod tests {
         );
     }
 
-    fn producer(dir: &Path) -> (PathBuf, Arc<Producer>) {
+    /// A fresh 1 MiB ring for a 64 MiB disk in `dir` (the splitter's tests share it).
+    pub(crate) fn producer(dir: &Path) -> (PathBuf, Arc<Producer>) {
         let path = dir.join("disk.ring");
         let disk = ring::DiskIdentity {
             size: 64 << 20,

@@ -933,20 +933,7 @@ mod tests {
     use super::*;
 
     fn ring(dir: &Path) -> (PathBuf, Arc<Producer>) {
-        let path = dir.join("disk.ring");
-        let disk = ring::DiskIdentity {
-            size: 64 << 20,
-            fingerprint: [1, 2],
-            path: "/dev/test".into(),
-        };
-        let opts = ring::CreateOptions {
-            capacity: 1 << 20,
-            granularity: 64 << 10,
-            disk_holds_data: false,
-        };
-        let (p, _) =
-            Producer::open_or_create(&path, &opts, &disk, ring::FullPolicy::Bitmap).unwrap();
-        (path, Arc::new(p))
+        crate::control::tests::producer(dir)
     }
 
     fn req(name: &str, app: bool) -> MarkRequest {

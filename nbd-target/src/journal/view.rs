@@ -29,6 +29,17 @@ use super::segment::{self, Segment};
 use super::Pos;
 use crate::error::{Error, Result};
 
+/// What a read-only export of a replica offers (the latest state, and
+/// every point): reads from any number of connections, nothing else.
+pub const READ_ONLY: Caps = Caps {
+    read_only: true,
+    trim: false,
+    fast_zero: false,
+    extents: false,
+    multi_conn: true,
+    inline_writes: false,
+};
+
 /// One mapped range: read from a segment's payloads, or zeroes.
 #[derive(Debug, Clone, Copy)]
 struct Piece {
@@ -266,14 +277,7 @@ impl Backend for PointView {
     }
 
     fn caps(&self) -> Caps {
-        Caps {
-            read_only: true,
-            trim: false,
-            fast_zero: false,
-            extents: false,
-            multi_conn: true,
-            inline_writes: false,
-        }
+        READ_ONLY
     }
 
     fn describe(&self) -> String {
