@@ -10,7 +10,8 @@
 //! - [`overlay`] — a copy-on-write [`Overlay`] over a base backend that is
 //!   never written (test failover: a writable export of a disk at a
 //!   recovery point): 4 KiB blocks in an unnamed sparse file, discarded on
-//!   drop, with an optional cap (ENOSPC when full).
+//!   drop, with an optional cap (ENOSPC when full); or durable (failover:
+//!   a named file and its [`overlay_map`], flushed like a disk).
 //! - [`server`] — the one NBD transmission server: listeners, a bounded
 //!   handshake, one thread and one io_uring per connection, pipelining,
 //!   structured replies, block status, multi-conn, bounded memory, graceful
@@ -30,6 +31,7 @@ mod error;
 pub mod file;
 pub mod nbd_backend;
 pub mod overlay;
+pub mod overlay_map;
 pub mod server;
 
 pub use backend::{Backend, Caps};

@@ -34,10 +34,19 @@
 //!   episode (until a change allocates again); changes of blocks that hold
 //!   data already, and all reads, keep working.
 //!
-//! What it is not: durable (flush and FUA do nothing, the overlay is
-//! discarded when the export ends; a crash loses it, by design), a
-//! snapshot format (no header, nothing to reopen), shared between
-//! processes, or a block-status source (`extents` reports all data).
+//! - **Durable** overlays ([`Overlay::create_durable`], for a failover: the
+//!   writes made on a failed-over disk are the user's data) have a named
+//!   data file and a map file ([`crate::overlay_map`]): a flush or a FUA
+//!   write syncs the data file, then writes the map pages changed since
+//!   the last flush (the bits as they were *before* that sync, so every bit
+//!   written points at synced data) and syncs them.
+//!   [`Overlay::open_durable`] opens them again after a restart or a crash.
+//!
+//! What it is not: durable unless made so (an unnamed overlay's flush and
+//! FUA do nothing: it is discarded when the export ends, a crash loses it,
+//! by design), a snapshot format, shared between processes (one process
+//! opens a durable overlay at a time: its users lock it), or a
+//! block-status source (`extents` reports all data).
 //!
 //! # Locking
 //!
@@ -81,6 +90,14 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use crate::backend::{Backend, Caps};
 use crate::file::fallocate;
+use crate::overlay_map::{self, MapLayout};
+
+/// The map file of the durable overlay whose data file is `path`.
+pub fn map_path(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".map");
+    PathBuf::from(s)
+}
 
 /// The overlay's block size: the unit of copy-on-write and of its count.
 pub const OVERLAY_BLOCK: u64 = 4096;
@@ -159,6 +176,9 @@ struct Map {
     reserved: Vec<(u64, u64)>,
     /// Bits set in `data`.
     used_blocks: u64,
+    /// Map pages changed since the last flush (durable overlays only;
+    /// one bit per page of [`overlay_map::WORDS_PER_PAGE`] words).
+    dirty: Vec<u64>,
     /// A refusal for the cap was logged since the last allocation.
     full_logged: bool,
 }
@@ -200,6 +220,17 @@ impl Map {
         (present, to)
     }
 
+    /// Note that the words covering blocks `from..to` changed.
+    fn touch(&mut self, from: u64, to: u64) {
+        if self.dirty.is_empty() || to <= from {
+            return;
+        }
+        let per = overlay_map::WORDS_PER_PAGE as u64;
+        for p in (from / 64 / per)..=((to - 1) / 64 / per) {
+            Map::set(&mut self.dirty, p);
+        }
+    }
+
     fn overlaps_reservation(&self, from: u64, to: u64) -> bool {
         self.reserved.iter().any(|&(a, b)| a < to && from < b)
     }
@@ -235,6 +266,8 @@ enum Fill<'a> {
 pub struct Overlay {
     base: Arc<dyn Backend>,
     file: File,
+    /// Its map file, when the overlay is durable.
+    durable: Option<Durable>,
     size: u64,
     limit: Option<u64>,
     map: Mutex<Map>,
@@ -250,6 +283,15 @@ impl fmt::Debug for Overlay {
             .field("limit", &self.limit)
             .finish_non_exhaustive()
     }
+}
+
+/// A durable overlay's map file (see [`overlay_map`]).
+struct Durable {
+    map: File,
+    layout: MapLayout,
+    path: PathBuf,
+    /// One flush at a time (each writes the pages it took from the map).
+    flushing: Mutex<()>,
 }
 
 /// A change's reservation of a block range: settled when committed, rolled
@@ -275,6 +317,9 @@ impl Reservation<'_> {
             let absent = !map.present[w] & m;
             if ok {
                 map.present[w] |= absent;
+                if absent != 0 {
+                    map.touch(w as u64 * 64, w as u64 * 64 + 1);
+                }
             } else {
                 let counted = map.data[w] & absent;
                 map.data[w] &= !counted;
@@ -317,21 +362,233 @@ impl Overlay {
                 source,
             }
         })?;
-        Ok(Overlay {
+        Ok(Overlay::assemble(
             base,
             file,
+            None,
+            max_bytes,
+            vec![0; words],
+            vec![0; words],
+        ))
+    }
+
+    fn assemble(
+        base: Arc<dyn Backend>,
+        file: File,
+        durable: Option<Durable>,
+        limit: Option<u64>,
+        present: Vec<u64>,
+        data: Vec<u64>,
+    ) -> Overlay {
+        let size = base.size();
+        let used_blocks = data.iter().map(|w| u64::from(w.count_ones())).sum();
+        let pages = present.len().div_ceil(overlay_map::WORDS_PER_PAGE);
+        let dirty = if durable.is_some() {
+            vec![0; pages.div_ceil(64).max(1)]
+        } else {
+            Vec::new()
+        };
+        Overlay {
+            base,
+            file,
+            durable,
             size,
-            limit: max_bytes,
+            limit,
             map: Mutex::new(Map {
-                present: vec![0; words],
-                data: vec![0; words],
+                present,
+                data,
                 reserved: Vec::new(),
-                used_blocks: 0,
+                used_blocks,
                 full_logged: false,
+                dirty,
             }),
             settled: Condvar::new(),
             full_events: AtomicU64::new(0),
-        })
+        }
+    }
+
+    /// A *durable* overlay over `base`: its data in the new file `path`
+    /// (the disk's size, sparse) and its map in `path` + `.map`, both
+    /// created here (never over existing files) and synced with their
+    /// folder. A flush (or a FUA write) makes every write completed before
+    /// it survive a crash; [`Overlay::open_durable`] opens it again.
+    pub fn create_durable(
+        base: Arc<dyn Backend>,
+        path: &Path,
+        max_bytes: Option<u64>,
+    ) -> Result<Overlay, OverlayError> {
+        let size = base.size();
+        let layout = MapLayout::new(size, OVERLAY_BLOCK as u32);
+        usize::try_from(layout.words).map_err(|_| OverlayError::TooLarge { size })?;
+        let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let err = |what| {
+            let dir = dir.clone();
+            move |source| OverlayError::File { dir, what, source }
+        };
+        let new = |p: &Path| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(p)
+        };
+        let file = new(path).map_err(err("creating the overlay file"))?;
+        file.set_len(size).map_err(err("sizing the overlay file"))?;
+        fallocate(file.as_raw_fd(), PUNCH, 0, OVERLAY_BLOCK).map_err(|source| {
+            OverlayError::NoPunchHole {
+                dir: dir.clone(),
+                source,
+            }
+        })?;
+        let mp = map_path(path);
+        let map = new(&mp).map_err(err("creating the overlay map"))?;
+        map.set_len(layout.file_len())
+            .map_err(err("sizing the overlay map"))?;
+        map.write_all_at(&layout.encode(), 0)
+            .map_err(err("writing the overlay map"))?;
+        file.sync_all().map_err(err("syncing the overlay file"))?;
+        map.sync_all().map_err(err("syncing the overlay map"))?;
+        File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(err("syncing the overlay's folder"))?;
+        let words = usize::try_from(layout.words).unwrap_or(0);
+        Ok(Overlay::assemble(
+            base,
+            file,
+            Some(Durable {
+                map,
+                layout,
+                path: path.to_path_buf(),
+                flushing: Mutex::new(()),
+            }),
+            max_bytes,
+            vec![0; words],
+            vec![0; words],
+        ))
+    }
+
+    /// Open the durable overlay made by [`Overlay::create_durable`] at
+    /// `path` over `base` (which must be as large as the disk it was made
+    /// for): every block flushed before a crash is there.
+    pub fn open_durable(
+        base: Arc<dyn Backend>,
+        path: &Path,
+        max_bytes: Option<u64>,
+    ) -> Result<Overlay, OverlayError> {
+        let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let err = |what| {
+            let dir = dir.clone();
+            move |source| OverlayError::File { dir, what, source }
+        };
+        let open = |p: &Path| std::fs::OpenOptions::new().read(true).write(true).open(p);
+        let file = open(path).map_err(err("opening the overlay file"))?;
+        let map = open(&map_path(path)).map_err(err("opening the overlay map"))?;
+        let (layout, present, data) =
+            overlay_map::read(&map).map_err(err("reading the overlay map"))?;
+        if layout.size != base.size() || u64::from(layout.block) != OVERLAY_BLOCK {
+            return Err(OverlayError::File {
+                dir,
+                what: "checking the overlay map",
+                source: io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "made for a disk of {} bytes in blocks of {}, not {} bytes",
+                        layout.size,
+                        layout.block,
+                        base.size()
+                    ),
+                ),
+            });
+        }
+        Ok(Overlay::assemble(
+            base,
+            file,
+            Some(Durable {
+                map,
+                layout,
+                path: path.to_path_buf(),
+                flushing: Mutex::new(()),
+            }),
+            max_bytes,
+            present,
+            data,
+        ))
+    }
+
+    /// Whether it is durable (made by [`Overlay::create_durable`] or
+    /// [`Overlay::open_durable`]).
+    pub fn is_durable(&self) -> bool {
+        self.durable.is_some()
+    }
+
+    /// The runs of present blocks, as byte ranges `(offset, len)` in
+    /// order (what the overlay changed).
+    pub fn present_ranges(&self) -> Vec<(u64, u64)> {
+        let map = self.lock();
+        let blocks = self.size.div_ceil(OVERLAY_BLOCK);
+        let mut out = Vec::new();
+        let mut b = 0;
+        while b < blocks {
+            let (present, end) = map.run(b, blocks);
+            if present {
+                let start = b * OVERLAY_BLOCK;
+                out.push((start, (end * OVERLAY_BLOCK).min(self.size) - start));
+            }
+            b = end;
+        }
+        out
+    }
+
+    /// Read `buf.len()` bytes at `offset` from the overlay's own file
+    /// (meaningful only inside [`Overlay::present_ranges`]).
+    pub fn read_own(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+
+    /// A durable overlay's flush: the data file synced, then the map pages
+    /// changed before it written and synced. Nothing for an unnamed one.
+    fn persist(&self) -> io::Result<()> {
+        let Some(d) = &self.durable else {
+            return Ok(());
+        };
+        let _one = d.flushing.lock().unwrap_or_else(PoisonError::into_inner);
+        // The bits as they are now: every block they say is present was
+        // written completely before this point, so the sync below covers it.
+        let mut pages = Vec::new();
+        {
+            let mut map = self.lock();
+            let per = overlay_map::WORDS_PER_PAGE;
+            for w in 0..map.dirty.len() {
+                let mut bits = std::mem::take(&mut map.dirty[w]);
+                while bits != 0 {
+                    let p = w * 64 + bits.trailing_zeros() as usize;
+                    bits &= bits - 1;
+                    let lo = (p * per).min(map.present.len());
+                    let hi = (lo + per).min(map.present.len());
+                    pages.push((p, map.present[lo..hi].to_vec(), map.data[lo..hi].to_vec()));
+                }
+            }
+        }
+        let written = (|| {
+            self.file.sync_data()?;
+            if pages.is_empty() {
+                return Ok(());
+            }
+            for (p, present, data) in &pages {
+                overlay_map::write_page(&d.map, d.layout.present_off(), *p, present)?;
+                overlay_map::write_page(&d.map, d.layout.data_off(), *p, data)?;
+            }
+            d.map.sync_data()
+        })();
+        if let Err(e) = written {
+            let mut map = self.lock();
+            for (p, _, _) in &pages {
+                Map::set(&mut map.dirty, *p as u64);
+            }
+            log::warn!("overlay {}: flush failed: {e}", d.path.display());
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// Bytes counted against the cap: 4 KiB for every block that holds
@@ -443,6 +700,7 @@ impl Overlay {
                 for (w, m) in words(from, to) {
                     map.data[w] |= m;
                 }
+                map.touch(from, to);
             }
             Fill::Zero => {
                 // Only the blocks read-modify-written get data; the others
@@ -454,6 +712,7 @@ impl Overlay {
                 for b in [(rmw_first, first), (rmw_last, last)] {
                     if b.0 {
                         Map::set(&mut map.data, b.1);
+                        map.touch(b.1, b.1 + 1);
                     }
                 }
             }
@@ -491,6 +750,19 @@ impl Overlay {
         }
         reservation.commit();
         Ok(())
+    }
+}
+
+impl Drop for Overlay {
+    fn drop(&mut self) {
+        if self.durable.is_some() {
+            if let Err(e) = self.persist() {
+                log::warn!(
+                    "overlay over {}: last flush failed: {e}",
+                    self.base.describe()
+                );
+            }
+        }
     }
 }
 
@@ -532,10 +804,15 @@ impl Backend for Overlay {
         Ok(())
     }
 
-    /// `fua` is ignored: the overlay is never durable.
-    fn write_at(&self, offset: u64, data: &[u8], _fua: bool) -> io::Result<()> {
+    /// `fua` flushes a durable overlay after the write (and is nothing
+    /// for an unnamed one).
+    fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
         let end = self.end_of(offset, data.len() as u64)?;
-        self.change(offset, end, Fill::Data(data))
+        self.change(offset, end, Fill::Data(data))?;
+        if fua {
+            self.persist()?;
+        }
+        Ok(())
     }
 
     fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -550,10 +827,11 @@ impl Backend for Overlay {
         self.change(offset, end, Fill::Zero)
     }
 
-    /// Does nothing: the overlay is discarded when it drops, so nothing in
-    /// it is ever made durable (no fdatasync).
+    /// A durable overlay: every write completed before it survives a
+    /// crash (data synced, then the map). An unnamed one: nothing (it is
+    /// discarded when it drops).
     fn flush(&self) -> io::Result<()> {
-        Ok(())
+        self.persist()
     }
 }
 
@@ -682,6 +960,58 @@ mod tests {
         assert!(!caps.read_only && caps.trim && caps.multi_conn && caps.inline_writes);
         assert_eq!(ov.uring_fd(), None);
         ov.flush().unwrap();
+    }
+
+    #[test]
+    fn durable_overlay_keeps_what_was_flushed() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 3000 * B + 100; // more than one map page of words
+        let base = MemDisk::new(size);
+        let path = dir.path().join("ov.img");
+        let ov = Overlay::create_durable(base.clone(), &path, None).unwrap();
+        assert!(ov.is_durable());
+        assert!(Overlay::create_durable(base.clone(), &path, None).is_err());
+        ov.write_at(10, &[1u8; 5000], false).unwrap();
+        ov.write_at(2900 * B, &[2u8; 4096], false).unwrap();
+        ov.zero(40 * B, 3 * B, true, false).unwrap();
+        ov.flush().unwrap();
+        // A FUA write is durable by itself.
+        ov.write_at(size - 100, &[4u8; 100], true).unwrap();
+        // Written after the last flush, then the process dies (no drop:
+        // no last flush): the map does not have it.
+        ov.write_at(100 * B, &[3u8; 4096], false).unwrap();
+        std::mem::forget(ov);
+        let ov = Overlay::open_durable(base.clone(), &path, None).unwrap();
+        let mut want = base_bytes(&base, 0, size);
+        want[10..5010].fill(1);
+        want[us(2900 * B)..us(2901 * B)].fill(2);
+        want[us(40 * B)..us(43 * B)].fill(0);
+        want[us(size - 100)..].fill(4);
+        let got = read(&ov, 0, size);
+        let first_bad = got.iter().zip(&want).position(|(a, b)| a != b);
+        assert_eq!(first_bad, None, "differs from byte {first_bad:?}");
+        assert_eq!(
+            ov.present_ranges(),
+            vec![
+                (0, 2 * B),
+                (40 * B, 3 * B),
+                (2900 * B, B),
+                (
+                    size - 100 - (size - 100) % B,
+                    size - (size - 100 - (size - 100) % B)
+                )
+            ]
+        );
+        // Blocks holding data: the two of the first write, one, and the
+        // last (the zeroed ones are holes).
+        assert_eq!(ov.bytes_used(), 4 * B);
+        drop(ov);
+        // A base of another size is refused.
+        assert!(Overlay::open_durable(MemDisk::new(size + B), &path, None).is_err());
+        let mut own = vec![0u8; 4096];
+        let ov = Overlay::open_durable(base, &path, None).unwrap();
+        ov.read_own(2900 * B, &mut own).unwrap();
+        assert_eq!(own, vec![2u8; 4096]);
     }
 
     #[test]
