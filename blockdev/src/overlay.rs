@@ -105,6 +105,9 @@ pub const OVERLAY_BLOCK: u64 = 4096;
 /// [`OVERLAY_BLOCK`] as a buffer length.
 const BLOCK_LEN: usize = 4096;
 const _: () = assert!(BLOCK_LEN as u64 == OVERLAY_BLOCK);
+/// [`OVERLAY_BLOCK`] as the map header stores it.
+const OVERLAY_BLOCK_U32: u32 = 4096;
+const _: () = assert!(OVERLAY_BLOCK_U32 as u64 == OVERLAY_BLOCK);
 
 const PUNCH: libc::c_int = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
 
@@ -418,7 +421,7 @@ impl Overlay {
         max_bytes: Option<u64>,
     ) -> Result<Overlay, OverlayError> {
         let size = base.size();
-        let layout = MapLayout::new(size, OVERLAY_BLOCK as u32);
+        let layout = MapLayout::new(size, OVERLAY_BLOCK_U32);
         usize::try_from(layout.words).map_err(|_| OverlayError::TooLarge { size })?;
         let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
         let err = |what| {

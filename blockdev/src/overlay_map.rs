@@ -21,6 +21,9 @@ pub const MAP_MAGIC: [u8; 8] = *b"BSHPOVMP";
 pub const MAP_VERSION: u32 = 1;
 /// Bytes of the header, and the unit the bitmaps are written in.
 pub const MAP_PAGE: u64 = 4096;
+/// [`MAP_PAGE`] as a buffer length.
+const PAGE_LEN: usize = 4096;
+const _: () = assert!(PAGE_LEN as u64 == MAP_PAGE);
 /// Bitmap words per page.
 pub const WORDS_PER_PAGE: usize = 512;
 
@@ -80,8 +83,8 @@ impl MapLayout {
     }
 
     /// The header page.
-    pub fn encode(&self) -> [u8; MAP_PAGE as usize] {
-        let mut b = [0u8; MAP_PAGE as usize];
+    pub fn encode(&self) -> [u8; PAGE_LEN] {
+        let mut b = [0u8; PAGE_LEN];
         b[0..8].copy_from_slice(&MAP_MAGIC);
         b[8..12].copy_from_slice(&MAP_VERSION.to_le_bytes());
         b[12..16].copy_from_slice(&self.block.to_le_bytes());
@@ -122,12 +125,12 @@ impl MapLayout {
 
 /// Read the header and both bitmaps of `f`.
 pub fn read(f: &File) -> io::Result<(MapLayout, Vec<u64>, Vec<u64>)> {
-    let mut h = [0u8; MAP_PAGE as usize];
+    let mut h = [0u8; PAGE_LEN];
     f.read_exact_at(&mut h, 0)?;
     let l = MapLayout::decode(&h).map_err(|m| io::Error::new(io::ErrorKind::InvalidData, m))?;
     let words = usize::try_from(l.words)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "overlay map too large"))?;
-    let mut bits = |off: u64| -> io::Result<Vec<u64>> {
+    let bits = |off: u64| -> io::Result<Vec<u64>> {
         let mut raw = vec![0u8; words * 8];
         f.read_exact_at(&mut raw, off)?;
         Ok(raw
@@ -147,7 +150,7 @@ pub fn read(f: &File) -> io::Result<(MapLayout, Vec<u64>, Vec<u64>)> {
 /// Write bitmap page `page` of the region at `off` from `words` (the
 /// page's words, at most [`WORDS_PER_PAGE`]).
 pub fn write_page(f: &File, off: u64, page: usize, words: &[u64]) -> io::Result<()> {
-    let mut raw = [0u8; MAP_PAGE as usize];
+    let mut raw = [0u8; PAGE_LEN];
     for (i, w) in words.iter().take(WORDS_PER_PAGE).enumerate() {
         raw[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
     }
