@@ -5,31 +5,41 @@
 //! multi-conn, pipelining, bounded memory and connections, a handshake
 //! deadline, graceful stop. Read-only: writes are refused with EPERM.
 //!
-//! `ID` is the replica at its latest applied state; `ID@POINT` is the disk
+//! `ID` is the replica at its latest applied state (a disk failed over and
+//! not committed: the failed-over disk, writable, see [`crate::failover`]); `ID@POINT` is the disk
 //! at a recovery point (`ID@latest`, `ID@123456`, `ID@2026-11-24T10:15:00Z`,
 //! `ID@MARK`), a [`crate::journal::PointView`] opened per connection. A
 //! test failover serves a writable copy-on-write overlay over such a view
 //! with [`OneExport`].
 
+use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 
 use blockdev::server::{describe_export, Claims, ExportSet, OpenExport};
 use blockdev::{Backend, NoCapture};
 
+use crate::failover::{FailedOverDisk, Phase};
 use crate::registry::Registry;
 
 /// Point exports (`ID@POINT`) open at once, per daemon: each holds a map
 /// of the ranges changed since its point and the journal files it reads.
 pub const MAX_POINT_VIEWS: usize = 32;
 
-/// Every replica that has a state, read-only, named by its disk id.
+/// Every replica that has a state, read-only, named by its disk id; a
+/// disk failed over (uncommitted) writable under its id instead.
 pub struct ReplicaExports {
     registry: Arc<Registry>,
     /// Point views open now.
     views: Arc<AtomicUsize>,
+    /// The failed-over disks open now: one per disk, shared by all its
+    /// connections (with their overlap claims), closed with the last one.
+    failed_over: Mutex<HashMap<String, OpenFailedOver>>,
 }
+
+/// A failed-over disk open in the daemon, and its connections' claims.
+type OpenFailedOver = (Weak<FailedOverDisk>, Arc<Claims>);
 
 impl ReplicaExports {
     /// The exports of `registry`'s replicas.
@@ -37,7 +47,62 @@ impl ReplicaExports {
         ReplicaExports {
             registry,
             views: Arc::default(),
+            failed_over: Mutex::default(),
         }
+    }
+
+    /// `ID` of a disk failed over and not committed: its overlay over the
+    /// point, writable.
+    fn open_failed_over(
+        &self,
+        entry: &crate::registry::DiskEntry,
+        rec: &crate::failover::Record,
+        size: u64,
+    ) -> io::Result<OpenExport> {
+        let mut m = self
+            .failed_over
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((w, claims)) = m.get(&entry.id) {
+            if let Some(d) = w.upgrade() {
+                if Some(d.point()) == rec.point {
+                    return Ok(OpenExport {
+                        disk: d,
+                        capture: Arc::new(NoCapture),
+                        claims: claims.clone(),
+                        read_only: false,
+                    });
+                }
+            }
+        }
+        let point = rec.point.ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{}: no point yet", entry.id),
+            )
+        })?;
+        let d = FailedOverDisk::open(
+            &entry.dir,
+            &entry.id,
+            &crate::journal::dir_of(&entry.dir),
+            &entry.spec,
+            size,
+            point,
+        )
+        .map_err(|e| io::Error::other(format!("{}: {e}", entry.id)))?;
+        log::info!(
+            "export {}: the failed-over disk at point {point}, writable",
+            entry.id
+        );
+        let d = Arc::new(d);
+        let claims = Arc::new(Claims::default());
+        m.insert(entry.id.clone(), (Arc::downgrade(&d), claims.clone()));
+        Ok(OpenExport {
+            disk: d,
+            capture: Arc::new(NoCapture),
+            claims,
+            read_only: false,
+        })
     }
 }
 
@@ -241,6 +306,17 @@ impl ExportSet for ReplicaExports {
             .into_iter()
             .filter_map(|e| {
                 let st = e.state()?;
+                if let Ok(Some(r)) = crate::failover::record::load(&e.dir) {
+                    if r.phase == Phase::Uncommitted {
+                        return Some(describe_export(
+                            &e.id,
+                            format!("blockship disk {} {}, writable", e.id, r.describe()),
+                            st.disk_size,
+                            crate::failover::disk::CAPS,
+                            false,
+                        ));
+                    }
+                }
                 let description = format!(
                     "blockship replica of {} at seq {} ({})",
                     e.id,
@@ -284,6 +360,16 @@ impl ExportSet for ReplicaExports {
                 )
             })?
             .disk_size;
+        match crate::failover::record::load(&entry.dir) {
+            Ok(Some(r)) if r.phase == Phase::Uncommitted => {
+                return self.open_failed_over(&entry, &r, size);
+            }
+            Ok(Some(r)) if r.phase != Phase::Committed => {
+                return Err(io::Error::other(format!("{name}: {}", r.describe())));
+            }
+            Ok(_) => {}
+            Err(e) => return Err(io::Error::other(format!("{name}: {e}"))),
+        }
         let inner = entry
             .spec
             .open_reader()

@@ -10,7 +10,7 @@
 //!
 //! It is *not* the shipper's retry logic nor the ring: a connection that
 //! fails is simply dropped, and the shipper reconnects and resumes from the
-//! applied sequence the hello reply gives it. Failover is later work.
+//! applied sequence the hello reply gives it.
 //!
 //! # Layout
 //! - [`server`]: the daemon (listeners, threads, live status).
@@ -30,6 +30,10 @@
 //! - [`status`]: `status` output and Prometheus metrics.
 //! - [`points`]: recovery points as commands see them (naming, listing, tags).
 //! - [`test_failover`]: a writable copy-on-write export of a point.
+//! - [`failover`]: failing a disk over at a point (fencing its shipper,
+//!   a durable overlay), moving, rolling back, committing.
+//! - [`lockfile`]: the flock files that keep sessions, exports and
+//!   commands out of each other's way.
 //! - [`pki`]: the site's certificate authority.
 //! - [`seed`]: registering an image carried to the site as a starting replica.
 
@@ -37,7 +41,9 @@ pub mod admission;
 pub mod consistency;
 pub mod error;
 pub mod export;
+pub mod failover;
 pub mod journal;
+pub mod lockfile;
 pub mod pki;
 pub mod points;
 pub mod registry;

@@ -124,6 +124,49 @@ enum Cmd {
         #[arg(long, value_name = "URI")]
         backend: Option<String>,
     },
+    /// Fail a disk over: present it at a recovery point as the disk itself.
+    ///
+    /// The disk's shipper is refused from now on (it keeps its ring:
+    /// nothing at the source is released) and the running `serve` offers
+    /// the disk at point P as the writable NBD export ID; writes go to a
+    /// durable overlay, so until --commit the replica is untouched:
+    /// --rollback returns to replicating exactly where it stopped (no
+    /// resync), --point P2 moves to another point (writes made at P are
+    /// discarded). --commit makes it final: the replica becomes the disk
+    /// at P with the writes made since, its path is printed (a plain
+    /// image: serve it with `splitter serve --disk PATH`, protect it back
+    /// with `--ship-to`), and the old timeline's points go. Move, rollback
+    /// and commit need the failed-over export's clients disconnected.
+    #[command(after_help = "Examples:
+  nbd-target failover --data-dir /var/lib/blockship --disk-id db --point before-upgrade
+  nbdfuse /mnt/db/disk nbd://127.0.0.1:10810/db        # use it (or qemu, nbd-client)
+  nbd-target failover --data-dir /var/lib/blockship --disk-id db --point 2026-11-24T10:15:00Z   # move
+  nbd-target failover --data-dir /var/lib/blockship --disk-id db --rollback
+  IMG=$(nbd-target failover --data-dir /var/lib/blockship --disk-id db --commit)
+  nbd-target failover --data-dir /var/lib/blockship --disk-id db --point latest --commit")]
+    Failover {
+        /// The data folder the daemon uses.
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// The disk.
+        #[arg(long, value_name = "ID")]
+        disk_id: String,
+        /// The point: latest, a sequence number, an RFC 3339 time or a mark.
+        #[arg(long, value_name = "P", required_unless_present_any = ["rollback", "commit"])]
+        point: Option<String>,
+        /// Undo an uncommitted failover: replicate again from where it stopped.
+        #[arg(long, conflicts_with_all = ["commit", "point"])]
+        rollback: bool,
+        /// Make the failover final and print the disk image's path.
+        #[arg(long)]
+        commit: bool,
+        /// The replica lives on an upstream NBD server (as given to `serve --backend`).
+        #[arg(long, value_name = "URI")]
+        backend: Option<String>,
+        /// Print JSON (the failover record; keys in docs/OPERATIONS.md).
+        #[arg(long)]
+        json: bool,
+    },
     /// Make and issue certificates.
     Pki {
         #[command(subcommand)]
@@ -295,6 +338,43 @@ fn main() -> anyhow::Result<()> {
             let _ = std::io::stdout().flush();
             let used = tf.run().context("the test failover failed")?;
             log::info!("stopped; discarded the overlay ({used} bytes written by the test)");
+            Ok(())
+        }
+        Cmd::Failover {
+            data_dir,
+            disk_id,
+            point,
+            rollback,
+            commit,
+            backend,
+            json,
+        } => {
+            use nbd_target::failover::{self, Action};
+            let action = if rollback {
+                Action::Rollback
+            } else if commit {
+                Action::Commit(point)
+            } else {
+                Action::Failover(point.unwrap_or_default())
+            };
+            let t = failover::Target {
+                data_dir,
+                disk_id: disk_id.clone(),
+                backend,
+            };
+            let o = failover::run(&t, &action)
+                .with_context(|| format!("cannot fail over disk {disk_id:?}"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&o.to_json())?);
+            } else if commit {
+                // The plain path, for scripts: IMG=$(nbd-target failover ... --commit).
+                println!("{}", o.message);
+                if let Some(r) = &o.record {
+                    eprintln!("disk {disk_id:?} {}", r.describe());
+                }
+            } else {
+                println!("{}", o.message);
+            }
             Ok(())
         }
         Cmd::Pki { command } => match command {

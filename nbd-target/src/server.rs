@@ -164,6 +164,11 @@ impl Target {
                 .spawn(move || {
                     while !stop.load(Ordering::Relaxed) {
                         for e in reg.all() {
+                            // A failed-over disk's points are the failover's:
+                            // kept whole until it is rolled back or committed.
+                            if crate::failover::record::path(&e.dir).exists() {
+                                continue;
+                            }
                             let dir = crate::journal::dir_of(&e.dir);
                             if let Err(err) = crate::journal::prune::prune(&dir, &cfg, &e.id) {
                                 log::warn!("disk {:?}: pruning the journal: {err}", e.id);

@@ -83,9 +83,39 @@ pub fn collect(data_dir: &Path) -> crate::error::Result<Value> {
             "throughput_bytes_per_second": if connected { live.as_ref().and_then(|l| l["rate_bytes_per_second"].as_f64()).unwrap_or(0.0) } else { 0.0 },
             "last_error": live.as_ref().map(|l| l["last_error"].clone()),
             "journal": crate::points::status_json(data_dir, &dir),
+            "role": role(&dir),
+            "failover": crate::failover::record::load(&dir).ok().flatten().map(|r| r.to_json()),
+            "failover_text": crate::failover::record::load(&dir).ok().flatten().map(|r| r.describe()),
+            "last_failover": crate::failover::record::last_failover(&dir),
         }));
     }
     Ok(json!({ "data_dir": data_dir.display().to_string(), "disks": disks }))
+}
+
+/// What the disk is at this site: `replica` (of a protected source),
+/// `failing-over`, `failed-over-uncommitted`, `failed-over-committing`,
+/// `failed-over-committed` (the image is the disk now), or
+/// `replica-in-place` (seeded from the original disk file itself: the
+/// reverse protection of a failed-over disk).
+pub fn role(dir: &Path) -> &'static str {
+    use crate::failover::Phase;
+    match crate::failover::record::load(dir) {
+        Ok(Some(r)) => match r.phase {
+            Phase::Fencing => "failing-over",
+            Phase::Uncommitted => "failed-over-uncommitted",
+            Phase::Committing => "failed-over-committing",
+            Phase::Committed => "failed-over-committed",
+        },
+        Err(_) => "unknown",
+        Ok(None) => {
+            let replica = dir.join(crate::registry::REPLICA_FILE);
+            if std::fs::symlink_metadata(&replica).is_ok_and(|m| m.file_type().is_symlink()) {
+                "replica-in-place"
+            } else {
+                "replica"
+            }
+        }
+    }
 }
 
 /// The status as text for people.
@@ -108,6 +138,27 @@ pub fn render_text(v: &Value) -> String {
             d["replica"].as_str().unwrap_or("?"),
             d["disk_size"]
         );
+        let _ = writeln!(
+            s,
+            "  role:           {}",
+            d["failover_text"]
+                .as_str()
+                .map(String::from)
+                .unwrap_or_else(|| d["role"].as_str().unwrap_or("?").to_string())
+        );
+        if let Some(f) = d["last_failover"].as_object() {
+            if d["failover"].is_null() {
+                let _ = writeln!(
+                    s,
+                    "  last failover:  at {} ({}), {}",
+                    f.get("point").and_then(|v| v.as_str()).unwrap_or("?"),
+                    f.get("point_name").and_then(|v| v.as_str()).unwrap_or(""),
+                    f.get("failed_over_at")
+                        .and_then(|v| v.as_str())
+                        .unwrap_or("?")
+                );
+            }
+        }
         let _ = writeln!(s, "  applied seq:    {}", d["applied_seq"]);
         if d["consistent"] == true {
             let _ = writeln!(s, "  consistent:     yes");

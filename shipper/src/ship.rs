@@ -206,13 +206,25 @@ impl Shipper {
                             ..
                         }
                     );
+                    let failed_over = matches!(
+                        &e,
+                        Error::Refused {
+                            code: Some(wire::ErrorCode::FailedOver),
+                            ..
+                        }
+                    );
                     self.stats.set_error(&msg);
                     self.stats.set_state(LinkState::Retrying);
                     self.consumer.rewind();
                     self.consumer.publish(&self.stats.progress());
+                    // Failed over: nothing is released (the ring keeps every
+                    // record); retried every 5 s so that a rollback at the
+                    // recovery site resumes replication promptly.
                     let until = Instant::now()
                         + if fatal_ish {
                             Duration::from_secs(30)
+                        } else if failed_over {
+                            Duration::from_secs(5)
                         } else {
                             backoff
                         };

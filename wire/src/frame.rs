@@ -690,6 +690,10 @@ pub enum ErrorCode {
     Busy = 7,
     /// Anything else.
     Internal = 8,
+    /// The disk is failed over at the recovery site: nothing is accepted
+    /// until the failover is rolled back there (keep the ring: nothing is
+    /// released), or, once committed, until the disk is protected again.
+    FailedOver = 9,
 }
 
 impl ErrorCode {
@@ -703,6 +707,7 @@ impl ErrorCode {
             6 => ErrorCode::Sequence,
             7 => ErrorCode::Busy,
             8 => ErrorCode::Internal,
+            9 => ErrorCode::FailedOver,
             _ => return None,
         })
     }

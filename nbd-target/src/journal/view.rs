@@ -156,6 +156,29 @@ impl PointView {
         self.point
     }
 
+    /// The byte ranges `(offset, len)` where the disk at this point
+    /// differs from the replica as the journal says (changed since the
+    /// point), in order, adjacent ranges merged: what a rollback of the
+    /// replica in place to the point must rewrite.
+    pub fn changed_ranges(&self) -> Vec<(u64, u64)> {
+        let m = self
+            .map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for (&s, p) in &m.pieces {
+            let end = p.end.min(self.size);
+            if s >= end {
+                continue;
+            }
+            match out.last_mut() {
+                Some((o, l)) if *o + *l == s => *l += end - s,
+                _ => out.push((s, end - s)),
+            }
+        }
+        out
+    }
+
     /// Disk ranges this view reads from the journal, and the entries
     /// behind them.
     pub fn mapped(&self) -> (u64, u64) {

@@ -26,6 +26,7 @@ use super::{refuse, Refusal, SessionContext, SessionError};
 use crate::admission::Permit;
 use crate::consistency::{Consistency, SourceHello};
 use crate::journal::{JournalConfig, JournalWriter, Journaled};
+use crate::lockfile::Locked;
 use crate::registry::{Claim, STATE_FILE};
 use crate::state::StateFile;
 
@@ -41,6 +42,8 @@ pub(super) struct Opened {
     pub claim: Claim,
     /// The apply side, over the replica.
     pub apply: Apply<Journaled>,
+    /// The disk's apply lock, held while the session applies.
+    pub _applying: Locked,
 }
 
 /// Handshake, HELLO, checks, state, replica, HELLO_REPLY. `permit` is told
@@ -86,6 +89,10 @@ pub(super) fn open(
         let m = format!("another shipper is connected for disk {:?}", hello.disk_id);
         return Err(refuse(&mut link, Refusal::new(ErrorCode::Busy, m)));
     };
+    let applying = match fence_check(&claim) {
+        Ok(l) => l,
+        Err(r) => return Err(refuse(&mut link, r)),
+    };
     let apply = match open_replica(&claim, &hello, ctx.journal) {
         Ok(a) => a,
         Err(r) => return Err(refuse(&mut link, r)),
@@ -120,7 +127,49 @@ pub(super) fn open(
         sync_cursor: st.sync_cursor,
     };
     link.send(FrameType::HelloReply, &reply.encode())?;
-    Ok(Opened { link, claim, apply })
+    Ok(Opened {
+        link,
+        claim,
+        apply,
+        _applying: applying,
+    })
+}
+
+/// The disk's apply lock (held while the session lives, so a `failover`
+/// knows when nothing applies), then the failover record: a failed-over
+/// disk takes nothing from its shipper.
+fn fence_check(claim: &Claim) -> Result<Locked, Refusal> {
+    let e = &claim.0;
+    std::fs::create_dir_all(&e.dir).map_err(|err| {
+        Refusal::new(
+            ErrorCode::ReplicaIo,
+            format!("cannot create {}: {err}", e.dir.display()),
+        )
+    })?;
+    let lock = crate::lockfile::try_lock(&e.dir.join(crate::failover::APPLY_LOCK))
+        .map_err(|err| Refusal::new(ErrorCode::ReplicaIo, err.to_string()))?
+        .ok_or_else(|| {
+            Refusal::new(
+                ErrorCode::FailedOver,
+                format!(
+                    "disk {:?} is being failed over at the recovery site: nothing is applied; keep the ring (nothing is released)",
+                    e.id
+                ),
+            )
+        })?;
+    match crate::failover::record::load(&e.dir) {
+        Ok(None) => Ok(lock),
+        Ok(Some(r)) => Err(Refusal::new(
+            ErrorCode::FailedOver,
+            format!(
+                "disk {:?} is {} at the recovery site (since {}): nothing is applied and this shipper keeps its ring (nothing is released); `nbd-target failover --rollback` there resumes replication where it stopped",
+                e.id,
+                r.describe(),
+                crate::journal::timeline::format_rfc3339(r.failed_over_ns)
+            ),
+        )),
+        Err(err) => Err(Refusal::new(ErrorCode::ReplicaIo, err.to_string())),
+    }
 }
 
 /// The HELLO, by `deadline`. Only a HELLO header is accepted: any other

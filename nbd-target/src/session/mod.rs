@@ -34,6 +34,9 @@ use apply::Apply;
 /// it has read enough; one that never does is dropped after PEER_TIMEOUT.
 pub const MAX_UNSENT: usize = 8 << 20;
 
+/// How often a session looks for a failover record of its disk.
+const FENCE_LOOK: Duration = Duration::from_millis(500);
+
 /// Why a session ended.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -129,6 +132,7 @@ fn run(sock: TcpStream, ctx: &SessionContext, permit: &mut Permit) -> Result<(),
         mut link,
         claim,
         mut apply,
+        _applying,
     } = hello::open(sock, ctx, permit)?;
     let r = drive(&mut link, &mut apply, &claim, &ctx.stop);
     if let Err(e) = &r {
@@ -139,8 +143,10 @@ fn run(sock: TcpStream, ctx: &SessionContext, permit: &mut Permit) -> Result<(),
     if r.is_ok() {
         link.close();
     }
-    // The replica and the disk's claim go before the connection.
+    // The replica, the apply lock and the disk's claim go before the
+    // connection.
     drop(apply);
+    drop(_applying);
     drop(claim);
     r
 }
@@ -154,9 +160,25 @@ fn drive(
     stop: &AtomicBool,
 ) -> Result<(), SessionError> {
     let mut paused = false;
+    let mut fence_looked = std::time::Instant::now();
     loop {
         if stop.load(Ordering::Relaxed) {
             return Ok(());
+        }
+        // A failover fences the disk by writing its record: end within
+        // half a second of it, what was applied committed first.
+        if fence_looked.elapsed() >= FENCE_LOOK {
+            fence_looked = std::time::Instant::now();
+            if crate::failover::record::path(&claim.0.dir).exists() {
+                commit(link, apply, claim)?;
+                let m = format!(
+                    "disk {:?} is being failed over at the recovery site: replication stops here (applied through seq {}); keep the ring (nothing is released): a rollback there resumes after it",
+                    claim.0.id,
+                    apply.applied_seq()
+                );
+                log::info!("shipper {}: {m}", link.peer());
+                return Err(refuse(link, Refusal::new(ErrorCode::FailedOver, m)));
+            }
         }
         // A shipper that does not read what it is sent is not read from
         // either (so it cannot make the target queue without limit).

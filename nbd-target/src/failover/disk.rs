@@ -1,0 +1,185 @@
+//! The failed-over disk as a [`Backend`]: a durable copy-on-write
+//! [`Overlay`] (`DISK/failover/overlay.img` and its map) over the
+//! [`PointView`] of the failover's point, so that the replica and its
+//! journal stay exactly as they were until `--commit` (a rollback or a
+//! move discards only the overlay).
+//!
+//! One process at a time has it open: the opener holds `failover/lock`
+//! (the daemon while NBD clients use it, a `failover` command while it
+//! moves, rolls back or commits the disk).
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use blockdev::{Backend, Caps, Overlay};
+
+use crate::error::{Error, Result};
+use crate::journal::{PointView, Pos};
+use crate::lockfile::{self, Locked};
+use crate::replica::ReplicaSpec;
+
+/// The overlay's folder in a disk's folder.
+pub const FAILOVER_DIR: &str = "failover";
+/// The overlay's data file in it.
+pub const OVERLAY_FILE: &str = "overlay.img";
+/// Held by whoever has the overlay open.
+pub const LOCK_FILE: &str = "lock";
+
+/// What the failed-over disk's export offers (the overlay's abilities).
+pub const CAPS: Caps = Caps {
+    read_only: false,
+    trim: true,
+    fast_zero: false,
+    extents: false,
+    multi_conn: true,
+    inline_writes: true,
+};
+
+/// `DISK/failover`.
+pub fn dir_of(disk_dir: &Path) -> PathBuf {
+    disk_dir.join(FAILOVER_DIR)
+}
+
+/// The overlay's data file of the disk in `disk_dir`.
+pub fn overlay_path(disk_dir: &Path) -> PathBuf {
+    dir_of(disk_dir).join(OVERLAY_FILE)
+}
+
+/// Take the overlay's lock, or say who has it.
+pub fn lock(disk_dir: &Path, disk_id: &str) -> Result<Locked> {
+    let d = dir_of(disk_dir);
+    std::fs::create_dir_all(&d).map_err(crate::error::io(&d, "creating the failover folder"))?;
+    lockfile::try_lock(&d.join(LOCK_FILE))?.ok_or_else(|| {
+        Error::Invalid(format!(
+            "the failed-over disk {disk_id:?} is in use (NBD clients of the running nbd-target, or another failover command): unmount and disconnect its clients (umount; kill nbdfuse; qemu-nbd -d), then run the command again"
+        ))
+    })
+}
+
+/// The failed-over disk, open.
+pub struct FailedOverDisk {
+    overlay: Overlay,
+    point: Pos,
+    _lock: Locked,
+}
+
+impl std::fmt::Debug for FailedOverDisk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FailedOverDisk")
+            .field("point", &self.point)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FailedOverDisk {
+    /// Make a new, empty overlay for a failover at `point` (the lock held
+    /// by the caller); existing overlay files are replaced.
+    pub fn create(
+        disk_dir: &Path,
+        journal_dir: &Path,
+        spec: &ReplicaSpec,
+        size: u64,
+        point: Pos,
+    ) -> Result<()> {
+        let p = overlay_path(disk_dir);
+        discard(disk_dir)?;
+        let view = PointView::open(journal_dir, spec.open_reader()?, size, point, "failover")?;
+        Overlay::create_durable(Arc::new(view), &p, None)
+            .map_err(|e| Error::Invalid(format!("failover: {e}")))?;
+        Ok(())
+    }
+
+    /// Open the failed-over disk of `disk_dir` at `point`, taking the lock.
+    pub fn open(
+        disk_dir: &Path,
+        disk_id: &str,
+        journal_dir: &Path,
+        spec: &ReplicaSpec,
+        size: u64,
+        point: Pos,
+    ) -> Result<FailedOverDisk> {
+        let l = lock(disk_dir, disk_id)?;
+        FailedOverDisk::open_locked(l, disk_dir, journal_dir, spec, size, point)
+    }
+
+    /// Open it with the lock `l` already held.
+    pub fn open_locked(
+        l: Locked,
+        disk_dir: &Path,
+        journal_dir: &Path,
+        spec: &ReplicaSpec,
+        size: u64,
+        point: Pos,
+    ) -> Result<FailedOverDisk> {
+        let view = PointView::open(journal_dir, spec.open_reader()?, size, point, "failover")?;
+        let overlay = Overlay::open_durable(Arc::new(view), &overlay_path(disk_dir), None)
+            .map_err(|e| Error::Invalid(format!("the failed-over disk's overlay: {e}")))?;
+        Ok(FailedOverDisk {
+            overlay,
+            point,
+            _lock: l,
+        })
+    }
+
+    /// The overlay (what was written since the failover).
+    pub fn overlay(&self) -> &Overlay {
+        &self.overlay
+    }
+
+    /// The point it presents.
+    pub fn point(&self) -> Pos {
+        self.point
+    }
+}
+
+/// Remove the overlay files of `disk_dir` (the lock held by the caller).
+pub fn discard(disk_dir: &Path) -> Result<()> {
+    let p = overlay_path(disk_dir);
+    for f in [blockdev::overlay::map_path(&p), p] {
+        match std::fs::remove_file(&f) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(crate::error::io(&f, "removing the failover overlay")(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Bytes written to the overlay of `disk_dir` so far (0 when none), from
+/// the size of its allocation.
+pub fn written_bytes(disk_dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(overlay_path(disk_dir))
+        .map(|m| m.blocks() * 512)
+        .unwrap_or(0)
+}
+
+impl Backend for FailedOverDisk {
+    fn size(&self) -> u64 {
+        self.overlay.size()
+    }
+    /// The overlay's: one overlay serves every connection and a flush
+    /// syncs all of it, so multi-conn holds.
+    fn caps(&self) -> Caps {
+        CAPS
+    }
+    fn describe(&self) -> String {
+        format!("failed-over disk at point {}", self.point)
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.overlay.read_at(offset, buf)
+    }
+    fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
+        self.overlay.write_at(offset, data, fua)
+    }
+    fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.overlay.trim(offset, len)
+    }
+    fn zero(&self, offset: u64, len: u64, may_trim: bool, fast_only: bool) -> io::Result<()> {
+        self.overlay.zero(offset, len, may_trim, fast_only)
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.overlay.flush()
+    }
+}

@@ -1,0 +1,421 @@
+//! Failover: presenting a replica at a recovery point as the disk itself,
+//! reversibly until committed.
+//!
+//! `nbd-target failover --data-dir DIR --disk-id ID --point P`:
+//! 1. **Fence.** The failover record (`ID/failover.json`, [`record`]) is
+//!    written first, phase `fencing`: from then on the daemon refuses the
+//!    disk's shipper (ERROR FailedOver: it keeps its ring, nothing at the
+//!    source is released) and ends a connected one within half a second.
+//!    The command then takes `ID/apply.lock`, which a session holds while
+//!    it applies, so once it has it nothing is applying.
+//! 2. **Present.** The point is resolved (`latest`, a sequence, a time, a
+//!    mark; never inside a resync gap), an empty durable overlay is made
+//!    over the point's view ([`disk`]), and the record says `uncommitted`.
+//!    The daemon serves the disk as the writable export `ID`.
+//! 3. `--point P2` moves (the overlay is discarded and made again at P2);
+//!    `--rollback` discards the overlay and the record: the replica and its
+//!    journal were never touched, so the shipper resumes exactly where it
+//!    stopped, without a resync.
+//! 4. `--commit` makes it final: the record says `committing` (no longer
+//!    reversible), the replica is rolled back **in place** to the point
+//!    (each range changed since it rewritten from the journal's
+//!    before-images: work in proportion to the changes since the point,
+//!    not to the disk), the overlay's blocks are written over it, the
+//!    replica is synced, and only then are the overlay and the journal
+//!    removed and the record says `committed` with the image's path. Every
+//!    step reads what the previous ones left intact, so an interrupted
+//!    commit is simply run again.
+//!
+//! Move, rollback and commit need the failed-over disk closed (no NBD
+//! client of the daemon on it): they change what a client would be
+//! reading.
+
+pub mod disk;
+pub mod record;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::error::{io, Error, Result};
+use crate::journal::Pos;
+use crate::lockfile::{self, Locked};
+use crate::points::DiskPoints;
+use crate::registry::STATE_FILE;
+use crate::replica::ReplicaSpec;
+use crate::state::now_ns;
+pub use disk::FailedOverDisk;
+pub use record::{Phase, Record};
+
+/// The lock a session holds while it applies to a replica.
+pub const APPLY_LOCK: &str = "apply.lock";
+/// How long a failover waits for the disk's shipper session to end.
+pub const FENCE_WAIT: Duration = Duration::from_secs(30);
+
+/// What to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Fail over at a point (or move an uncommitted failover to it).
+    Failover(String),
+    /// Undo an uncommitted failover.
+    Rollback,
+    /// Make it final (failing over at the point first, when given and the
+    /// disk is not failed over yet).
+    Commit(Option<String>),
+}
+
+/// Which disk.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The data folder.
+    pub data_dir: PathBuf,
+    /// The disk.
+    pub disk_id: String,
+    /// Its replica on an upstream NBD server (as given to `serve --backend`).
+    pub backend: Option<String>,
+}
+
+/// What a command did.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// One line for the operator.
+    pub message: String,
+    /// The record after it (None: replicating again).
+    pub record: Option<Record>,
+    /// Bytes written on the failed-over disk that a move or rollback threw
+    /// away.
+    pub discarded_bytes: u64,
+}
+
+impl Outcome {
+    /// As JSON (`failover --json`).
+    pub fn to_json(&self) -> serde_json::Value {
+        json!({
+            "message": self.message,
+            "failover": self.record.as_ref().map(Record::to_json),
+            "discarded_bytes": self.discarded_bytes,
+        })
+    }
+}
+
+/// Run `action` on `t`.
+pub fn run(t: &Target, action: &Action) -> Result<Outcome> {
+    wire::identity::validate_disk_id(&t.disk_id)
+        .map_err(|e| Error::Invalid(format!("disk id {:?}: {e}", t.disk_id)))?;
+    let dir = t.data_dir.join(&t.disk_id);
+    if !dir.join(STATE_FILE).is_file() {
+        return Err(Error::Invalid(format!(
+            "no replica of disk {:?} in {} (see `nbd-target status --data-dir {}`)",
+            t.disk_id,
+            t.data_dir.display(),
+            t.data_dir.display()
+        )));
+    }
+    let rec = record::load(&dir)?;
+    match (action, rec) {
+        (Action::Failover(p), None) => failover(t, &dir, p, None),
+        (Action::Failover(p), Some(r)) => match r.phase {
+            Phase::Fencing => failover(t, &dir, p, Some(r)),
+            Phase::Uncommitted => move_to(t, &dir, p, r),
+            Phase::Committing | Phase::Committed => Err(Error::Invalid(format!(
+                "disk {:?} is already failed over and {}: {}. A committed failover cannot be failed over again; protect the disk again instead (docs/OPERATIONS.md)",
+                t.disk_id,
+                r.phase.name(),
+                r.describe()
+            ))),
+        },
+        (Action::Rollback, None) => Err(Error::Invalid(format!(
+            "disk {:?} is not failed over: nothing to roll back",
+            t.disk_id
+        ))),
+        (Action::Rollback, Some(r)) => rollback(t, &dir, r),
+        (Action::Commit(None), None) => Err(Error::Invalid(format!(
+            "disk {:?} is not failed over: nothing to commit (fail over and commit at once with --point P --commit)",
+            t.disk_id
+        ))),
+        (Action::Commit(Some(p)), None) => {
+            let o = failover(t, &dir, p, None)?;
+            let r = o.record.ok_or_else(|| Error::Invalid("failover left no record".into()))?;
+            commit(t, &dir, r, None)
+        }
+        (Action::Commit(p), Some(r)) => match r.phase {
+            Phase::Fencing => match p {
+                Some(p) => {
+                    let o = failover(t, &dir, p, Some(r))?;
+                    let r = o
+                        .record
+                        .ok_or_else(|| Error::Invalid("failover left no record".into()))?;
+                    commit(t, &dir, r, None)
+                }
+                None => Err(Error::Invalid(format!(
+                    "disk {:?}: a failover was interrupted before it presented a point: run it again with --point P",
+                    t.disk_id
+                ))),
+            },
+            Phase::Committed => Err(Error::Invalid(format!(
+                "disk {:?} is already committed: {}",
+                t.disk_id,
+                r.describe()
+            ))),
+            Phase::Uncommitted | Phase::Committing => commit(t, &dir, r, p.as_deref()),
+        },
+    }
+}
+
+fn spec_of(t: &Target, dp: &DiskPoints) -> Result<ReplicaSpec> {
+    dp.replica_spec(t.backend.as_deref())
+}
+
+/// Wait for the disk's session to end (it sees the record) and hold it off.
+fn fence(t: &Target, dir: &Path) -> Result<Locked> {
+    lockfile::lock_within(&dir.join(APPLY_LOCK), FENCE_WAIT)?.ok_or_else(|| {
+        Error::Invalid(format!(
+            "disk {:?}: its shipper's session did not end within {} s of the failover record; is the nbd-target daemon of {} healthy? (run the command again, or --rollback)",
+            t.disk_id,
+            FENCE_WAIT.as_secs(),
+            t.data_dir.display()
+        ))
+    })
+}
+
+fn failover(t: &Target, dir: &Path, point: &str, fencing: Option<Record>) -> Result<Outcome> {
+    let dp = DiskPoints::load(&t.data_dir, &t.disk_id)?;
+    // Resolve once before fencing, so that a bad name changes nothing.
+    dp.resolve(point)?;
+    let mut rec =
+        fencing.unwrap_or_else(|| Record::fencing(dp.state.ring_id, dp.state.applied_seq));
+    record::save(dir, &rec)?;
+    let undo = |e: Error| {
+        // Nothing was presented: replicating again is the safe way back.
+        if let Err(e2) = record::remove(dir) {
+            log::warn!("disk {:?}: removing the failover record: {e2}", t.disk_id);
+        }
+        e
+    };
+    let _apply = fence(t, dir).map_err(undo)?;
+    // What the session left applied is final now.
+    let dp = DiskPoints::load(&t.data_dir, &t.disk_id).map_err(undo)?;
+    let pos = dp.resolve(point).map_err(undo)?;
+    let spec = spec_of(t, &dp).map_err(undo)?;
+    let _ov = disk::lock(dir, &t.disk_id).map_err(undo)?;
+    FailedOverDisk::create(dir, &dp.journal, &spec, dp.state.disk_size, pos).map_err(undo)?;
+    rec.phase = Phase::Uncommitted;
+    rec.point = Some(pos);
+    rec.point_name = point.to_string();
+    rec.source_ring = dp.state.ring_id;
+    rec.applied_seq = dp.state.applied_seq;
+    record::save(dir, &rec)?;
+    record::log_event(dir, "failover", &rec, json!({}))?;
+    log::info!(
+        "disk {:?} failed over at point {pos} ({point}); the shipper is refused until a rollback",
+        t.disk_id
+    );
+    Ok(Outcome {
+        message: format!(
+            "disk {:?} failed over at point {pos} ({point}): served writable as the NBD export {:?} of the running nbd-target; its shipper is refused and keeps its ring. Undo with --rollback, move with --point P2, make final with --commit",
+            t.disk_id, t.disk_id
+        ),
+        record: Some(rec),
+        discarded_bytes: 0,
+    })
+}
+
+fn move_to(t: &Target, dir: &Path, point: &str, mut rec: Record) -> Result<Outcome> {
+    let dp = DiskPoints::load(&t.data_dir, &t.disk_id)?;
+    let pos = dp.resolve(point)?;
+    if Some(pos) == rec.point {
+        return Err(Error::Invalid(format!(
+            "disk {:?} is already {}; give another --point to move, --rollback or --commit",
+            t.disk_id,
+            rec.describe()
+        )));
+    }
+    let _ov = disk::lock(dir, &t.disk_id)?;
+    let discarded = disk::written_bytes(dir);
+    let spec = spec_of(t, &dp)?;
+    FailedOverDisk::create(dir, &dp.journal, &spec, dp.state.disk_size, pos)?;
+    let from = rec.point;
+    rec.point = Some(pos);
+    rec.point_name = point.to_string();
+    record::save(dir, &rec)?;
+    record::log_event(
+        dir,
+        "move",
+        &rec,
+        json!({"from": from.map(|p| p.to_string()), "discarded_bytes": discarded}),
+    )?;
+    log::info!(
+        "disk {:?}: failover moved to point {pos} ({point}); {discarded} bytes written at the previous point discarded",
+        t.disk_id
+    );
+    Ok(Outcome {
+        message: format!(
+            "disk {:?} now failed over at point {pos} ({point}) (moved from {}; {discarded} bytes written there discarded)",
+            t.disk_id,
+            from.map(|p| p.to_string()).unwrap_or_default()
+        ),
+        record: Some(rec),
+        discarded_bytes: discarded,
+    })
+}
+
+fn rollback(t: &Target, dir: &Path, rec: Record) -> Result<Outcome> {
+    match rec.phase {
+        Phase::Fencing | Phase::Uncommitted => {}
+        Phase::Committing | Phase::Committed => {
+            return Err(Error::Invalid(format!(
+                "disk {:?} cannot be rolled back: {} (a commit is final)",
+                t.disk_id,
+                rec.describe()
+            )))
+        }
+    }
+    let _ov = disk::lock(dir, &t.disk_id)?;
+    let discarded = disk::written_bytes(dir);
+    disk::discard(dir)?;
+    record::remove(dir)?;
+    record::log_event(dir, "rollback", &rec, json!({"discarded_bytes": discarded}))?;
+    log::info!(
+        "disk {:?}: failover rolled back ({discarded} bytes written on the failed-over disk discarded); replicating again from seq {}",
+        t.disk_id,
+        rec.applied_seq
+    );
+    Ok(Outcome {
+        message: format!(
+            "disk {:?}: failover rolled back; replication resumes after seq {} when the shipper reconnects (no resync); {discarded} bytes written on the failed-over disk discarded",
+            t.disk_id, rec.applied_seq
+        ),
+        record: None,
+        discarded_bytes: discarded,
+    })
+}
+
+/// The path an operator uses for the committed image.
+fn image_of(spec: &ReplicaSpec) -> String {
+    match spec {
+        ReplicaSpec::File(p) => std::fs::canonicalize(p)
+            .unwrap_or_else(|_| p.clone())
+            .display()
+            .to_string(),
+        ReplicaSpec::Nbd { .. } => spec.describe(),
+    }
+}
+
+fn commit(t: &Target, dir: &Path, mut rec: Record, point: Option<&str>) -> Result<Outcome> {
+    let dp = DiskPoints::load(&t.data_dir, &t.disk_id)?;
+    let pos = rec
+        .point
+        .ok_or_else(|| Error::Invalid("the failover record has no point".into()))?;
+    if let Some(p) = point {
+        let want = dp.resolve(p)?;
+        if want != pos {
+            return Err(Error::Invalid(format!(
+                "disk {:?} is failed over at {pos}, not at {want} ({p}): move it first (--point {p}) or commit without --point",
+                t.disk_id
+            )));
+        }
+    }
+    let ov_lock = disk::lock(dir, &t.disk_id)?;
+    let leases: Vec<_> = crate::journal::lease::live(&dp.journal)
+        .into_iter()
+        .filter(|l| l.pid != std::process::id())
+        .collect();
+    if !leases.is_empty() {
+        let what: Vec<String> = leases
+            .iter()
+            .map(|l| format!("{} (pid {})", l.what, l.pid))
+            .collect();
+        return Err(Error::Invalid(format!(
+            "disk {:?}: its recovery points are in use ({}): stop those test failovers and disconnect the ID@POINT exports, then commit",
+            t.disk_id,
+            what.join(", ")
+        )));
+    }
+    let spec = spec_of(t, &dp)?;
+    rec.phase = Phase::Committing;
+    record::save(dir, &rec)?;
+    let fo =
+        FailedOverDisk::open_locked(ov_lock, dir, &dp.journal, &spec, dp.state.disk_size, pos)?;
+    let mut w = spec.open_writer(dp.state.disk_size)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut copy = |w: &mut crate::replica::ReplicaWriter,
+                    off: u64,
+                    len: u64,
+                    read: &dyn Fn(u64, &mut [u8]) -> std::io::Result<()>|
+     -> Result<u64> {
+        let mut at = off;
+        while at < off + len {
+            let n = usize::try_from((off + len - at).min(buf.len() as u64)).unwrap_or(buf.len());
+            read(at, &mut buf[..n]).map_err(io(dir, "reading the failed-over disk"))?;
+            if buf[..n].iter().all(|&b| b == 0) {
+                w.zero(at, n as u64)?;
+            } else {
+                w.write(at, &buf[..n])?;
+            }
+            at += n as u64;
+        }
+        Ok(len)
+    };
+    // 1. The replica back to the point, in place: the ranges changed since
+    //    it, from the view (which reads them from the journal only).
+    let base = fo.overlay().base().clone();
+    let ranges = {
+        // The view is the overlay's base; its changed ranges are what the
+        // journal undoes.
+        let view = base_view(&dp, &spec, pos)?;
+        view.changed_ranges()
+    };
+    let mut rolled = 0;
+    for &(off, len) in &ranges {
+        rolled += copy(&mut w, off, len, &|o, b| base.read_at(o, b))?;
+    }
+    // 2. What was written on the failed-over disk.
+    let ov = fo.overlay();
+    let mut merged = 0;
+    for (off, len) in ov.present_ranges() {
+        merged += copy(&mut w, off, len, &|o, b| ov.read_own(o, b))?;
+    }
+    w.sync()?;
+    let written = ov.bytes_used();
+    drop(w);
+    drop(fo);
+    // 3. Durable: now the journal (points of a timeline the disk left) and
+    //    the overlay go.
+    disk::discard(dir)?;
+    remove_tree(&dp.journal)?;
+    let image = image_of(&spec);
+    rec.phase = Phase::Committed;
+    rec.committed_ns = now_ns();
+    rec.written_bytes = written;
+    rec.image = image.clone();
+    record::save(dir, &rec)?;
+    record::log_event(
+        dir,
+        "commit",
+        &rec,
+        json!({"rolled_back_bytes": rolled, "merged_bytes": merged}),
+    )?;
+    log::info!(
+        "disk {:?}: failover at {pos} committed: {rolled} bytes rolled back to the point, {merged} bytes written since merged; the disk is {image}",
+        t.disk_id
+    );
+    Ok(Outcome {
+        message: image,
+        record: Some(rec),
+        discarded_bytes: 0,
+    })
+}
+
+/// A second view of the point, for its list of changed ranges.
+fn base_view(dp: &DiskPoints, spec: &ReplicaSpec, pos: Pos) -> Result<crate::journal::PointView> {
+    dp.open_view(spec, pos, "failover commit")
+}
+
+fn remove_tree(p: &Path) -> Result<()> {
+    match std::fs::remove_dir_all(p) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io(p, "removing the journal of the old timeline")(e)),
+    }
+}
