@@ -198,7 +198,7 @@ fn failover_fences_the_shipper_and_rollback_resumes_without_a_resync() {
     {
         let sock = TcpStream::connect(&s.target.nbd_addr).unwrap();
         let mut c = nbd::Client::connect(sock, DISK).unwrap();
-        c.write(MIB, &vec![0xab; MIB as usize], false).unwrap();
+        c.write(MIB, &vec![0xab; 1 << 20], false).unwrap();
         c.flush().unwrap();
         let mut b = vec![0u8; 4096];
         c.read(MIB, &mut b).unwrap();
