@@ -589,6 +589,7 @@ fn refuses_wrong_ca_expired_certificate_other_disk_and_plain_tcp() {
         tail_seq: 1,
         next_seq: 2,
         disk_id: DISK.into(),
+        lineage: None,
     }
     .encode(&mut hello);
     let mut frame = Vec::new();

@@ -12,6 +12,8 @@
 //!   recovery point): 4 KiB blocks in an unnamed sparse file, discarded on
 //!   drop, with an optional cap (ENOSPC when full); or durable (failover:
 //!   a named file and its [`overlay_map`], flushed like a disk).
+//! - [`marker`] — the disk marker (an xattr): a protected disk's stable
+//!   identity, its ring, and where a failed-over copy began.
 //! - [`server`] — the one NBD transmission server: listeners, a bounded
 //!   handshake, one thread and one io_uring per connection, pipelining,
 //!   structured replies, block status, multi-conn, bounded memory, graceful
@@ -30,6 +32,7 @@ pub mod capture;
 mod error;
 pub mod file;
 pub mod nbd_backend;
+pub mod marker;
 pub mod overlay;
 pub mod overlay_map;
 pub mod server;

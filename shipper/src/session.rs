@@ -134,6 +134,33 @@ fn source_flags(c: &ring::Consumer) -> u32 {
     flags
 }
 
+/// The disk's lineage from its marker (`blockdev::marker`): its stable
+/// identity (the ring's id when the disk has no marker), and, for a
+/// failed-over copy protected back, the point it began as.
+fn lineage(ring_id: [u8; 16], disk: Option<&std::path::Path>) -> wire::frame::Lineage {
+    let m = disk.and_then(|d| match blockdev::marker::read(d) {
+        Ok(m) => m,
+        Err(e) => {
+            log::warn!("disk marker of {}: {e}; the target gets no lineage", d.display());
+            None
+        }
+    });
+    let mut l = wire::frame::Lineage {
+        disk_uuid: m.as_ref().map_or(ring_id, |m| m.uuid),
+        ..Default::default()
+    };
+    if let Some(o) = m.and_then(|m| m.failover) {
+        l.flags |= wire::frame::LINEAGE_FAILED_OVER;
+        if o.written {
+            l.flags |= wire::frame::LINEAGE_WRITTEN;
+        }
+        l.from_ring = o.from_ring;
+        l.from_seq = o.seq;
+        l.failed_over_ns = o.at_ns;
+    }
+    l
+}
+
 fn hello(sh: &mut Shipper, link: &mut Link) -> Result<HelloReply> {
     let c = &sh.consumer;
     let flags = source_flags(c);
@@ -147,6 +174,7 @@ fn hello(sh: &mut Shipper, link: &mut Link) -> Result<HelloReply> {
         tail_seq: c.tail_seq().max(1),
         next_seq: c.head_next_seq().max(c.tail_seq()).max(1),
         disk_id: sh.cfg.disk_id.clone(),
+        lineage: Some(lineage(c.disk_id(), sh.cfg.disk.as_deref())),
     };
     let mut b = Vec::new();
     h.encode(&mut b);

@@ -98,7 +98,7 @@ impl FrameType {
     #[allow(clippy::cast_possible_truncation)]
     pub fn max_body(self) -> u32 {
         match self {
-            FrameType::Hello => (HELLO_FIXED + MAX_DISK_ID_LEN) as u32,
+            FrameType::Hello => (HELLO_FIXED + MAX_DISK_ID_LEN + LINEAGE_LEN) as u32,
             FrameType::HelloReply => HELLO_REPLY_LEN as u32,
             FrameType::Batch => MAX_BODY,
             FrameType::Ack => ACK_LEN as u32,
@@ -238,7 +238,77 @@ impl FrameHeader {
 //   48   8     next sequence the ring will assign
 //   56   2     disk id length N (1..=128)
 //   58   N     disk id (ASCII: letters, digits, '.', '_', '-')
+//   then, optionally (a body of exactly 58+N+56 bytes), the lineage:
+//   +0   16    disk identity (UUID stable across failover and failback)
+//   +16  4     lineage flags (LINEAGE_*)
+//   +20  4     reserved (0)
+//   +24  16    failed over from ring: the ring whose point this disk began as
+//   +40  8     at sequence
+//   +48  8     failed over at, ns since the Unix epoch
 const HELLO_FIXED: usize = 58;
+/// Bytes of the optional lineage block at the end of a HELLO.
+pub const LINEAGE_LEN: usize = 56;
+
+/// Lineage flag: the disk is a failed-over copy (the failover fields hold).
+pub const LINEAGE_FAILED_OVER: u32 = 1 << 0;
+/// Lineage flag: the failed-over copy was written after its failover,
+/// before its current ring captured it.
+pub const LINEAGE_WRITTEN: u32 = 1 << 1;
+const LINEAGE_KNOWN: u32 = LINEAGE_FAILED_OVER | LINEAGE_WRITTEN;
+
+/// Where a protected disk comes from: its stable identity and, for a
+/// failed-over copy protected back toward the original site, the point it
+/// began as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Lineage {
+    /// The disk's identity.
+    pub disk_uuid: [u8; 16],
+    /// LINEAGE_* flags.
+    pub flags: u32,
+    /// The ring it was failed over from.
+    pub from_ring: [u8; 16],
+    /// The point's sequence in that ring.
+    pub from_seq: u64,
+    /// When it was failed over.
+    pub failed_over_ns: u64,
+}
+
+impl Lineage {
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.disk_uuid);
+        out.extend_from_slice(&self.flags.to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(&self.from_ring);
+        out.extend_from_slice(&self.from_seq.to_le_bytes());
+        out.extend_from_slice(&self.failed_over_ns.to_le_bytes());
+    }
+
+    fn decode(b: &[u8]) -> Result<Lineage, WireError> {
+        let flags = le32(b, 16);
+        if flags & !LINEAGE_KNOWN != 0 {
+            return Err(WireError::invalid(
+                "HELLO lineage flags",
+                format!("unknown flags {flags:#x}"),
+            ));
+        }
+        let mut disk_uuid = [0u8; 16];
+        disk_uuid.copy_from_slice(&b[0..16]);
+        let mut from_ring = [0u8; 16];
+        from_ring.copy_from_slice(&b[24..40]);
+        Ok(Lineage {
+            disk_uuid,
+            flags,
+            from_ring,
+            from_seq: le64(b, 40),
+            failed_over_ns: le64(b, 48),
+        })
+    }
+
+    /// A failed-over copy?
+    pub fn failed_over(&self) -> bool {
+        self.flags & LINEAGE_FAILED_OVER != 0
+    }
+}
 
 /// Hello flag: the disk held data before its ring existed; the ring alone
 /// cannot make a replica exact (an initial sync is needed).
@@ -270,6 +340,8 @@ pub struct Hello {
     pub next_seq: u64,
     /// The disk id this shipper replicates.
     pub disk_id: String,
+    /// Where the disk comes from (None: an older shipper, or unknown).
+    pub lineage: Option<Lineage>,
 }
 
 impl Hello {
@@ -289,12 +361,25 @@ impl Hello {
         // Disk ids are validated at the command line to be <= 128 bytes.
         out.extend_from_slice(&u16::try_from(id.len()).unwrap_or(u16::MAX).to_le_bytes());
         out.extend_from_slice(id);
+        if let Some(l) = &self.lineage {
+            l.encode(out);
+        }
     }
 
     /// Decode and validate.
     pub fn decode(b: &[u8]) -> Result<Hello, WireError> {
         need("HELLO", b, HELLO_FIXED)?;
         let n = usize::from(le16(b, 56));
+        let lineage = if b.len() == HELLO_FIXED + n + LINEAGE_LEN {
+            Some(Lineage::decode(&b[HELLO_FIXED + n..])?)
+        } else {
+            None
+        };
+        let b = if lineage.is_some() {
+            &b[..HELLO_FIXED + n]
+        } else {
+            b
+        };
         if b.len() != HELLO_FIXED + n {
             return Err(WireError::invalid(
                 "HELLO",
@@ -327,6 +412,7 @@ impl Hello {
             tail_seq: le64(b, 40),
             next_seq: le64(b, 48),
             disk_id,
+            lineage,
         };
         if h.min_version > h.max_version {
             return Err(WireError::invalid("HELLO", "lowest version above highest"));

@@ -23,6 +23,7 @@ fn hello() -> Hello {
         tail_seq: 5,
         next_seq: 9,
         disk_id: "db".into(),
+        lineage: None,
     }
 }
 
@@ -66,6 +67,36 @@ fn golden_bodies() {
         )
     );
     assert_eq!(Hello::decode(&v).unwrap(), hello());
+
+    // With the lineage block (a failed-over copy written since).
+    let mut h = hello();
+    h.lineage = Some(wire::frame::Lineage {
+        disk_uuid: [0x11; 16],
+        flags: wire::frame::LINEAGE_FAILED_OVER | wire::frame::LINEAGE_WRITTEN,
+        from_ring: [0x22; 16],
+        from_seq: 0x0102,
+        failed_over_ns: 3,
+    });
+    let mut w = Vec::new();
+    h.encode(&mut w);
+    assert_eq!(w[..v.len()], v[..]);
+    assert_eq!(
+        hex(&w[v.len()..]),
+        concat!(
+            "11111111111111111111111111111111",
+            "03000000",
+            "00000000",
+            "22222222222222222222222222222222",
+            "0201000000000000",
+            "0300000000000000"
+        )
+    );
+    assert_eq!(Hello::decode(&w).unwrap(), h);
+    // Unknown lineage flags, or a body of another length: refused.
+    let mut bad = w.clone();
+    bad[v.len() + 16] = 0x80;
+    assert!(Hello::decode(&bad).is_err());
+    assert!(Hello::decode(&w[..w.len() - 1]).is_err());
 
     let r = HelloReply {
         version: 1,
