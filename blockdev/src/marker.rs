@@ -137,7 +137,11 @@ impl Marker {
         }
         match version {
             Some(MARKER_VERSION) => {}
-            Some(v) => return Err(format!("marker version {v} (this build reads {MARKER_VERSION})")),
+            Some(v) => {
+                return Err(format!(
+                    "marker version {v} (this build reads {MARKER_VERSION})"
+                ))
+            }
             None => return Err("marker without a version".into()),
         }
         m.uuid = uuid.ok_or("marker without a uuid")?;
@@ -162,14 +166,7 @@ pub fn read(path: &Path) -> io::Result<Option<Marker>> {
     let mut buf = vec![0u8; MAX_LEN];
     // SAFETY: `p` and `n` are NUL-terminated strings that live across the
     // call; `buf` is writable for `buf.len()` bytes, the size passed.
-    let r = unsafe {
-        libc::getxattr(
-            p.as_ptr(),
-            n.as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    };
+    let r = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
     if r < 0 {
         let e = io::Error::last_os_error();
         return match e.raw_os_error() {
@@ -179,9 +176,12 @@ pub fn read(path: &Path) -> io::Result<Option<Marker>> {
     }
     buf.truncate(usize::try_from(r).unwrap_or(0));
     let text = String::from_utf8_lossy(&buf);
-    Marker::decode(&text)
-        .map(Some)
-        .map_err(|m| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {m}", path.display())))
+    Marker::decode(&text).map(Some).map_err(|m| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{}: {m}", path.display()),
+        )
+    })
 }
 
 /// Write `m` as the marker of the file at `path` (replacing any). Fails
@@ -237,7 +237,13 @@ mod tests {
             ..Marker::default()
         };
         assert_eq!(Marker::decode(&bare.encode()), Ok(bare));
-        for bad in ["", "uuid=11", "v=2\nuuid=11111111111111111111111111111111", "v=1", "v=1\nx"] {
+        for bad in [
+            "",
+            "uuid=11",
+            "v=2\nuuid=11111111111111111111111111111111",
+            "v=1",
+            "v=1\nx",
+        ] {
             assert!(Marker::decode(bad).is_err(), "{bad:?}");
         }
     }

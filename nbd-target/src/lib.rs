@@ -32,6 +32,8 @@
 //! - [`test_failover`]: a writable copy-on-write export of a point.
 //! - [`failover`]: failing a disk over at a point (fencing its shipper,
 //!   a durable overlay), moving, rolling back, committing.
+//! - [`identity`]: which disk a replica belongs to (the HELLO's lineage),
+//!   split-brain detection for a disk seeded in place.
 //! - [`lockfile`]: the flock files that keep sessions, exports and
 //!   commands out of each other's way.
 //! - [`pki`]: the site's certificate authority.
@@ -42,6 +44,7 @@ pub mod consistency;
 pub mod error;
 pub mod export;
 pub mod failover;
+pub mod identity;
 pub mod journal;
 pub mod lockfile;
 pub mod pki;

@@ -51,7 +51,8 @@ enum Cmd {
     /// the starting replica of a disk: the first full pass then compares it
     /// with the source by hashes and sends only what differs.
     #[command(after_help = "Example:
-  nbd-target seed --data-dir /var/lib/blockship --disk-id db --from /mnt/usb/db.img")]
+  nbd-target seed --data-dir /var/lib/blockship --disk-id db --from /mnt/usb/db.img
+  nbd-target seed --data-dir /var/lib/blockship-dr2 --disk-id db --from /srv/disks/db.img --in-place")]
     Seed {
         /// The data folder the daemon uses.
         #[arg(long, value_name = "DIR")]
@@ -62,6 +63,16 @@ enum Cmd {
         /// The image (a copy of the disk, however old).
         #[arg(long, value_name = "IMAGE")]
         from: PathBuf,
+        /// Use the file itself as the replica, no copy: the original disk
+        /// when a failed-over disk is protected back toward its original
+        /// site. It must carry the marker of this disk id (a splitter that
+        /// protected it wrote it) and not be in use.
+        #[arg(long)]
+        in_place: bool,
+        /// Seed from a disk whose identity is not known to be this disk's
+        /// (no marker, another disk id), and skip the split-brain check.
+        #[arg(long)]
+        force: bool,
     },
     /// List a disk's recovery points: the oldest and newest point kept,
     /// every mark (sequence, capture time, crash/app, name, tested-at),
@@ -279,7 +290,46 @@ fn main() -> anyhow::Result<()> {
             data_dir,
             disk_id,
             from,
+            in_place: true,
+            force,
         } => {
+            let r = nbd_target::seed::seed_in_place(&data_dir, &disk_id, &from, force)
+                .with_context(|| {
+                    format!(
+                        "cannot seed disk {disk_id:?} in place from {}",
+                        from.display()
+                    )
+                })?;
+            println!(
+                "disk {disk_id:?} seeded in place: its replica is {} itself ({} bytes, no copy){}; the first full pass compares it with the source by hashes and sends only the differences",
+                r.path.display(),
+                r.size,
+                match (&r.marker, r.in_place.head_seq) {
+                    (None, _) => " (no disk marker: accepted with --force)".to_string(),
+                    (Some(_), 0) => String::new(),
+                    (Some(_), h) => format!("; its ring was at seq {h}"),
+                }
+            );
+            Ok(())
+        }
+        Cmd::Seed {
+            data_dir,
+            disk_id,
+            from,
+            in_place: false,
+            force,
+        } => {
+            if !force {
+                if let Ok(Some(m)) = blockdev::marker::read(&from) {
+                    if m.disk_id.as_deref().is_some_and(|d| d != disk_id) {
+                        bail!(
+                            "{} is a copy of disk {:?} (its marker), not {disk_id:?}: refused (--force to use it anyway)",
+                            from.display(),
+                            m.disk_id.unwrap_or_default()
+                        );
+                    }
+                }
+            }
             let (size, written) = nbd_target::seed::seed(&data_dir, &disk_id, &from)
                 .with_context(|| format!("cannot seed disk {disk_id:?} from {}", from.display()))?;
             println!(

@@ -84,8 +84,15 @@ impl ReplicaSpec {
                     )));
                 }
                 drop(f);
-                let disk = FileDisk::open_unlocked(p, false)
-                    .map_err(|e| Error::Invalid(format!("replica {}: {e}", p.display())))?;
+                // Locked like a splitter locks its disk: a replica seeded in
+                // place (the original disk file) is never written by a
+                // splitter and the target at once.
+                let disk = FileDisk::open(p, false).map_err(|e| {
+                    Error::Invalid(format!(
+                        "replica {}: {e} (in use by another process: a splitter serving it, or a failover command?)",
+                        p.display()
+                    ))
+                })?;
                 Ok(ReplicaWriter {
                     disk: Box::new(disk),
                     path: p.clone(),

@@ -141,12 +141,20 @@ fn lineage(ring_id: [u8; 16], disk: Option<&std::path::Path>) -> wire::frame::Li
     let m = disk.and_then(|d| match blockdev::marker::read(d) {
         Ok(m) => m,
         Err(e) => {
-            log::warn!("disk marker of {}: {e}; the target gets no lineage", d.display());
+            log::warn!(
+                "disk marker of {}: {e}; the target gets no lineage",
+                d.display()
+            );
             None
         }
     });
     let mut l = wire::frame::Lineage {
         disk_uuid: m.as_ref().map_or(ring_id, |m| m.uuid),
+        flags: if m.is_some() {
+            wire::frame::LINEAGE_MARKED
+        } else {
+            0
+        },
         ..Default::default()
     };
     if let Some(o) = m.and_then(|m| m.failover) {

@@ -10,6 +10,8 @@
 //!
 //! # Layout
 //! - [`drain`]: a stand-in consumer of the ring for tests, benchmarks and debugging.
+//! - [`identity`]: the disk marker: a stale ring started again, the
+//!   disk's identity and ring recorded for the other site.
 //! - [`mark`]: `splitter mark`: named points (recovery points) in the ring,
 //!   crash- or application-consistent (`--freeze`, `--pre`, `--post`).
 //! - [`control`]: the control socket (`RING.ctl`) through which a running
@@ -18,6 +20,7 @@
 
 pub mod control;
 pub mod drain;
+pub mod identity;
 pub mod mark;
 pub mod status;
 

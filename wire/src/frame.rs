@@ -254,7 +254,9 @@ pub const LINEAGE_FAILED_OVER: u32 = 1 << 0;
 /// Lineage flag: the failed-over copy was written after its failover,
 /// before its current ring captured it.
 pub const LINEAGE_WRITTEN: u32 = 1 << 1;
-const LINEAGE_KNOWN: u32 = LINEAGE_FAILED_OVER | LINEAGE_WRITTEN;
+/// Lineage flag: the identity comes from a disk marker (not the ring's id).
+pub const LINEAGE_MARKED: u32 = 1 << 2;
+const LINEAGE_KNOWN: u32 = LINEAGE_FAILED_OVER | LINEAGE_WRITTEN | LINEAGE_MARKED;
 
 /// Where a protected disk comes from: its stable identity and, for a
 /// failed-over copy protected back toward the original site, the point it

@@ -380,7 +380,10 @@ fn commit(t: &Target, dir: &Path, mut rec: Record, point: Option<&str>) -> Resul
     let written = ov.bytes_used();
     drop(w);
     drop(fo);
-    // 3. Durable: now the journal (points of a timeline the disk left) and
+    // 3. The image carries the disk's identity and where it began, for
+    //    the splitter and shipper that protect it from now on.
+    mark_image(t, dir, &spec, &rec, pos, written > 0);
+    // 4. Durable: now the journal (points of a timeline the disk left) and
     //    the overlay go.
     disk::discard(dir)?;
     remove_tree(&dp.journal)?;
@@ -407,6 +410,41 @@ fn commit(t: &Target, dir: &Path, mut rec: Record, point: Option<&str>) -> Resul
     })
 }
 
+/// Write the committed image's marker: the disk's identity, its disk id,
+/// no ring (whatever ring captured it before no longer describes it), and
+/// the failover it began as.
+fn mark_image(t: &Target, dir: &Path, spec: &ReplicaSpec, rec: &Record, pos: Pos, written: bool) {
+    let ReplicaSpec::File(p) = spec else {
+        return;
+    };
+    let old = blockdev::marker::read(p).ok().flatten();
+    let uuid = crate::identity::load(dir)
+        .ok()
+        .flatten()
+        .map(|i| i.uuid)
+        .or(old.map(|m| m.uuid))
+        .unwrap_or(rec.source_ring);
+    let m = blockdev::marker::Marker {
+        uuid,
+        disk_id: Some(t.disk_id.clone()),
+        ring_id: None,
+        ring_path: None,
+        failover: Some(blockdev::marker::Origin {
+            from_ring: rec.source_ring,
+            seq: pos.seq,
+            at_ns: rec.failed_over_ns,
+            written,
+        }),
+    };
+    if let Err(e) = blockdev::marker::write(p, &m) {
+        log::warn!(
+            "disk {:?}: cannot mark {} with its identity ({e}): protecting it back needs `seed --force` at the other site",
+            t.disk_id,
+            p.display()
+        );
+    }
+}
+
 /// A second view of the point, for its list of changed ranges.
 fn base_view(dp: &DiskPoints, spec: &ReplicaSpec, pos: Pos) -> Result<crate::journal::PointView> {
     dp.open_view(spec, pos, "failover commit")
@@ -418,4 +456,74 @@ fn remove_tree(p: &Path) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(io(p, "removing the journal of the old timeline")(e)),
     }
+}
+
+/// A HELLO for a disk whose failover is committed: accepted only as the
+/// return of the disk to the original site (its lineage says it was failed
+/// over from this site's image after the commit, from another ring), and
+/// only when nothing uses the image any more. Then the image becomes the
+/// disk's replica again, seeded: the first full pass compares it with the
+/// original by hashes and sends only what differs. `Err`: why not (for the
+/// shipper, which keeps its ring).
+pub fn reuse_committed(
+    e: &crate::registry::DiskEntry,
+    rec: &Record,
+    hello: &wire::frame::Hello,
+) -> std::result::Result<(), String> {
+    let failed_back = hello.lineage.is_some_and(|l| {
+        l.failed_over() && l.failed_over_ns >= rec.committed_ns && l.from_ring != rec.source_ring
+    }) && hello.ring_id != rec.source_ring;
+    if !failed_back {
+        return Err(format!(
+            "disk {:?} is {} at the recovery site; this shipper's disk was not failed back from it, so nothing is applied (keep the ring). To return to the original site see docs/OPERATIONS.md (reverse protection, then failover --commit there)",
+            e.id,
+            rec.describe()
+        ));
+    }
+    if let ReplicaSpec::File(p) = &e.spec {
+        match lockfile::in_use(p) {
+            Ok(false) => {}
+            Ok(true) => {
+                return Err(format!(
+                    "disk {:?}: the failed-over image {} is still in use (the recovery site's splitter?): stop it, and this shipper is taken as the failback",
+                    e.id,
+                    p.display()
+                ))
+            }
+            Err(err) => return Err(err.to_string()),
+        }
+    }
+    let sp = e.dir.join(STATE_FILE);
+    let mut sf = crate::state::StateFile::open_or_create(
+        &sp,
+        crate::state::ReplicaState {
+            applied_seq: 0,
+            ring_id: [0; 16],
+            disk_size: hello.disk_size,
+            reason: crate::state::Reason::Seeded,
+            since_seq: 0,
+            updated_ns: now_ns(),
+            sync_cursor: 0,
+        },
+    )
+    .map_err(|err| err.to_string())?;
+    sf.state.applied_seq = 0;
+    sf.state.ring_id = [0; 16];
+    sf.state.reason = crate::state::Reason::Seeded;
+    sf.state.since_seq = 0;
+    sf.state.sync_cursor = 0;
+    sf.save().map_err(|err| err.to_string())?;
+    record::log_event(
+        &e.dir,
+        "reprotect",
+        rec,
+        json!({"ring_id": record::hex(&hello.ring_id)}),
+    )
+    .map_err(|err| err.to_string())?;
+    record::remove(&e.dir).map_err(|err| err.to_string())?;
+    log::info!(
+        "disk {:?} failed back to its original site, which protects it again: the recovery site's image is its seed (a full pass compares by hashes and sends only what differs)",
+        e.id
+    );
+    Ok(())
 }

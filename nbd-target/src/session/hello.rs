@@ -89,10 +89,15 @@ pub(super) fn open(
         let m = format!("another shipper is connected for disk {:?}", hello.disk_id);
         return Err(refuse(&mut link, Refusal::new(ErrorCode::Busy, m)));
     };
-    let applying = match fence_check(&claim) {
+    let applying = match fence_check(&claim, &hello) {
         Ok(l) => l,
         Err(r) => return Err(refuse(&mut link, r)),
     };
+    if let Err((code, m)) = crate::identity::check_hello(&claim.0.dir, &hello) {
+        log::warn!("disk {:?}: {m}", hello.disk_id);
+        claim.0.live().last_error = m.clone();
+        return Err(refuse(&mut link, Refusal::new(code, m)));
+    }
     let apply = match open_replica(&claim, &hello, ctx.journal) {
         Ok(a) => a,
         Err(r) => return Err(refuse(&mut link, r)),
@@ -138,7 +143,7 @@ pub(super) fn open(
 /// The disk's apply lock (held while the session lives, so a `failover`
 /// knows when nothing applies), then the failover record: a failed-over
 /// disk takes nothing from its shipper.
-fn fence_check(claim: &Claim) -> Result<Locked, Refusal> {
+fn fence_check(claim: &Claim, hello: &Hello) -> Result<Locked, Refusal> {
     let e = &claim.0;
     std::fs::create_dir_all(&e.dir).map_err(|err| {
         Refusal::new(
@@ -159,6 +164,14 @@ fn fence_check(claim: &Claim) -> Result<Locked, Refusal> {
         })?;
     match crate::failover::record::load(&e.dir) {
         Ok(None) => Ok(lock),
+        Ok(Some(r)) if r.phase == crate::failover::Phase::Committed => {
+            // The disk was failed back to the original site, which protects
+            // it again: the old replica (the image the recovery site ran
+            // on) is its seed, compared by hashes.
+            crate::failover::reuse_committed(e, &r, hello)
+                .map_err(|m| Refusal::new(ErrorCode::FailedOver, m))?;
+            Ok(lock)
+        }
         Ok(Some(r)) => Err(Refusal::new(
             ErrorCode::FailedOver,
             format!(
@@ -320,6 +333,7 @@ mod tests {
             tail_seq: 1,
             next_seq: 1,
             disk_id: disk.into(),
+            lineage: None,
         }
     }
 
