@@ -34,6 +34,9 @@
 //!   a durable overlay), moving, rolling back, committing.
 //! - [`lockfile`]: the flock files that keep sessions, exports and
 //!   commands out of each other's way.
+//! - [`export_image`]: a point written to an image file (raw, a fixed VHD,
+//!   qcow2 through `qemu-img`) for the recovery platform to boot.
+//! - [`vhd`]: the fixed VHD's footer (format, geometry, checksum).
 //! - [`pki`]: the site's certificate authority.
 //! - [`seed`]: registering an image carried to the site as a starting replica.
 
@@ -41,6 +44,7 @@ pub mod admission;
 pub mod consistency;
 pub mod error;
 pub mod export;
+pub mod export_image;
 pub mod failover;
 pub mod journal;
 pub mod lockfile;
@@ -54,6 +58,7 @@ pub mod session;
 pub mod state;
 pub mod status;
 pub mod test_failover;
+pub mod vhd;
 
 pub use error::{Error, Result};
 pub use server::{Target, TargetConfig};
