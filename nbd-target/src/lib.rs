@@ -36,6 +36,9 @@
 //!   split-brain detection for a disk seeded in place.
 //! - [`lockfile`]: the flock files that keep sessions, exports and
 //!   commands out of each other's way.
+//! - [`export_image`]: a point written to an image file (raw, a fixed VHD,
+//!   qcow2 through `qemu-img`) for the recovery platform to boot.
+//! - [`vhd`]: the fixed VHD's footer (format, geometry, checksum).
 //! - [`pki`]: the site's certificate authority.
 //! - [`seed`]: registering an image carried to the site as a starting replica.
 
@@ -43,6 +46,7 @@ pub mod admission;
 pub mod consistency;
 pub mod error;
 pub mod export;
+pub mod export_image;
 pub mod failover;
 pub mod identity;
 pub mod journal;
@@ -57,6 +61,7 @@ pub mod session;
 pub mod state;
 pub mod status;
 pub mod test_failover;
+pub mod vhd;
 
 pub use error::{Error, Result};
 pub use server::{Target, TargetConfig};
