@@ -92,6 +92,7 @@ fn hello_body(disk_id: &str, disk_size: u64) -> Vec<u8> {
         tail_seq: 1,
         next_seq: 1,
         disk_id: disk_id.into(),
+        lineage: None,
     }
     .encode(&mut b);
     b
