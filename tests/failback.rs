@@ -138,7 +138,7 @@ fn protected() -> Option<(World, Splitter)> {
     {
         let mut c = sp.client();
         // Fill the disk (incompressible), then some overwrites.
-        let mut buf = vec![0u8; MIB as usize];
+        let mut buf = vec![0u8; 1 << 20];
         for i in 0..SIZE / MIB {
             pattern(&mut buf, 77 + i);
             c.write(i * MIB, &buf, false).unwrap();
