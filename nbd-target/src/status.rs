@@ -267,6 +267,23 @@ pub fn metrics_text(reg: &Registry) -> String {
         "1 when the replica is crash-consistent.",
         &|_, s| f64::from(u8::from(s.is_some_and(|s| s.consistent()))),
     );
+    for e in &all {
+        use crate::failover::Phase;
+        let v = match crate::failover::record::load(&e.dir) {
+            Ok(Some(r)) => match r.phase {
+                Phase::Fencing | Phase::Uncommitted => 1.0,
+                Phase::Committing | Phase::Committed => 2.0,
+            },
+            _ => 0.0,
+        };
+        t.sample(
+            "blockship_target_failed_over",
+            "gauge",
+            "0: replicating; 1: failed over, reversible; 2: failed over, committed.",
+            &[("disk", &e.id)],
+            v,
+        );
+    }
     each(
         &mut t,
         "blockship_target_connected",

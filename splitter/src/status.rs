@@ -117,10 +117,33 @@ fn lag(st: &ring::Status, now: u64) -> Option<f64> {
         .map(|t| now.saturating_sub(t) as f64 / 1e9)
 }
 
+/// What this side is, from the disk's marker: `protected-source`, or
+/// `reverse-protected-source` (a failed-over copy protected back toward the
+/// original site), with the failover it began as.
+pub fn role(st: &ring::Status) -> (&'static str, Option<String>) {
+    let m = blockdev::marker::read(Path::new(&st.disk_path))
+        .ok()
+        .flatten();
+    match m.and_then(|m| m.failover) {
+        Some(o) => (
+            "reverse-protected-source",
+            Some(format!(
+                "failed over from ring {} at seq {}",
+                ring::uuid_string(&o.from_ring),
+                o.seq
+            )),
+        ),
+        None => ("protected-source", None),
+    }
+}
+
 /// `ring status --json`.
 pub fn status_json(path: &Path, st: &ring::Status, now: u64) -> serde_json::Value {
     let lag = lag(st, now);
+    let (role, origin) = role(st);
     serde_json::json!({
+        "role": role,
+        "failed_over_from": origin,
         "ring": path.display().to_string(),
         "disk_id": st.disk_id,
         "disk_path": st.disk_path,
@@ -160,6 +183,12 @@ pub fn status_json(path: &Path, st: &ring::Status, now: u64) -> serde_json::Valu
 pub fn status_text(path: &Path, st: &ring::Status, now: u64) -> String {
     let lag = lag(st, now);
     let mut out = String::new();
+    let (role, origin) = role(st);
+    let _ = writeln!(
+        out,
+        "role:             {role}{}",
+        origin.map(|o| format!(" ({o})")).unwrap_or_default()
+    );
     let _ = writeln!(out, "ring:             {}", path.display());
     let _ = writeln!(
         out,

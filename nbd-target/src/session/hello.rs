@@ -167,7 +167,8 @@ fn fence_check(claim: &Claim, hello: &Hello) -> Result<Locked, Refusal> {
         Ok(Some(r)) if r.phase == crate::failover::Phase::Committed => {
             // The disk was failed back to the original site, which protects
             // it again: the old replica (the image the recovery site ran
-            // on) is its seed, compared by hashes.
+            // on) is its seed, compared by hashes. Its identity first.
+            crate::identity::check_hello(&e.dir, hello).map_err(|(c, m)| Refusal::new(c, m))?;
             crate::failover::reuse_committed(e, &r, hello)
                 .map_err(|m| Refusal::new(ErrorCode::FailedOver, m))?;
             Ok(lock)
