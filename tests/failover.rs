@@ -4,7 +4,9 @@
 //! daemon serves the disk at the point as a writable export, a rollback
 //! resumes replication without a resync, a commit leaves a plain image;
 //! after kill -9 of every source-side process in the middle of a write
-//! load the failed-over ext4 disk mounts at `latest` and at a mark.
+//! load the failed-over ext4 disk mounts at `latest` and at a mark; a
+//! flushed write on the failed-over disk and a commit are on the device, not
+//! only in the page cache.
 
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -414,4 +416,63 @@ fn failover_after_kill9_mid_load_mounts_at_latest_and_at_the_mark_then_commits()
     drop(lo);
     assert_eq!(text.unwrap(), "written at the recovery site");
     assert!(ok.is_ok());
+}
+
+/// Pages of `f` that only the page cache holds (a power cut loses them).
+fn only_in_memory(f: &Path) -> Vec<u64> {
+    crashsim::dirty_pages(f).unwrap_or_else(|e| panic!("{}: {e}", f.display()))
+}
+
+#[test]
+fn a_flushed_failover_write_and_a_commit_are_on_the_device_not_only_in_memory() {
+    if !is_root() {
+        eprintln!("SKIP: the page-cache check needs root (/proc/kpageflags)");
+        return;
+    }
+    let Some(s) = site(16 * MIB) else {
+        return;
+    };
+    s.scribble(5, 100, 0, 16 * MIB);
+    wait_converged(&s.ring, &s.target, DISK, 60);
+    s.failover_ok(&["--point", "latest"]);
+    let dir = s.target.data_dir.join(DISK);
+    let record = dir.join("failover.json");
+    let overlay = dir.join("failover").join("overlay.img");
+    let map = dir.join("failover").join("overlay.img.map");
+    for f in [&record, &overlay, &map] {
+        assert_eq!(
+            only_in_memory(f),
+            Vec::<u64>::new(),
+            "{} after failover",
+            f.display()
+        );
+    }
+    let sock = TcpStream::connect(&s.target.nbd_addr).unwrap();
+    let mut c = nbd::Client::connect(sock, DISK).unwrap();
+    let mut buf = vec![0u8; 256 << 10];
+    for i in 0..8u64 {
+        pattern(&mut buf, 900 + i);
+        c.write(i * 2 * MIB, &buf, false).unwrap();
+    }
+    // Before the flush the writes may be in memory only; once it is
+    // acknowledged, neither the data nor the map that finds it is.
+    c.flush().unwrap();
+    for f in [&overlay, &map] {
+        assert_eq!(
+            only_in_memory(f),
+            Vec::<u64>::new(),
+            "{} after FLUSH",
+            f.display()
+        );
+    }
+    drop(c);
+    let image = PathBuf::from(s.failover_ok(&["--commit"]).trim());
+    for f in [&image, &record, &dir.join("failover-history.jsonl")] {
+        assert_eq!(
+            only_in_memory(f),
+            Vec::<u64>::new(),
+            "{} after commit",
+            f.display()
+        );
+    }
 }
