@@ -437,8 +437,10 @@ fn a_flushed_failover_write_and_a_commit_are_on_the_device_not_only_in_memory() 
     s.failover_ok(&["--point", "latest"]);
     let dir = s.target.data_dir.join(DISK);
     let record = dir.join("failover.json");
-    let overlay = dir.join("failover").join("overlay.img");
-    let map = dir.join("failover").join("overlay.img.map");
+    let rec: serde_json::Value = serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+    let od = dir.join("failover").join(rec["overlay"].as_str().unwrap());
+    let overlay = od.join("overlay.img");
+    let map = od.join("overlay.img.map");
     for f in [&record, &overlay, &map] {
         assert_eq!(
             only_in_memory(f),

@@ -184,8 +184,9 @@ pub fn read(path: &Path) -> io::Result<Option<Marker>> {
     })
 }
 
-/// Write `m` as the marker of the file at `path` (replacing any). Fails
-/// with ENOTSUP where the file system keeps no user xattrs.
+/// Write `m` as the marker of the file at `path` (replacing any), durably
+/// (the file is fsynced). Fails with ENOTSUP where the file system keeps no
+/// user xattrs.
 pub fn write(path: &Path, m: &Marker) -> io::Result<()> {
     let (p, n) = (cpath(path)?, cname());
     let v = m.encode();
@@ -195,7 +196,8 @@ pub fn write(path: &Path, m: &Marker) -> io::Result<()> {
     if r < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(())
+    // An xattr is inode metadata: fsync makes it durable like the data.
+    std::fs::File::open(path)?.sync_all()
 }
 
 #[cfg(test)]

@@ -84,6 +84,7 @@ impl ReplicaExports {
         let d = FailedOverDisk::open(
             &entry.dir,
             &entry.id,
+            &rec.overlay,
             &crate::journal::dir_of(&entry.dir),
             &entry.spec,
             size,
@@ -220,6 +221,9 @@ impl ReplicaExports {
                 return Err(fail(e));
             }
         };
+        // With its lease held: a commit that began meanwhile is seen (it
+        // rewrites the replica and removes the journal).
+        committing_refusal(&entry.dir, id)?;
         log::info!("export {id}@{point}: the disk at point {pos}");
         Ok(OpenExport {
             disk: Arc::new(view),
@@ -227,6 +231,19 @@ impl ReplicaExports {
             claims: Arc::new(Claims::default()),
             read_only: true,
         })
+    }
+}
+
+/// Points of a disk whose failover is being (or was) committed are gone.
+fn committing_refusal(dir: &std::path::Path, id: &str) -> io::Result<()> {
+    match crate::failover::record::load(dir) {
+        Ok(Some(r)) if matches!(r.phase, Phase::Committing | Phase::Committed) => {
+            Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{id}: {}: its recovery points are gone", r.describe()),
+            ))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -288,6 +305,7 @@ impl ExportSet for ReplicaExports {
             log::warn!("export {m}");
             m
         };
+        committing_refusal(&entry.dir, id).map_err(|e| e.to_string())?;
         let dp = crate::points::DiskPoints::load(data_dir, id).map_err(said)?;
         let pos = dp.resolve(point).map_err(said)?;
         let caps = crate::journal::view::READ_ONLY;
@@ -307,15 +325,23 @@ impl ExportSet for ReplicaExports {
             .filter_map(|e| {
                 let st = e.state()?;
                 if let Ok(Some(r)) = crate::failover::record::load(&e.dir) {
-                    if r.phase == Phase::Uncommitted {
-                        return Some(describe_export(
-                            &e.id,
-                            format!("blockship disk {} {}, writable", e.id, r.describe()),
-                            st.disk_size,
-                            crate::failover::disk::CAPS,
-                            false,
-                        ));
-                    }
+                    let (caps, ro) = if r.phase == Phase::Uncommitted {
+                        (crate::failover::disk::CAPS, false)
+                    } else {
+                        (crate::journal::view::READ_ONLY, true)
+                    };
+                    return Some(describe_export(
+                        &e.id,
+                        format!(
+                            "blockship disk {} {}, {}",
+                            e.id,
+                            r.describe(),
+                            if ro { "read-only" } else { "writable" }
+                        ),
+                        st.disk_size,
+                        caps,
+                        ro,
+                    ));
                 }
                 let description = format!(
                     "blockship replica of {} at seq {} ({})",

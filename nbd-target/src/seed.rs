@@ -144,7 +144,10 @@ pub fn seed_in_place(
     let in_place = original_side(&path, marker.as_ref());
     std::fs::create_dir_all(&dir).map_err(io(&dir, "creating the replica folder"))?;
     let link = dir.join(REPLICA_FILE);
-    std::os::unix::fs::symlink(&path, &link).map_err(io(&link, "linking the replica"))?;
+    // Again after a crash here: the same link is fine.
+    if std::fs::read_link(&link).ok().as_deref() != Some(path.as_path()) {
+        std::os::unix::fs::symlink(&path, &link).map_err(io(&link, "linking the replica"))?;
+    }
     crate::identity::save(
         &dir,
         &crate::identity::Identity {

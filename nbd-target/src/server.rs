@@ -155,17 +155,22 @@ impl Target {
                 .spawn(move || live_writer(&reg, &stop));
         }
         if let Some(cfg) = self.ctx.journal {
-            // Retention also for disks whose shipper is away (a connected
-            // one prunes after its commits as well; both are safe at once:
-            // pruning never touches the newest segment).
+            // Retention for disks whose shipper is away (a connected one
+            // prunes after its commits).
             let (reg, stop) = (self.ctx.registry.clone(), stop.clone());
             let _ = std::thread::Builder::new()
                 .name("journal-prune".into())
                 .spawn(move || {
                     while !stop.load(Ordering::Relaxed) {
                         for e in reg.all() {
-                            // A failed-over disk's points are the failover's:
+                            // Not while a session applies (it prunes after its
+                            // commits) or a failover command holds the disk; a
+                            // failed-over disk's points are the failover's:
                             // kept whole until it is rolled back or committed.
+                            let lock = e.dir.join(crate::failover::APPLY_LOCK);
+                            let Ok(Some(_held)) = crate::lockfile::try_lock(&lock) else {
+                                continue;
+                            };
                             if crate::failover::record::path(&e.dir).exists() {
                                 continue;
                             }

@@ -274,12 +274,14 @@ pub fn metrics_text(reg: &Registry) -> String {
                 Phase::Fencing | Phase::Uncommitted => 1.0,
                 Phase::Committing | Phase::Committed => 2.0,
             },
-            _ => 0.0,
+            Ok(None) => 0.0,
+            // A record that cannot be read: not "replicating".
+            Err(_) => -1.0,
         };
         t.sample(
             "blockship_target_failed_over",
             "gauge",
-            "0: replicating; 1: failed over, reversible; 2: failed over, committed.",
+            "0: replicating; 1: failed over, reversible; 2: failed over, committed; -1: the failover record cannot be read.",
             &[("disk", &e.id)],
             v,
         );

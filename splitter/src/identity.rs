@@ -13,13 +13,19 @@ use blockdev::marker::{self, Marker};
 /// Read `disk`'s marker and drop the ring at `ring` when it belongs to
 /// another history of the disk. Returns the marker read.
 pub fn before_ring(disk: &Path, ring: &Path) -> io::Result<Option<Marker>> {
-    let m = match marker::read(disk) {
-        Ok(m) => m,
-        Err(e) => {
-            log::warn!("{}: {e}; treating the disk as unmarked", disk.display());
-            None
-        }
-    };
+    let m = marker::read(disk).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "{}: the disk marker cannot be read ({e}); it carries the disk's identity across failover: look at it with `getfattr -n {} {}`, remove it with `setfattr -x {} {}` only if the disk is not a failed-over copy",
+                disk.display(),
+                marker::XATTR,
+                disk.display(),
+                marker::XATTR,
+                disk.display()
+            ),
+        )
+    })?;
     let Some(mk) = &m else {
         return Ok(None);
     };
@@ -56,14 +62,15 @@ pub fn before_ring(disk: &Path, ring: &Path) -> io::Result<Option<Marker>> {
 /// Record in `disk`'s marker that ring `ring_id` (at `ring`) captures it,
 /// protected as `disk_id` when shipping; the identity is kept (or the
 /// ring's id when the disk had none). A file system without user xattrs
-/// only gets a warning.
+/// only gets a warning; any other failure is an error (a marker that does
+/// not name the ring would make the next start drop the ring as stale).
 pub fn after_ring(
     disk: &Path,
     ring: &Path,
     ring_id: [u8; 16],
     disk_id: Option<&str>,
     before: Option<Marker>,
-) {
+) -> io::Result<()> {
     let mut m = before.clone().unwrap_or(Marker {
         uuid: ring_id,
         ..Marker::default()
@@ -85,14 +92,20 @@ pub fn after_ring(
         m.disk_id = Some(d.to_string());
     }
     if before.as_ref() == Some(&m) {
-        return;
+        return Ok(());
     }
     match marker::write(disk, &m) {
-        Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => log::warn!(
-            "{}: no user xattrs here, so the disk carries no identity marker (a failback to it needs `nbd-target seed --in-place --force`)",
-            disk.display()
-        ),
-        Err(e) => log::warn!("{}: writing the disk marker: {e}", disk.display()),
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => {
+            log::warn!(
+                "{}: no user xattrs here, so the disk carries no identity marker (a failback to it needs `nbd-target seed --in-place --force`)",
+                disk.display()
+            );
+            Ok(())
+        }
+        Err(e) => Err(io::Error::new(
+            e.kind(),
+            format!("{}: writing the disk marker: {e}", disk.display()),
+        )),
     }
 }

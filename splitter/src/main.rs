@@ -312,7 +312,8 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
                 RingFull::Bitmap => ring::FullPolicy::Bitmap,
                 RingFull::Block => ring::FullPolicy::Block,
             };
-            let marked = splitter::identity::before_ring(&a.disk, path)?;
+            let marked = splitter::identity::before_ring(&a.disk, path)
+                .with_context(|| format!("cannot use ring {}", path.display()))?;
             let (producer, _) = ring::Producer::open_or_create(path, &opts, &identity, policy)
                 .with_context(|| format!("cannot use ring {}", path.display()))?;
             splitter::identity::after_ring(
@@ -321,7 +322,8 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
                 producer.disk_id(),
                 a.ship.disk_id.as_deref(),
                 marked,
-            );
+            )
+            .context("cannot record the disk's identity")?;
             let producer = Arc::new(producer);
             let marker = Arc::new(splitter::mark::Marker::new(producer.clone()));
             match splitter::control::ControlServer::start(path, marker.clone()) {

@@ -1,5 +1,8 @@
 //! The failed-over disk as a [`Backend`]: a durable copy-on-write
-//! [`Overlay`] (`DISK/failover/overlay.img` and its map) over the
+//! [`Overlay`] (`DISK/failover/NAME/overlay.img` and its map, NAME as the
+//! failover record says: a move makes the new one beside the old and
+//! switches the record to it, so a failed or interrupted move loses
+//! nothing) over the
 //! [`PointView`] of the failover's point, so that the replica and its
 //! journal stay exactly as they were until `--commit` (a rollback or a
 //! move discards only the overlay).
@@ -41,16 +44,28 @@ pub fn dir_of(disk_dir: &Path) -> PathBuf {
     disk_dir.join(FAILOVER_DIR)
 }
 
-/// The overlay's data file of the disk in `disk_dir`.
-pub fn overlay_path(disk_dir: &Path) -> PathBuf {
-    dir_of(disk_dir).join(OVERLAY_FILE)
+/// The overlay's data file for overlay folder `name` of the disk in `disk_dir`.
+pub fn overlay_path(disk_dir: &Path, name: &str) -> PathBuf {
+    dir_of(disk_dir).join(name).join(OVERLAY_FILE)
+}
+
+/// A fresh overlay folder name for a failover at `point`.
+pub fn new_name(point: Pos) -> String {
+    format!(
+        "at-{}-{}{}-{}",
+        point.epoch,
+        point.seq,
+        if point.sub { "s" } else { "" },
+        crate::state::now_ns()
+    )
 }
 
 /// Take the overlay's lock, or say who has it.
 pub fn lock(disk_dir: &Path, disk_id: &str) -> Result<Locked> {
     let d = dir_of(disk_dir);
     std::fs::create_dir_all(&d).map_err(crate::error::io(&d, "creating the failover folder"))?;
-    lockfile::try_lock(&d.join(LOCK_FILE))?.ok_or_else(|| {
+    // A client that just disconnected takes a moment to let go.
+    lockfile::lock_within(&d.join(LOCK_FILE), std::time::Duration::from_secs(5))?.ok_or_else(|| {
         Error::Invalid(format!(
             "the failed-over disk {disk_id:?} is in use (NBD clients of the running nbd-target, or another failover command): unmount and disconnect its clients (umount; kill nbdfuse; qemu-nbd -d), then run the command again"
         ))
@@ -73,47 +88,54 @@ impl std::fmt::Debug for FailedOverDisk {
 }
 
 impl FailedOverDisk {
-    /// Make a new, empty overlay for a failover at `point` (the lock held
-    /// by the caller); existing overlay files are replaced.
+    /// Make a new, empty overlay in folder `name` for a failover at
+    /// `point` (the lock held by the caller), synced with its folders.
     pub fn create(
         disk_dir: &Path,
+        name: &str,
         journal_dir: &Path,
         spec: &ReplicaSpec,
         size: u64,
         point: Pos,
     ) -> Result<()> {
-        let p = overlay_path(disk_dir);
-        discard(disk_dir)?;
+        let p = overlay_path(disk_dir, name);
+        let d = dir_of(disk_dir).join(name);
+        remove_dir(&d)?;
+        std::fs::create_dir_all(&d).map_err(crate::error::io(&d, "creating the overlay folder"))?;
         let view = PointView::open(journal_dir, spec.open_reader()?, size, point, "failover")?;
         Overlay::create_durable(Arc::new(view), &p, None)
             .map_err(|e| Error::Invalid(format!("failover: {e}")))?;
-        Ok(())
+        crate::failover::record::sync_dir(&dir_of(disk_dir))
     }
 
-    /// Open the failed-over disk of `disk_dir` at `point`, taking the lock.
+    /// Open the failed-over disk of `disk_dir` at `point` with overlay
+    /// folder `name`, taking the lock.
     pub fn open(
         disk_dir: &Path,
         disk_id: &str,
+        name: &str,
         journal_dir: &Path,
         spec: &ReplicaSpec,
         size: u64,
         point: Pos,
     ) -> Result<FailedOverDisk> {
         let l = lock(disk_dir, disk_id)?;
-        FailedOverDisk::open_locked(l, disk_dir, journal_dir, spec, size, point)
+        FailedOverDisk::open_locked(l, disk_dir, name, journal_dir, spec, size, point)
     }
 
     /// Open it with the lock `l` already held.
+    #[allow(clippy::too_many_arguments)]
     pub fn open_locked(
         l: Locked,
         disk_dir: &Path,
+        name: &str,
         journal_dir: &Path,
         spec: &ReplicaSpec,
         size: u64,
         point: Pos,
     ) -> Result<FailedOverDisk> {
         let view = PointView::open(journal_dir, spec.open_reader()?, size, point, "failover")?;
-        let overlay = Overlay::open_durable(Arc::new(view), &overlay_path(disk_dir), None)
+        let overlay = Overlay::open_durable(Arc::new(view), &overlay_path(disk_dir, name), None)
             .map_err(|e| Error::Invalid(format!("the failed-over disk's overlay: {e}")))?;
         Ok(FailedOverDisk {
             overlay,
@@ -133,24 +155,35 @@ impl FailedOverDisk {
     }
 }
 
-/// Remove the overlay files of `disk_dir` (the lock held by the caller).
-pub fn discard(disk_dir: &Path) -> Result<()> {
-    let p = overlay_path(disk_dir);
-    for f in [blockdev::overlay::map_path(&p), p] {
-        match std::fs::remove_file(&f) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(crate::error::io(&f, "removing the failover overlay")(e)),
-        }
+fn remove_dir(d: &Path) -> Result<()> {
+    match std::fs::remove_dir_all(d) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(crate::error::io(d, "removing a failover overlay")(e)),
     }
-    Ok(())
 }
 
-/// Bytes written to the overlay of `disk_dir` so far (0 when none), from
-/// the size of its allocation.
-pub fn written_bytes(disk_dir: &Path) -> u64 {
+/// Remove every overlay folder of `disk_dir` but `keep` (the lock held by
+/// the caller), durably.
+pub fn discard_except(disk_dir: &Path, keep: Option<&str>) -> Result<()> {
+    let d = dir_of(disk_dir);
+    let Ok(rd) = std::fs::read_dir(&d) else {
+        return Ok(());
+    };
+    for e in rd.flatten() {
+        let name = e.file_name();
+        if e.path().is_dir() && Some(name.to_string_lossy().as_ref()) != keep {
+            remove_dir(&e.path())?;
+        }
+    }
+    crate::failover::record::sync_dir(&d)
+}
+
+/// Bytes allocated by overlay folder `name` of `disk_dir` (0 when none):
+/// about what was written on the failed-over disk.
+pub fn written_bytes(disk_dir: &Path, name: &str) -> u64 {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(overlay_path(disk_dir))
+    std::fs::metadata(overlay_path(disk_dir, name))
         .map(|m| m.blocks() * 512)
         .unwrap_or(0)
 }

@@ -99,6 +99,11 @@ impl Outcome {
     }
 }
 
+/// One failover command at a time per disk (held for a whole [`run`]).
+pub const COMMAND_LOCK: &str = "failover.cmd.lock";
+/// How long a command waits for another one on the same disk.
+pub const COMMAND_WAIT: Duration = Duration::from_secs(60);
+
 /// Run `action` on `t`.
 pub fn run(t: &Target, action: &Action) -> Result<Outcome> {
     wire::identity::validate_disk_id(&t.disk_id)
@@ -112,7 +117,20 @@ pub fn run(t: &Target, action: &Action) -> Result<Outcome> {
             t.data_dir.display()
         )));
     }
+    let _one = lockfile::lock_within(&dir.join(COMMAND_LOCK), COMMAND_WAIT)?.ok_or_else(|| {
+        Error::Invalid(format!(
+            "disk {:?}: another failover command has been working on it for {} s; let it finish, then run this one again",
+            t.disk_id,
+            COMMAND_WAIT.as_secs()
+        ))
+    })?;
+    // Read under the command lock: what another command did is final.
     let rec = record::load(&dir)?;
+    if let Some(r) = &rec {
+        if r.phase == Phase::Committed {
+            finish_commit(&dir)?;
+        }
+    }
     match (action, rec) {
         (Action::Failover(p), None) => failover(t, &dir, p, None),
         (Action::Failover(p), Some(r)) => match r.phase {
@@ -187,7 +205,8 @@ fn failover(t: &Target, dir: &Path, point: &str, fencing: Option<Record>) -> Res
         fencing.unwrap_or_else(|| Record::fencing(dp.state.ring_id, dp.state.applied_seq));
     record::save(dir, &rec)?;
     let undo = |e: Error| {
-        // Nothing was presented: replicating again is the safe way back.
+        // Nothing was presented (this command, under the command lock,
+        // wrote the fencing record): replicating again is the way back.
         if let Err(e2) = record::remove(dir) {
             log::warn!("disk {:?}: removing the failover record: {e2}", t.disk_id);
         }
@@ -199,13 +218,17 @@ fn failover(t: &Target, dir: &Path, point: &str, fencing: Option<Record>) -> Res
     let pos = dp.resolve(point).map_err(undo)?;
     let spec = spec_of(t, &dp).map_err(undo)?;
     let _ov = disk::lock(dir, &t.disk_id).map_err(undo)?;
-    FailedOverDisk::create(dir, &dp.journal, &spec, dp.state.disk_size, pos).map_err(undo)?;
+    let name = disk::new_name(pos);
+    FailedOverDisk::create(dir, &name, &dp.journal, &spec, dp.state.disk_size, pos)
+        .map_err(undo)?;
     rec.phase = Phase::Uncommitted;
     rec.point = Some(pos);
     rec.point_name = point.to_string();
     rec.source_ring = dp.state.ring_id;
     rec.applied_seq = dp.state.applied_seq;
+    rec.overlay = name.clone();
     record::save(dir, &rec)?;
+    disk::discard_except(dir, Some(&name))?;
     record::log_event(dir, "failover", &rec, json!({}))?;
     log::info!(
         "disk {:?} failed over at point {pos} ({point}); the shipper is refused until a rollback",
@@ -232,13 +255,18 @@ fn move_to(t: &Target, dir: &Path, point: &str, mut rec: Record) -> Result<Outco
         )));
     }
     let _ov = disk::lock(dir, &t.disk_id)?;
-    let discarded = disk::written_bytes(dir);
+    let discarded = disk::written_bytes(dir, &rec.overlay);
     let spec = spec_of(t, &dp)?;
-    FailedOverDisk::create(dir, &dp.journal, &spec, dp.state.disk_size, pos)?;
+    // The new overlay beside the old one; the record switches to it; only
+    // then the old one goes (a failed or interrupted move loses nothing).
+    let name = disk::new_name(pos);
+    FailedOverDisk::create(dir, &name, &dp.journal, &spec, dp.state.disk_size, pos)?;
     let from = rec.point;
     rec.point = Some(pos);
     rec.point_name = point.to_string();
+    rec.overlay = name.clone();
     record::save(dir, &rec)?;
+    disk::discard_except(dir, Some(&name))?;
     record::log_event(
         dir,
         "move",
@@ -272,9 +300,10 @@ fn rollback(t: &Target, dir: &Path, rec: Record) -> Result<Outcome> {
         }
     }
     let _ov = disk::lock(dir, &t.disk_id)?;
-    let discarded = disk::written_bytes(dir);
-    disk::discard(dir)?;
+    let discarded = disk::written_bytes(dir, &rec.overlay);
+    // The record first: once it is gone the overlay is garbage either way.
     record::remove(dir)?;
+    disk::discard_except(dir, None)?;
     record::log_event(dir, "rollback", &rec, json!({"discarded_bytes": discarded}))?;
     log::info!(
         "disk {:?}: failover rolled back ({discarded} bytes written on the failed-over disk discarded); replicating again from seq {}",
@@ -302,6 +331,16 @@ fn image_of(spec: &ReplicaSpec) -> String {
     }
 }
 
+/// Leases of the disk's journal held by other processes (point exports,
+/// test failovers), as "what (pid N)".
+fn foreign_leases(journal: &Path) -> Vec<String> {
+    crate::journal::lease::live(journal)
+        .into_iter()
+        .filter(|l| l.pid != std::process::id())
+        .map(|l| format!("{} (pid {})", l.what, l.pid))
+        .collect()
+}
+
 fn commit(t: &Target, dir: &Path, mut rec: Record, point: Option<&str>) -> Result<Outcome> {
     let dp = DiskPoints::load(&t.data_dir, &t.disk_id)?;
     let pos = rec
@@ -316,28 +355,42 @@ fn commit(t: &Target, dir: &Path, mut rec: Record, point: Option<&str>) -> Resul
             )));
         }
     }
-    let ov_lock = disk::lock(dir, &t.disk_id)?;
-    let leases: Vec<_> = crate::journal::lease::live(&dp.journal)
-        .into_iter()
-        .filter(|l| l.pid != std::process::id())
-        .collect();
-    if !leases.is_empty() {
-        let what: Vec<String> = leases
-            .iter()
-            .map(|l| format!("{} (pid {})", l.what, l.pid))
-            .collect();
-        return Err(Error::Invalid(format!(
+    let in_use = |what: Vec<String>| {
+        Error::Invalid(format!(
             "disk {:?}: its recovery points are in use ({}): stop those test failovers and disconnect the ID@POINT exports, then commit",
             t.disk_id,
             what.join(", ")
-        )));
-    }
+        ))
+    };
+    let ov_lock = disk::lock(dir, &t.disk_id)?;
     let spec = spec_of(t, &dp)?;
+    // Everything that can fail without changing anything, first.
+    let fo = FailedOverDisk::open_locked(
+        ov_lock,
+        dir,
+        &rec.overlay,
+        &dp.journal,
+        &spec,
+        dp.state.disk_size,
+        pos,
+    )?;
+    let view = dp.open_view(&spec, pos, "failover commit")?;
+    let mut w = spec.open_writer(dp.state.disk_size)?;
+    let leases = foreign_leases(&dp.journal);
+    if !leases.is_empty() {
+        return Err(in_use(leases));
+    }
+    let was = rec.phase;
     rec.phase = Phase::Committing;
     record::save(dir, &rec)?;
-    let fo =
-        FailedOverDisk::open_locked(ov_lock, dir, &dp.journal, &spec, dp.state.disk_size, pos)?;
-    let mut w = spec.open_writer(dp.state.disk_size)?;
+    // A point export opened meanwhile refuses itself once it sees the
+    // record; one that slipped in before is seen here.
+    let leases = foreign_leases(&dp.journal);
+    if !leases.is_empty() && was == Phase::Uncommitted {
+        rec.phase = was;
+        record::save(dir, &rec)?;
+        return Err(in_use(leases));
+    }
     let mut buf = vec![0u8; 1 << 20];
     let mut copy = |w: &mut crate::replica::ReplicaWriter,
                     off: u64,
@@ -358,41 +411,40 @@ fn commit(t: &Target, dir: &Path, mut rec: Record, point: Option<&str>) -> Resul
         Ok(len)
     };
     // 1. The replica back to the point, in place: the ranges changed since
-    //    it, from the view (which reads them from the journal only).
-    let base = fo.overlay().base().clone();
-    let ranges = {
-        // The view is the overlay's base; its changed ranges are what the
-        // journal undoes.
-        let view = base_view(&dp, &spec, pos)?;
-        view.changed_ranges()
-    };
+    //    it, read through the view (which reads them from the journal only,
+    //    never from the replica being rewritten).
     let mut rolled = 0;
-    for &(off, len) in &ranges {
-        rolled += copy(&mut w, off, len, &|o, b| base.read_at(o, b))?;
+    for (off, len) in view.changed_ranges() {
+        rolled += copy(&mut w, off, len, &|o, b| {
+            blockdev::Backend::read_at(&view, o, b)
+        })?;
     }
     // 2. What was written on the failed-over disk.
     let ov = fo.overlay();
+    let present = ov.present_ranges();
     let mut merged = 0;
-    for (off, len) in ov.present_ranges() {
+    for &(off, len) in &present {
         merged += copy(&mut w, off, len, &|o, b| ov.read_own(o, b))?;
     }
     w.sync()?;
-    let written = ov.bytes_used();
+    let written = !present.is_empty();
+    let written_bytes = ov.bytes_used();
     drop(w);
+    drop(view);
     drop(fo);
     // 3. The image carries the disk's identity and where it began, for
     //    the splitter and shipper that protect it from now on.
-    mark_image(t, dir, &spec, &rec, pos, written > 0);
-    // 4. Durable: now the journal (points of a timeline the disk left) and
-    //    the overlay go.
-    disk::discard(dir)?;
-    remove_tree(&dp.journal)?;
+    mark_image(t, dir, &spec, &rec, pos, written)?;
+    // 4. Final. Only now do the overlay and the journal (points of a
+    //    timeline the disk left) go: a commit interrupted before this line
+    //    is run again from the start; after it, `finish_commit` tidies up.
     let image = image_of(&spec);
     rec.phase = Phase::Committed;
     rec.committed_ns = now_ns();
-    rec.written_bytes = written;
+    rec.written_bytes = written_bytes;
     rec.image = image.clone();
     record::save(dir, &rec)?;
+    finish_commit(dir)?;
     record::log_event(
         dir,
         "commit",
@@ -410,12 +462,31 @@ fn commit(t: &Target, dir: &Path, mut rec: Record, point: Option<&str>) -> Resul
     })
 }
 
+/// After a commit is recorded: remove the overlays and the journal of the
+/// old timeline, durably (again, when a crash interrupted it).
+pub fn finish_commit(dir: &Path) -> Result<()> {
+    disk::discard_except(dir, None)?;
+    let j = crate::journal::dir_of(dir);
+    if j.exists() {
+        remove_tree(&j)?;
+        record::sync_dir(dir)?;
+    }
+    Ok(())
+}
+
 /// Write the committed image's marker: the disk's identity, its disk id,
 /// no ring (whatever ring captured it before no longer describes it), and
-/// the failover it began as.
-fn mark_image(t: &Target, dir: &Path, spec: &ReplicaSpec, rec: &Record, pos: Pos, written: bool) {
+/// the failover it began as. Synced before the commit is recorded.
+fn mark_image(
+    t: &Target,
+    dir: &Path,
+    spec: &ReplicaSpec,
+    rec: &Record,
+    pos: Pos,
+    written: bool,
+) -> Result<()> {
     let ReplicaSpec::File(p) = spec else {
-        return;
+        return Ok(());
     };
     let old = blockdev::marker::read(p).ok().flatten();
     let uuid = crate::identity::load(dir)
@@ -436,18 +507,18 @@ fn mark_image(t: &Target, dir: &Path, spec: &ReplicaSpec, rec: &Record, pos: Pos
             written,
         }),
     };
-    if let Err(e) = blockdev::marker::write(p, &m) {
-        log::warn!(
-            "disk {:?}: cannot mark {} with its identity ({e}): protecting it back needs `seed --force` at the other site",
-            t.disk_id,
-            p.display()
-        );
+    match blockdev::marker::write(p, &m) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => {
+            log::warn!(
+                "disk {:?}: {} keeps no user xattrs, so it carries no identity marker: protecting it back needs `seed --in-place --force` at the other site",
+                t.disk_id,
+                p.display()
+            );
+            Ok(())
+        }
+        Err(e) => Err(io(p, "writing the disk marker")(e)),
     }
-}
-
-/// A second view of the point, for its list of changed ranges.
-fn base_view(dp: &DiskPoints, spec: &ReplicaSpec, pos: Pos) -> Result<crate::journal::PointView> {
-    dp.open_view(spec, pos, "failover commit")
 }
 
 fn remove_tree(p: &Path) -> Result<()> {
@@ -458,72 +529,99 @@ fn remove_tree(p: &Path) -> Result<()> {
     }
 }
 
-/// A HELLO for a disk whose failover is committed: accepted only as the
-/// return of the disk to the original site (its lineage says it was failed
-/// over from this site's image after the commit, from another ring), and
-/// only when nothing uses the image any more. Then the image becomes the
-/// disk's replica again, seeded: the first full pass compares it with the
-/// original by hashes and sends only what differs. `Err`: why not (for the
-/// shipper, which keeps its ring).
-pub fn reuse_committed(
+/// A HELLO for a disk whose failover is committed: acceptable only as the
+/// return of the disk to the original site. Its lineage must say it was
+/// failed over (after the commit) from the ring that protected this image
+/// back, at a point the image was not written after (else: a split
+/// brain), and nothing may use the image any more. `Err`: why not (for the
+/// shipper, which keeps its ring). Changes nothing: [`reuse_committed`]
+/// does, once the session holds the replica.
+pub fn check_failback(
     e: &crate::registry::DiskEntry,
     rec: &Record,
     hello: &wire::frame::Hello,
 ) -> std::result::Result<(), String> {
-    let failed_back = hello.lineage.is_some_and(|l| {
-        l.failed_over() && l.failed_over_ns >= rec.committed_ns && l.from_ring != rec.source_ring
-    }) && hello.ring_id != rec.source_ring;
-    if !failed_back {
-        return Err(format!(
+    let not_back = || {
+        format!(
             "disk {:?} is {} at the recovery site; this shipper's disk was not failed back from it, so nothing is applied (keep the ring). To return to the original site see docs/OPERATIONS.md (reverse protection, then failover --commit there)",
             e.id,
             rec.describe()
-        ));
+        )
+    };
+    let Some(l) = hello.lineage.filter(|l| {
+        l.failed_over() && l.failed_over_ns >= rec.committed_ns && l.from_ring != rec.source_ring
+    }) else {
+        return Err(not_back());
+    };
+    if hello.ring_id == rec.source_ring {
+        return Err(not_back());
     }
-    if let ReplicaSpec::File(p) = &e.spec {
-        match lockfile::in_use(p) {
-            Ok(false) => {}
-            Ok(true) => {
+    let ReplicaSpec::File(p) = &e.spec else {
+        return Ok(());
+    };
+    match lockfile::in_use(p) {
+        Ok(false) => {}
+        Ok(true) => {
+            return Err(format!(
+                "disk {:?}: the failed-over image {} is still in use (the recovery site's splitter?): stop it, and this shipper is taken as the failback",
+                e.id,
+                p.display()
+            ))
+        }
+        Err(err) => return Err(err.to_string()),
+    }
+    // The ring that protected the image back, from the image's marker.
+    let Ok(Some(m)) = blockdev::marker::read(p) else {
+        log::warn!(
+            "disk {:?}: {} carries no marker: the failback cannot be checked against the ring that protected it back",
+            e.id,
+            p.display()
+        );
+        return Ok(());
+    };
+    match m.ring_id {
+        Some(r) if r == l.from_ring => {}
+        _ => return Err(not_back()),
+    }
+    if let Some(rp) = m.ring_path.as_deref() {
+        if let Ok(st) = ring::status(Path::new(rp)) {
+            if st.disk_id == ring::uuid_string(&l.from_ring) && st.head_seq > l.from_seq {
                 return Err(format!(
-                    "disk {:?}: the failed-over image {} is still in use (the recovery site's splitter?): stop it, and this shipper is taken as the failback",
+                    "split brain on disk {:?}: the original site failed back at seq {} of the recovery site's ring {}, but this image was written after it (that ring is at seq {}, {} records never reached the original site). Both acted as primary: nothing was changed. Protect the recovery site's disk back again, or discard its late writes by moving {} away",
                     e.id,
-                    p.display()
-                ))
+                    l.from_seq,
+                    st.disk_id,
+                    st.head_seq,
+                    st.head_seq - l.from_seq,
+                    e.dir.display()
+                ));
             }
-            Err(err) => return Err(err.to_string()),
         }
     }
-    let sp = e.dir.join(STATE_FILE);
-    let mut sf = crate::state::StateFile::open_or_create(
-        &sp,
-        crate::state::ReplicaState {
-            applied_seq: 0,
-            ring_id: [0; 16],
-            disk_size: hello.disk_size,
-            reason: crate::state::Reason::Seeded,
-            since_seq: 0,
-            updated_ns: now_ns(),
-            sync_cursor: 0,
-        },
-    )
-    .map_err(|err| err.to_string())?;
-    sf.state.applied_seq = 0;
-    sf.state.ring_id = [0; 16];
-    sf.state.reason = crate::state::Reason::Seeded;
-    sf.state.since_seq = 0;
-    sf.state.sync_cursor = 0;
-    sf.save().map_err(|err| err.to_string())?;
-    record::log_event(
-        &e.dir,
-        "reprotect",
-        rec,
-        json!({"ring_id": record::hex(&hello.ring_id)}),
-    )
-    .map_err(|err| err.to_string())?;
-    record::remove(&e.dir).map_err(|err| err.to_string())?;
+    Ok(())
+}
+
+/// Take the committed image back as the disk's replica (the session holds
+/// it now): the old timeline's files go, the state says `Seeded` (the
+/// first full pass compares by hashes and sends only what differs), and
+/// the record goes.
+pub fn reuse_committed(
+    dir: &Path,
+    rec: &Record,
+    state: &mut crate::state::StateFile,
+) -> Result<()> {
+    finish_commit(dir)?;
+    state.state.applied_seq = 0;
+    state.state.ring_id = [0; 16];
+    state.state.reason = crate::state::Reason::Seeded;
+    state.state.since_seq = 0;
+    state.state.sync_cursor = 0;
+    state.save()?;
+    record::log_event(dir, "reprotect", rec, json!({}))?;
+    record::remove(dir)?;
     log::info!(
-        "disk {:?} failed back to its original site, which protects it again: the recovery site's image is its seed (a full pass compares by hashes and sends only what differs)",
-        e.id
+        "{}: the disk was failed back to its original site, which protects it again: the recovery site's image is its seed (a full pass compares by hashes and sends only what differs)",
+        dir.display()
     );
     Ok(())
 }

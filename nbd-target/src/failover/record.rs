@@ -85,6 +85,8 @@ pub struct Record {
     pub written_bytes: u64,
     /// The image that holds the disk once committed.
     pub image: String,
+    /// The overlay folder (in `ID/failover/`) holding what was written.
+    pub overlay: String,
 }
 
 impl Record {
@@ -100,6 +102,7 @@ impl Record {
             applied_seq,
             written_bytes: 0,
             image: String::new(),
+            overlay: String::new(),
         }
     }
 
@@ -121,6 +124,7 @@ impl Record {
             "applied_seq": self.applied_seq,
             "written_bytes": self.written_bytes,
             "image": (!self.image.is_empty()).then_some(&self.image),
+            "overlay": self.overlay,
         })
     }
 
@@ -148,6 +152,11 @@ impl Record {
             written_bytes: u("written_bytes")?,
             image: v
                 .get("image")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string(),
+            overlay: v
+                .get("overlay")
                 .and_then(Value::as_str)
                 .unwrap_or_default()
                 .to_string(),
@@ -198,7 +207,7 @@ pub fn load(dir: &Path) -> Result<Option<Record>> {
 /// Write `r` as the disk's record, durably and atomically.
 pub fn save(dir: &Path, r: &Record) -> Result<()> {
     let p = path(dir);
-    let tmp = dir.join(format!("{RECORD_FILE}.tmp"));
+    let tmp = dir.join(format!("{RECORD_FILE}.{}.tmp", std::process::id()));
     let body =
         serde_json::to_vec_pretty(&r.to_json()).map_err(|e| Error::Invalid(e.to_string()))?;
     {

@@ -89,7 +89,7 @@ pub(super) fn open(
         let m = format!("another shipper is connected for disk {:?}", hello.disk_id);
         return Err(refuse(&mut link, Refusal::new(ErrorCode::Busy, m)));
     };
-    let applying = match fence_check(&claim, &hello) {
+    let (applying, failed_back) = match fence_check(&claim, &hello) {
         Ok(l) => l,
         Err(r) => return Err(refuse(&mut link, r)),
     };
@@ -98,7 +98,7 @@ pub(super) fn open(
         claim.0.live().last_error = m.clone();
         return Err(refuse(&mut link, Refusal::new(code, m)));
     }
-    let apply = match open_replica(&claim, &hello, ctx.journal) {
+    let apply = match open_replica(&claim, &hello, ctx.journal, failed_back.as_ref()) {
         Ok(a) => a,
         Err(r) => return Err(refuse(&mut link, r)),
     };
@@ -143,7 +143,10 @@ pub(super) fn open(
 /// The disk's apply lock (held while the session lives, so a `failover`
 /// knows when nothing applies), then the failover record: a failed-over
 /// disk takes nothing from its shipper.
-fn fence_check(claim: &Claim, hello: &Hello) -> Result<Locked, Refusal> {
+fn fence_check(
+    claim: &Claim,
+    hello: &Hello,
+) -> Result<(Locked, Option<crate::failover::Record>), Refusal> {
     let e = &claim.0;
     std::fs::create_dir_all(&e.dir).map_err(|err| {
         Refusal::new(
@@ -151,27 +154,32 @@ fn fence_check(claim: &Claim, hello: &Hello) -> Result<Locked, Refusal> {
             format!("cannot create {}: {err}", e.dir.display()),
         )
     })?;
-    let lock = crate::lockfile::try_lock(&e.dir.join(crate::failover::APPLY_LOCK))
-        .map_err(|err| Refusal::new(ErrorCode::ReplicaIo, err.to_string()))?
-        .ok_or_else(|| {
-            Refusal::new(
-                ErrorCode::FailedOver,
-                format!(
-                    "disk {:?} is being failed over at the recovery site: nothing is applied; keep the ring (nothing is released)",
-                    e.id
-                ),
-            )
-        })?;
+    // Held briefly by retention pruning, for longer by a failover command.
+    let lock = crate::lockfile::lock_within(
+        &e.dir.join(crate::failover::APPLY_LOCK),
+        std::time::Duration::from_secs(2),
+    )
+    .map_err(|err| Refusal::new(ErrorCode::ReplicaIo, err.to_string()))?
+    .ok_or_else(|| {
+        Refusal::new(
+            ErrorCode::Busy,
+            format!(
+                "disk {:?} is held at the recovery site (a failover command is working on it): nothing is applied; keep the ring (nothing is released)",
+                e.id
+            ),
+        )
+    })?;
     match crate::failover::record::load(&e.dir) {
-        Ok(None) => Ok(lock),
+        Ok(None) => Ok((lock, None)),
         Ok(Some(r)) if r.phase == crate::failover::Phase::Committed => {
             // The disk was failed back to the original site, which protects
             // it again: the old replica (the image the recovery site ran
-            // on) is its seed, compared by hashes. Its identity first.
+            // on) becomes its seed once the session holds it. Its identity
+            // first.
             crate::identity::check_hello(&e.dir, hello).map_err(|(c, m)| Refusal::new(c, m))?;
-            crate::failover::reuse_committed(e, &r, hello)
+            crate::failover::check_failback(e, &r, hello)
                 .map_err(|m| Refusal::new(ErrorCode::FailedOver, m))?;
-            Ok(lock)
+            Ok((lock, Some(r)))
         }
         Ok(Some(r)) => Err(Refusal::new(
             ErrorCode::FailedOver,
@@ -264,6 +272,7 @@ fn open_replica(
     claim: &Claim,
     hello: &Hello,
     journal: Option<JournalConfig>,
+    failed_back: Option<&crate::failover::Record>,
 ) -> Result<Apply<Journaled>, Refusal> {
     let e = &claim.0;
     std::fs::create_dir_all(&e.dir).map_err(|err| {
@@ -284,6 +293,18 @@ fn open_replica(
                 hello.disk_id, hello.disk_size, file.state.disk_size
             ),
         ));
+    }
+    // A failback: the committed image is the seed, held by this session's
+    // writer (its flock) before anything says so.
+    let mut held = None;
+    if let Some(r) = failed_back {
+        let w = e
+            .spec
+            .open_writer(hello.disk_size)
+            .map_err(|err| Refusal::new(ErrorCode::FailedOver, err.to_string()))?;
+        crate::failover::reuse_committed(&e.dir, r, &mut file)
+            .map_err(|err| Refusal::new(ErrorCode::ReplicaIo, err.to_string()))?;
+        held = Some(w);
     }
     let jio = |err: crate::Error| Refusal::new(ErrorCode::ReplicaIo, format!("journal: {err}"));
     // The journal opens on the durable state as it was before this HELLO
@@ -307,10 +328,13 @@ fn open_replica(
         file.save()
             .map_err(|err| Refusal::new(ErrorCode::ReplicaIo, err.to_string()))?;
     }
-    let writer = e
-        .spec
-        .open_writer(hello.disk_size)
-        .map_err(|err| Refusal::new(ErrorCode::ReplicaIo, err.to_string()))?;
+    let writer = match held {
+        Some(w) => w,
+        None => e
+            .spec
+            .open_writer(hello.disk_size)
+            .map_err(|err| Refusal::new(ErrorCode::ReplicaIo, err.to_string()))?,
+    };
     let pending = consistency
         .state()
         .applied_seq
