@@ -407,3 +407,119 @@ fn split_brain_both_sides_written_refuses_the_reverse_protection() {
         "the original disk changed"
     );
 }
+
+#[test]
+fn seed_in_place_refuses_a_disk_of_another_identity_unless_forced() {
+    let Some((w, mut sp_a)) = protected() else {
+        return;
+    };
+    let seed = |id: &str, from: &Path, dr: &str, force: bool| {
+        let mut c = Command::new(bin("nbd-target"));
+        c.args(["seed", "--in-place", "--disk-id", id, "--data-dir"])
+            .arg(w.root.path().join(dr))
+            .arg("--from")
+            .arg(from);
+        if force {
+            c.arg("--force");
+        }
+        c.output().unwrap()
+    };
+    // In use by its splitter: refused (the target would write to it).
+    let o = seed(DISK, &w.disk_a, "dr-busy", false);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("in use"),
+        "{o:?}"
+    );
+    assert!(sp_a.terminate().success());
+    // Disk A carries the marker of disk "db": not "web".
+    let o = seed("web", &w.disk_a, "dr-web", false);
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(e.contains("is disk \"db\""), "{e}");
+    // A file with no marker: not known to be the disk.
+    let plain = w.root.path().join("plain.img");
+    make_disk(&plain, SIZE);
+    let o = seed(DISK, &plain, "dr-plain", false);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no blockship disk marker"));
+    // --force takes either.
+    assert!(seed(DISK, &plain, "dr-plain", true).status.success());
+    assert!(seed("web", &w.disk_a, "dr-web", true).status.success());
+    // The right disk: accepted, no copy (the replica is the file itself).
+    let o = seed(DISK, &w.disk_a, "dr-db", false);
+    assert!(o.status.success(), "{o:?}");
+    let link = w.root.path().join("dr-db").join(DISK).join("replica.img");
+    assert_eq!(
+        std::fs::canonicalize(&link).unwrap(),
+        std::fs::canonicalize(&w.disk_a).unwrap()
+    );
+}
+
+#[test]
+fn writes_at_the_recovery_site_after_the_failback_point_are_a_split_brain() {
+    let Some((w, sp_a)) = protected() else {
+        return;
+    };
+    kill9(sp_a.pid());
+    drop(sp_a);
+    let image_b = w.fail_over_and_write();
+    let (target_a, _proxy, _stats) = w.reverse_site();
+    let ring_b = w.b.dir.join("disk.ring");
+    let tls_b = w.a.shipper_tls("shipper-b");
+    let mut sp_b = splitter(
+        &w.b.dir.join("sp"),
+        &image_b,
+        &ring_b,
+        &target_a.addr,
+        &tls_b,
+    );
+    wait_in_sync(&ring_b, &target_a, 120);
+    ok(
+        nbd_target(
+            &[
+                "failover",
+                "--disk-id",
+                DISK,
+                "--point",
+                "latest",
+                "--commit",
+            ],
+            &target_a.data_dir,
+        ),
+        "failback commit",
+    );
+    // The recovery site keeps writing after the failback point.
+    {
+        let mut c = sp_b.client();
+        scribble(&mut c, 9, 4, 65536);
+    }
+    assert!(sp_b.terminate().success());
+    drop(sp_b);
+    let before = blockship::read(&image_b);
+    let tls = w.b.shipper_tls("shipper-a2");
+    let sp_a = splitter(
+        &w.a.dir.join("sp2"),
+        &w.disk_a,
+        &w.ring_a,
+        &w.target_b.addr,
+        &tls,
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let log = sp_a.log_text();
+        if log.contains("split brain") && log.contains("written after it") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no split brain reported:\n{log}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        w.target_b.disk_status(DISK).unwrap()["role"],
+        "failed-over-committed"
+    );
+    assert!(
+        blockship::read(&image_b) == before,
+        "the recovery site's image changed"
+    );
+}

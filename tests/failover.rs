@@ -478,3 +478,50 @@ fn a_flushed_failover_write_and_a_commit_are_on_the_device_not_only_in_memory() 
         );
     }
 }
+
+#[test]
+fn two_failover_commands_at_once_make_one_failover() {
+    let Some(s) = site(16 * MIB) else {
+        return;
+    };
+    s.scribble(7, 50, 0, 16 * MIB);
+    wait_converged(&s.ring, &s.target, DISK, 60);
+    let spawn = || {
+        Command::new(bin("nbd-target"))
+            .args([
+                "failover",
+                "--disk-id",
+                DISK,
+                "--point",
+                "latest",
+                "--data-dir",
+            ])
+            .arg(&s.target.data_dir)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn(), spawn());
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    let oks = [&a, &b].iter().filter(|o| o.status.success()).count();
+    assert_eq!(
+        oks,
+        1,
+        "exactly one fails over:\n{}\n{}",
+        stderr(&a),
+        stderr(&b)
+    );
+    let loser = if a.status.success() { &b } else { &a };
+    assert!(stderr(loser).contains("already"), "{}", stderr(loser));
+    let st = s.target.disk_status(DISK).unwrap();
+    assert_eq!(st["role"], "failed-over-uncommitted", "{st}");
+    // The fence holds: the shipper stays refused.
+    std::thread::sleep(Duration::from_secs(1));
+    s.scribble(8, 10, 0, 16 * MIB);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(ring_status(&s.ring)["records_waiting"].as_u64().unwrap() >= 10);
+    s.failover_ok(&["--rollback"]);
+    wait_converged(&s.ring, &s.target, DISK, 60);
+    assert_same(&s.disk, &s.target.replica(DISK));
+}
