@@ -14,71 +14,28 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use blockship::site::*;
-use blockship::{bin, have_tool, make_disk, pattern, run, Rng, Splitter};
+use blockship::{bin, have_tool, run};
 
 const MIB: u64 = 1 << 20;
 const DISK: &str = "db";
 /// Not a whole number of MiB: the VHD is padded to 41 MiB.
 const SIZE: u64 = 40 * MIB + 192 * 1024;
 
-struct Site {
-    dir: tempfile::TempDir,
-    disk: PathBuf,
-    ring: PathBuf,
-    target: Target,
-    splitter: Splitter,
+/// A protected disk, and what these tests ask of it.
+struct Site(Protected);
+
+impl std::ops::Deref for Site {
+    type Target = Protected;
+    fn deref(&self) -> &Protected {
+        &self.0
+    }
 }
 
 fn site() -> Site {
-    let dir = tempfile::tempdir().unwrap();
-    let disk = dir.path().join("disk.img");
-    let ring = dir.path().join("disk.ring");
-    make_disk(&disk, SIZE);
-    let pki = Pki::init(&dir.path().join("pki"));
-    let shp = pki.issue("source-1", &[DISK], &dir.path().join("shp"), 30);
-    let target = Target::start(dir.path(), &pki.target_tls(), &[]);
-    let splitter = Splitter::start(
-        dir.path(),
-        &disk,
-        &[
-            "--ring",
-            ring.to_str().unwrap(),
-            "--ship-to",
-            &target.addr,
-            "--disk-id",
-            DISK,
-            "--tls",
-            shp.to_str().unwrap(),
-        ],
-    );
-    Site {
-        dir,
-        disk,
-        ring,
-        target,
-        splitter,
-    }
+    Site(Protected::start(DISK, SIZE, &[], &[]))
 }
 
 impl Site {
-    /// Random 4-64 KiB writes in `lo..hi`, flushed.
-    fn scribble(&self, seed: u64, n: usize, lo: u64, hi: u64) {
-        let mut c = self.splitter.client();
-        let mut rng = Rng::new(seed);
-        for i in 0..n {
-            let len = rng.range(1, 17) * 4096;
-            let off = rng.range(lo / 4096, (hi - len) / 4096) * 4096;
-            let mut buf = vec![0u8; usize::try_from(len).unwrap()];
-            pattern(&mut buf, seed * 1000 + i as u64);
-            c.write(off, &buf, false).unwrap();
-        }
-        c.flush().unwrap();
-    }
-
-    fn converge(&self) {
-        wait_converged(&self.ring, &self.target, DISK, 120);
-    }
-
     fn out(&self, name: &str) -> PathBuf {
         self.dir.path().join("out").join(name)
     }

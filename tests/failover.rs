@@ -14,20 +14,25 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use blockship::site::*;
-use blockship::{
-    bin, have_tool, is_root, kill9, make_disk, pattern, run, FuseLoopMount, Rng, Splitter,
-};
+use blockship::{bin, have_tool, is_root, kill9, pattern, run, FuseLoopMount};
 
 const MIB: u64 = 1 << 20;
 const DISK: &str = "db";
 
-struct Site {
-    dir: tempfile::TempDir,
-    disk: PathBuf,
-    ring: PathBuf,
-    shp: PathBuf,
-    target: Target,
-    splitter: Option<Splitter>,
+/// A protected disk, and what these tests ask of it.
+struct Site(Protected);
+
+impl std::ops::Deref for Site {
+    type Target = Protected;
+    fn deref(&self) -> &Protected {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Site {
+    fn deref_mut(&mut self) -> &mut Protected {
+        &mut self.0
+    }
 }
 
 fn site(size: u64) -> Option<Site> {
@@ -35,59 +40,10 @@ fn site(size: u64) -> Option<Site> {
         eprintln!("skipped: nbdcopy missing");
         return None;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let disk = dir.path().join("disk.img");
-    let ring = dir.path().join("disk.ring");
-    make_disk(&disk, size);
-    let pki = Pki::init(&dir.path().join("pki"));
-    let shp = pki.issue("source-1", &[DISK], &dir.path().join("shp"), 30);
-    let target = Target::start(dir.path(), &pki.target_tls(), &[]);
-    let mut s = Site {
-        dir,
-        disk,
-        ring,
-        shp,
-        target,
-        splitter: None,
-    };
-    s.start_splitter();
-    Some(s)
+    Some(Site(Protected::start(DISK, size, &[], &[])))
 }
 
 impl Site {
-    fn start_splitter(&mut self) {
-        let a: Vec<String> = vec![
-            "--ring".into(),
-            self.ring.display().to_string(),
-            "--ship-to".into(),
-            self.target.addr.clone(),
-            "--disk-id".into(),
-            DISK.into(),
-            "--tls".into(),
-            self.shp.display().to_string(),
-        ];
-        let a: Vec<&str> = a.iter().map(String::as_str).collect();
-        self.splitter = Some(Splitter::start(self.dir.path(), &self.disk, &a));
-    }
-
-    fn sp(&self) -> &Splitter {
-        self.splitter.as_ref().unwrap()
-    }
-
-    /// Random 4-64 KiB writes in `lo..hi`, flushed.
-    fn scribble(&self, seed: u64, n: usize, lo: u64, hi: u64) {
-        let mut c = self.sp().client();
-        let mut rng = Rng::new(seed);
-        for i in 0..n {
-            let len = rng.range(1, 17) * 4096;
-            let off = rng.range(lo / 4096, (hi - len) / 4096) * 4096;
-            let mut buf = vec![0u8; usize::try_from(len).unwrap()];
-            pattern(&mut buf, seed * 1000 + i as u64);
-            c.write(off, &buf, false).unwrap();
-        }
-        c.flush().unwrap();
-    }
-
     fn failover(&self, args: &[&str]) -> Output {
         Command::new(bin("nbd-target"))
             .args(["failover", "--disk-id", DISK, "--data-dir"])
@@ -110,14 +66,6 @@ impl Site {
 
     fn export_uri(&self) -> String {
         format!("nbd://{}/{DISK}", self.target.nbd_addr)
-    }
-
-    /// nbdcopy `uri` to a file next to the others.
-    fn copy_of(&self, uri: &str, name: &str) -> PathBuf {
-        let p = self.dir.path().join(format!("{name}.nbd"));
-        let _ = std::fs::remove_file(&p);
-        run(Command::new("nbdcopy").arg(uri).arg(&p));
-        p
     }
 
     fn status_text(&self) -> String {

@@ -353,3 +353,103 @@ pub fn free_port() -> u16 {
         .map(|a| a.port())
         .expect("a free port")
 }
+
+/// A protected disk: a disk file served by `splitter serve --ring
+/// --ship-to` (the shipper in its process) toward a running `nbd-target
+/// serve`, each with its PKI, in one temporary folder.
+pub struct Protected {
+    /// The folder (everything is in it).
+    pub dir: tempfile::TempDir,
+    /// The disk id.
+    pub disk_id: String,
+    /// The disk file.
+    pub disk: PathBuf,
+    /// The ring.
+    pub ring: PathBuf,
+    /// The shipper's TLS folder.
+    pub shp: PathBuf,
+    /// The recovery site.
+    pub target: Target,
+    /// The splitter, while it runs.
+    pub splitter: Option<crate::Splitter>,
+}
+
+impl Protected {
+    /// A fresh disk of `size` bytes protected as `disk_id`; `target_extra`
+    /// and `ring_extra` go to `nbd-target serve` and `splitter serve`.
+    pub fn start(
+        disk_id: &str,
+        size: u64,
+        target_extra: &[&str],
+        ring_extra: &[&str],
+    ) -> Protected {
+        let dir = tempfile::tempdir().expect("temporary folder");
+        let disk = dir.path().join("disk.img");
+        let ring = dir.path().join("disk.ring");
+        crate::make_disk(&disk, size);
+        let pki = Pki::init(&dir.path().join("pki"));
+        let shp = pki.issue("source-1", &[disk_id], &dir.path().join("shp"), 30);
+        let target = Target::start(dir.path(), &pki.target_tls(), target_extra);
+        let mut s = Protected {
+            dir,
+            disk_id: disk_id.to_string(),
+            disk,
+            ring,
+            shp,
+            target,
+            splitter: None,
+        };
+        s.start_splitter(ring_extra);
+        s
+    }
+
+    /// (Re)start the splitter, shipping to the target.
+    pub fn start_splitter(&mut self, ring_extra: &[&str]) {
+        let mut a: Vec<String> = vec![
+            "--ring".into(),
+            self.ring.display().to_string(),
+            "--ship-to".into(),
+            self.target.addr.clone(),
+            "--disk-id".into(),
+            self.disk_id.clone(),
+            "--tls".into(),
+            self.shp.display().to_string(),
+        ];
+        a.extend(ring_extra.iter().map(|s| s.to_string()));
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        self.splitter = Some(crate::Splitter::start(self.dir.path(), &self.disk, &a));
+    }
+
+    /// The running splitter.
+    pub fn sp(&self) -> &crate::Splitter {
+        self.splitter.as_ref().expect("the splitter runs")
+    }
+
+    /// Wait until the target has applied everything the ring holds.
+    pub fn converge(&self) {
+        wait_converged(&self.ring, &self.target, &self.disk_id, 120);
+    }
+
+    /// Random 4-64 KiB writes in `lo..hi` through the splitter, flushed.
+    pub fn scribble(&self, seed: u64, n: usize, lo: u64, hi: u64) {
+        let mut c = self.sp().client();
+        let mut rng = crate::Rng::new(seed);
+        for i in 0..n {
+            let len = rng.range(1, 17) * 4096;
+            let off = rng.range(lo / 4096, (hi - len) / 4096) * 4096;
+            let mut buf = vec![0u8; usize::try_from(len).unwrap_or(4096)];
+            crate::pattern(&mut buf, seed * 1000 + i as u64);
+            c.write(off, &buf, false)
+                .expect("write through the splitter");
+        }
+        c.flush().expect("flush through the splitter");
+    }
+
+    /// `nbdcopy URI` to a file in the folder.
+    pub fn copy_of(&self, uri: &str, name: &str) -> PathBuf {
+        let p = self.dir.path().join(format!("{name}.nbd"));
+        let _ = std::fs::remove_file(&p);
+        crate::run(Command::new("nbdcopy").arg(uri).arg(&p));
+        p
+    }
+}
