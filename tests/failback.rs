@@ -219,6 +219,16 @@ impl World {
     }
 }
 
+/// The address a delay-proxy logged it listens on.
+fn listening_on(proxy: &Proc) -> String {
+    let log = proxy.log_text();
+    log.split("listening on ")
+        .nth(1)
+        .and_then(|r| r.split([',', ' ']).next())
+        .unwrap()
+        .to_string()
+}
+
 fn proxy_bytes(mut proxy: Proc, stats: &Path) -> u64 {
     assert!(proxy.terminate());
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(stats).unwrap()).unwrap();
@@ -244,13 +254,7 @@ fn round_trip_failover_reverse_protection_failback_sends_only_the_delta() {
     let (target_a, proxy, stats) = w.reverse_site();
     let ring_b = w.b.dir.join("disk.ring");
     let tls_b = w.a.shipper_tls("shipper-b");
-    let proxy_addr = proxy.log_text();
-    let proxy_addr = proxy_addr
-        .split("listening on ")
-        .nth(1)
-        .and_then(|r| r.split([',', ' ']).next())
-        .unwrap()
-        .to_string();
+    let proxy_addr = listening_on(&proxy);
     let mut sp_b = splitter(&w.b.dir.join("sp"), &image_b, &ring_b, &proxy_addr, &tls_b);
     wait_in_sync(&ring_b, &target_a, 120);
     assert_eq!(
@@ -351,13 +355,7 @@ fn split_brain_both_sides_written_refuses_the_reverse_protection() {
     let (target_a, proxy, _stats) = w.reverse_site();
     let ring_b = w.b.dir.join("disk.ring");
     let tls_b = w.a.shipper_tls("shipper-b");
-    let addr = proxy.log_text();
-    let addr = addr
-        .split("listening on ")
-        .nth(1)
-        .and_then(|r| r.split([',', ' ']).next())
-        .unwrap()
-        .to_string();
+    let addr = listening_on(&proxy);
     // The copy is written again under its ring, too.
     let sp_b = splitter(&w.b.dir.join("sp"), &image_b, &ring_b, &addr, &tls_b);
     {

@@ -59,6 +59,13 @@ pub fn seed(data_dir: &Path, disk_id: &str, image: &Path) -> Result<(u64, u64)> 
     }
     dst.sync_all().map_err(io(&tmp, "syncing the replica"))?;
     std::fs::rename(&tmp, dir.join(REPLICA_FILE)).map_err(io(&tmp, "renaming the replica"))?;
+    seeded_state(&dir, size)?;
+    Ok((size, written))
+}
+
+/// The state of a seeded replica of `size` bytes in `dir`: not consistent
+/// until a full pass compared it (by hashes) with the source.
+pub(crate) fn seeded_state(dir: &Path, size: u64) -> Result<StateFile> {
     StateFile::open_or_create(
         &dir.join(STATE_FILE),
         ReplicaState {
@@ -71,8 +78,7 @@ pub fn seed(data_dir: &Path, disk_id: &str, image: &Path) -> Result<(u64, u64)> 
             updated_ns: now_ns(),
             sync_cursor: 0,
         },
-    )?;
-    Ok((size, written))
+    )
 }
 
 /// What `seed --in-place` registered.
@@ -157,18 +163,7 @@ pub fn seed_in_place(
             in_place: Some(in_place.clone()),
         },
     )?;
-    StateFile::open_or_create(
-        &dir.join(STATE_FILE),
-        ReplicaState {
-            applied_seq: 0,
-            ring_id: [0; 16],
-            disk_size: size,
-            reason: Reason::Seeded,
-            since_seq: 0,
-            updated_ns: now_ns(),
-            sync_cursor: 0,
-        },
-    )?;
+    seeded_state(&dir, size)?;
     crate::failover::record::sync_dir(&dir)?;
     Ok(InPlaceSeed {
         path,
