@@ -473,3 +473,36 @@ fn two_failover_commands_at_once_make_one_failover() {
     wait_converged(&s.ring, &s.target, DISK, 60);
     assert_same(&s.disk, &s.target.replica(DISK));
 }
+
+#[test]
+fn without_a_journal_only_latest_fails_over_and_commits() {
+    if !have_tool("nbdcopy") {
+        return;
+    }
+    let s = Site(Protected::start(DISK, 16 * MIB, &["--journal", "off"], &[]));
+    s.scribble(11, 60, 0, 16 * MIB);
+    wait_converged(&s.ring, &s.target, DISK, 60);
+    let at = s.dir.path().join("at.copy");
+    std::fs::copy(&s.disk, &at).unwrap();
+    let o = s.failover(&["--point", "1"]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("no journal"),
+        "{}",
+        stderr(&o)
+    );
+    s.failover_ok(&["--point", "latest"]);
+    assert_same(&s.copy_of(&s.export_uri(), "fo"), &at);
+    {
+        let sock = TcpStream::connect(&s.target.nbd_addr).unwrap();
+        let mut c = nbd::Client::connect(sock, DISK).unwrap();
+        c.write(0, &[0x5a; 8192], false).unwrap();
+        c.flush().unwrap();
+    }
+    let image = PathBuf::from(s.failover_ok(&["--commit"]).trim());
+    let mut want = std::fs::read(&at).unwrap();
+    want[..8192].fill(0x5a);
+    assert!(
+        std::fs::read(&image).unwrap() == want,
+        "the image is the disk at latest plus the write"
+    );
+}

@@ -88,7 +88,7 @@ impl ReplicaExports {
             &crate::journal::dir_of(&entry.dir),
             &entry.spec,
             size,
-            point,
+            (point, rec.journal),
         )
         .map_err(|e| io::Error::other(format!("{}: {e}", entry.id)))?;
         log::info!(
@@ -149,10 +149,11 @@ impl Backend for Counted {
     }
 }
 
-/// A replica read through its own handle, presented at the disk's size.
-struct SizedReplica {
-    inner: Box<dyn Backend>,
-    size: u64,
+/// A replica read through its own handle, presented at the disk's size,
+/// read-only.
+pub(crate) struct SizedReplica {
+    pub(crate) inner: Box<dyn Backend>,
+    pub(crate) size: u64,
 }
 
 impl Backend for SizedReplica {

@@ -60,6 +60,33 @@ pub fn new_name(point: Pos) -> String {
     )
 }
 
+/// What the overlay reads through to: the point's view of the journal,
+/// or (`journal` false: a disk without a journal, failed over at its
+/// latest state) the replica itself, read-only.
+pub fn base(
+    journal_dir: &Path,
+    spec: &ReplicaSpec,
+    size: u64,
+    point: Pos,
+    journal: bool,
+) -> Result<Arc<dyn Backend>> {
+    let reader = spec.open_reader()?;
+    if journal {
+        Ok(Arc::new(PointView::open(
+            journal_dir,
+            reader,
+            size,
+            point,
+            "failover",
+        )?))
+    } else {
+        Ok(Arc::new(crate::export::SizedReplica {
+            inner: reader,
+            size,
+        }))
+    }
+}
+
 /// Take the overlay's lock, or say who has it.
 pub fn lock(disk_dir: &Path, disk_id: &str) -> Result<Locked> {
     let d = dir_of(disk_dir);
@@ -96,14 +123,14 @@ impl FailedOverDisk {
         journal_dir: &Path,
         spec: &ReplicaSpec,
         size: u64,
-        point: Pos,
+        point: (Pos, bool),
     ) -> Result<()> {
+        let (point, journal) = point;
         let p = overlay_path(disk_dir, name);
         let d = dir_of(disk_dir).join(name);
         remove_dir(&d)?;
         std::fs::create_dir_all(&d).map_err(crate::error::io(&d, "creating the overlay folder"))?;
-        let view = PointView::open(journal_dir, spec.open_reader()?, size, point, "failover")?;
-        Overlay::create_durable(Arc::new(view), &p, None)
+        Overlay::create_durable(base(journal_dir, spec, size, point, journal)?, &p, None)
             .map_err(|e| Error::Invalid(format!("failover: {e}")))?;
         crate::failover::record::sync_dir(&dir_of(disk_dir))
     }
@@ -117,7 +144,7 @@ impl FailedOverDisk {
         journal_dir: &Path,
         spec: &ReplicaSpec,
         size: u64,
-        point: Pos,
+        point: (Pos, bool),
     ) -> Result<FailedOverDisk> {
         let l = lock(disk_dir, disk_id)?;
         FailedOverDisk::open_locked(l, disk_dir, name, journal_dir, spec, size, point)
@@ -132,10 +159,11 @@ impl FailedOverDisk {
         journal_dir: &Path,
         spec: &ReplicaSpec,
         size: u64,
-        point: Pos,
+        point: (Pos, bool),
     ) -> Result<FailedOverDisk> {
-        let view = PointView::open(journal_dir, spec.open_reader()?, size, point, "failover")?;
-        let overlay = Overlay::open_durable(Arc::new(view), &overlay_path(disk_dir, name), None)
+        let (point, journal) = point;
+        let b = base(journal_dir, spec, size, point, journal)?;
+        let overlay = Overlay::open_durable(b, &overlay_path(disk_dir, name), None)
             .map_err(|e| Error::Invalid(format!("the failed-over disk's overlay: {e}")))?;
         Ok(FailedOverDisk {
             overlay,

@@ -39,7 +39,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::error::{io, Error, Result};
-use crate::journal::Pos;
+use crate::journal::{PointName, Pos};
 use crate::lockfile::{self, Locked};
 use crate::points::DiskPoints;
 use crate::registry::STATE_FILE;
@@ -181,6 +181,37 @@ pub fn run(t: &Target, action: &Action) -> Result<Outcome> {
     }
 }
 
+/// The point named `name`, and whether it is read through the journal. A
+/// disk without a journal (`serve --journal off`) can be failed over at
+/// `latest` only: its replica as the fence left it, when consistent.
+fn resolve_point(dp: &DiskPoints, name: &str) -> Result<(Pos, bool)> {
+    let no_journal = crate::journal::segment::list(&dp.journal).map_or(true, |v| v.is_empty());
+    if !no_journal {
+        return dp.resolve(name).map(|p| (p, true));
+    }
+    if PointName::parse(name) != PointName::Latest {
+        return Err(Error::Invalid(format!(
+            "disk {:?} has no journal (`nbd-target serve --journal off`), so it has no recovery points: only --point latest can be failed over to",
+            dp.disk_id
+        )));
+    }
+    if !dp.state.consistent() {
+        return Err(Error::Invalid(format!(
+            "disk {:?}: the replica is not consistent ({}) and has no journal to go back to a consistent point: wait for the resync to finish",
+            dp.disk_id,
+            dp.state.reason.explain()
+        )));
+    }
+    Ok((
+        Pos {
+            epoch: 0,
+            seq: dp.state.applied_seq,
+            sub: false,
+        },
+        false,
+    ))
+}
+
 fn spec_of(t: &Target, dp: &DiskPoints) -> Result<ReplicaSpec> {
     dp.replica_spec(t.backend.as_deref())
 }
@@ -200,7 +231,7 @@ fn fence(t: &Target, dir: &Path) -> Result<Locked> {
 fn failover(t: &Target, dir: &Path, point: &str, fencing: Option<Record>) -> Result<Outcome> {
     let dp = DiskPoints::load(&t.data_dir, &t.disk_id)?;
     // Resolve once before fencing, so that a bad name changes nothing.
-    dp.resolve(point)?;
+    resolve_point(&dp, point)?;
     let mut rec =
         fencing.unwrap_or_else(|| Record::fencing(dp.state.ring_id, dp.state.applied_seq));
     record::save(dir, &rec)?;
@@ -215,18 +246,26 @@ fn failover(t: &Target, dir: &Path, point: &str, fencing: Option<Record>) -> Res
     let _apply = fence(t, dir).map_err(undo)?;
     // What the session left applied is final now.
     let dp = DiskPoints::load(&t.data_dir, &t.disk_id).map_err(undo)?;
-    let pos = dp.resolve(point).map_err(undo)?;
+    let (pos, journal) = resolve_point(&dp, point).map_err(undo)?;
     let spec = spec_of(t, &dp).map_err(undo)?;
     let _ov = disk::lock(dir, &t.disk_id).map_err(undo)?;
     let name = disk::new_name(pos);
-    FailedOverDisk::create(dir, &name, &dp.journal, &spec, dp.state.disk_size, pos)
-        .map_err(undo)?;
+    FailedOverDisk::create(
+        dir,
+        &name,
+        &dp.journal,
+        &spec,
+        dp.state.disk_size,
+        (pos, journal),
+    )
+    .map_err(undo)?;
     rec.phase = Phase::Uncommitted;
     rec.point = Some(pos);
     rec.point_name = point.to_string();
     rec.source_ring = dp.state.ring_id;
     rec.applied_seq = dp.state.applied_seq;
     rec.overlay = name.clone();
+    rec.journal = journal;
     record::save(dir, &rec)?;
     disk::discard_except(dir, Some(&name))?;
     record::log_event(dir, "failover", &rec, json!({}))?;
@@ -246,7 +285,7 @@ fn failover(t: &Target, dir: &Path, point: &str, fencing: Option<Record>) -> Res
 
 fn move_to(t: &Target, dir: &Path, point: &str, mut rec: Record) -> Result<Outcome> {
     let dp = DiskPoints::load(&t.data_dir, &t.disk_id)?;
-    let pos = dp.resolve(point)?;
+    let (pos, journal) = resolve_point(&dp, point)?;
     if Some(pos) == rec.point {
         return Err(Error::Invalid(format!(
             "disk {:?} is already {}; give another --point to move, --rollback or --commit",
@@ -260,11 +299,19 @@ fn move_to(t: &Target, dir: &Path, point: &str, mut rec: Record) -> Result<Outco
     // The new overlay beside the old one; the record switches to it; only
     // then the old one goes (a failed or interrupted move loses nothing).
     let name = disk::new_name(pos);
-    FailedOverDisk::create(dir, &name, &dp.journal, &spec, dp.state.disk_size, pos)?;
+    FailedOverDisk::create(
+        dir,
+        &name,
+        &dp.journal,
+        &spec,
+        dp.state.disk_size,
+        (pos, journal),
+    )?;
     let from = rec.point;
     rec.point = Some(pos);
     rec.point_name = point.to_string();
     rec.overlay = name.clone();
+    rec.journal = journal;
     record::save(dir, &rec)?;
     disk::discard_except(dir, Some(&name))?;
     record::log_event(
@@ -347,7 +394,7 @@ fn commit(t: &Target, dir: &Path, mut rec: Record, point: Option<&str>) -> Resul
         .point
         .ok_or_else(|| Error::Invalid("the failover record has no point".into()))?;
     if let Some(p) = point {
-        let want = dp.resolve(p)?;
+        let (want, _) = resolve_point(&dp, p)?;
         if want != pos {
             return Err(Error::Invalid(format!(
                 "disk {:?} is failed over at {pos}, not at {want} ({p}): move it first (--point {p}) or commit without --point",
@@ -372,9 +419,15 @@ fn commit(t: &Target, dir: &Path, mut rec: Record, point: Option<&str>) -> Resul
         &dp.journal,
         &spec,
         dp.state.disk_size,
-        pos,
+        (pos, rec.journal),
     )?;
-    let view = dp.open_view(&spec, pos, "failover commit")?;
+    // Without a journal the point is the replica as it was fenced: nothing
+    // to roll back.
+    let view = if rec.journal {
+        Some(dp.open_view(&spec, pos, "failover commit")?)
+    } else {
+        None
+    };
     let mut w = spec.open_writer(dp.state.disk_size)?;
     let leases = foreign_leases(&dp.journal);
     if !leases.is_empty() {
@@ -414,9 +467,14 @@ fn commit(t: &Target, dir: &Path, mut rec: Record, point: Option<&str>) -> Resul
     //    it, read through the view (which reads them from the journal only,
     //    never from the replica being rewritten).
     let mut rolled = 0;
-    for (off, len) in view.changed_ranges() {
-        rolled += copy(&mut w, off, len, &|o, b| {
-            blockdev::Backend::read_at(&view, o, b)
+    for (off, len) in view
+        .as_ref()
+        .map(|v| v.changed_ranges())
+        .unwrap_or_default()
+    {
+        rolled += copy(&mut w, off, len, &|o, b| match &view {
+            Some(v) => blockdev::Backend::read_at(v, o, b),
+            None => Err(std::io::Error::other("no journal")),
         })?;
     }
     // 2. What was written on the failed-over disk.

@@ -87,6 +87,10 @@ pub struct Record {
     pub image: String,
     /// The overlay folder (in `ID/failover/`) holding what was written.
     pub overlay: String,
+    /// The point is read through the journal (false: the disk has no
+    /// journal, `serve --journal off`, and the point is the replica's
+    /// latest state itself).
+    pub journal: bool,
 }
 
 impl Record {
@@ -103,6 +107,7 @@ impl Record {
             written_bytes: 0,
             image: String::new(),
             overlay: String::new(),
+            journal: true,
         }
     }
 
@@ -125,6 +130,7 @@ impl Record {
             "written_bytes": self.written_bytes,
             "image": (!self.image.is_empty()).then_some(&self.image),
             "overlay": self.overlay,
+            "journal": self.journal,
         })
     }
 
@@ -160,6 +166,7 @@ impl Record {
                 .and_then(Value::as_str)
                 .unwrap_or_default()
                 .to_string(),
+            journal: v.get("journal").and_then(Value::as_bool).unwrap_or(true),
         })
     }
 
