@@ -648,7 +648,10 @@ fn mark_bounded(ring: &Path, req: &MarkRequest, deadline: Instant, stop: &Atomic
         std::thread::Builder::new()
             .name("mark".into())
             .spawn(move || {
-                let _ = tx.send(mark_ring(&ring_path, &req, budget, &gate));
+                // The exchange may run a little past `deadline`, so that the
+                // deadline below (not a socket timeout racing it) decides a
+                // timeout; the append window is enforced by the splitter.
+                let _ = tx.send(mark_ring(&ring_path, &req, budget + SETTLE * 2, &gate));
             })
     };
     if let Err(e) = spawned {
