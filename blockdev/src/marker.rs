@@ -159,9 +159,13 @@ fn cname() -> CString {
     CString::new(XATTR).unwrap_or_default()
 }
 
-/// The marker of the file at `path`: `None` when it has none or its file
-/// system keeps no user xattrs; an error when it has one that is damaged.
+/// The marker of the file at `path`: `None` when it has none, is not a
+/// regular file (a block device keeps none) or its file system keeps no
+/// user xattrs; an error when it has one that is damaged.
 pub fn read(path: &Path) -> io::Result<Option<Marker>> {
+    if !std::fs::metadata(path)?.is_file() {
+        return Ok(None);
+    }
     let (p, n) = (cpath(path)?, cname());
     let mut buf = vec![0u8; MAX_LEN];
     // SAFETY: `p` and `n` are NUL-terminated strings that live across the
@@ -185,9 +189,14 @@ pub fn read(path: &Path) -> io::Result<Option<Marker>> {
 }
 
 /// Write `m` as the marker of the file at `path` (replacing any), durably
-/// (the file is fsynced). Fails with ENOTSUP where the file system keeps no
-/// user xattrs.
+/// (the file is fsynced). Fails with ENOTSUP for anything but a regular
+/// file, and where the file system keeps no user xattrs.
 pub fn write(path: &Path, m: &Marker) -> io::Result<()> {
+    // Only regular files keep a marker (a device node's user xattrs are
+    // refused with EPERM): anything else is "not supported here".
+    if !std::fs::metadata(path)?.is_file() {
+        return Err(io::Error::from_raw_os_error(libc::ENOTSUP));
+    }
     let (p, n) = (cpath(path)?, cname());
     let v = m.encode();
     // SAFETY: `p` and `n` are NUL-terminated strings that live across the

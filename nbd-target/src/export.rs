@@ -65,7 +65,7 @@ impl ReplicaExports {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some((w, claims)) = m.get(&entry.id) {
             if let Some(d) = w.upgrade() {
-                if Some(d.point()) == rec.point {
+                if Some(d.point()) == rec.point && d.overlay_name() == rec.overlay {
                     return Ok(OpenExport {
                         disk: d,
                         capture: Arc::new(NoCapture),
@@ -222,9 +222,7 @@ impl ReplicaExports {
                 return Err(fail(e));
             }
         };
-        // With its lease held: a commit that began meanwhile is seen (it
-        // rewrites the replica and removes the journal).
-        committing_refusal(&entry.dir, id)?;
+
         log::info!("export {id}@{point}: the disk at point {pos}");
         Ok(OpenExport {
             disk: Arc::new(view),

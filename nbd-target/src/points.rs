@@ -73,8 +73,34 @@ impl DiskPoints {
         }
     }
 
-    /// Open the disk at `point` (a lease held for `what`).
+    /// Open the disk at `point` (a lease held for `what`). Refused once a
+    /// failover commit of the disk has begun (checked with the lease held,
+    /// and the commit checks the leases after it records `committing`):
+    /// it rewrites the replica and removes the journal.
     pub fn open_view(&self, spec: &ReplicaSpec, point: Pos, what: &str) -> Result<PointView> {
+        let view = self.open_view_during_commit(spec, point, what)?;
+        if let Some(r) = crate::failover::record::load(&self.dir)? {
+            if matches!(
+                r.phase,
+                crate::failover::Phase::Committing | crate::failover::Phase::Committed
+            ) {
+                return Err(Error::Invalid(format!(
+                    "disk {:?} is {}: its recovery points are gone",
+                    self.disk_id,
+                    r.describe()
+                )));
+            }
+        }
+        Ok(view)
+    }
+
+    /// [`DiskPoints::open_view`] without the commit check: for the commit.
+    pub fn open_view_during_commit(
+        &self,
+        spec: &ReplicaSpec,
+        point: Pos,
+        what: &str,
+    ) -> Result<PointView> {
         let reader = spec.open_reader()?;
         PointView::open(&self.journal, reader, self.state.disk_size, point, what)
     }

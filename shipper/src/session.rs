@@ -137,17 +137,16 @@ fn source_flags(c: &ring::Consumer) -> u32 {
 /// The disk's lineage from its marker (`blockdev::marker`): its stable
 /// identity (the ring's id when the disk has no marker), and, for a
 /// failed-over copy protected back, the point it began as.
-fn lineage(ring_id: [u8; 16], disk: Option<&std::path::Path>) -> wire::frame::Lineage {
-    let m = disk.and_then(|d| match blockdev::marker::read(d) {
-        Ok(m) => m,
-        Err(e) => {
-            log::warn!(
-                "disk marker of {}: {e}; the target gets no lineage",
-                d.display()
-            );
-            None
+fn lineage(ring_id: [u8; 16], disk: Option<&std::path::Path>) -> Option<wire::frame::Lineage> {
+    let m = match disk.map(blockdev::marker::read) {
+        None | Some(Ok(None)) => None,
+        Some(Ok(Some(m))) => Some(m),
+        Some(Err(e)) => {
+            // Not "unmarked": the target would adopt the ring's id.
+            log::warn!("disk marker: {e}; the target gets no lineage");
+            return None;
         }
-    });
+    };
     let mut l = wire::frame::Lineage {
         disk_uuid: m.as_ref().map_or(ring_id, |m| m.uuid),
         flags: if m.is_some() {
@@ -166,7 +165,7 @@ fn lineage(ring_id: [u8; 16], disk: Option<&std::path::Path>) -> wire::frame::Li
         l.from_seq = o.seq;
         l.failed_over_ns = o.at_ns;
     }
-    l
+    Some(l)
 }
 
 fn hello(sh: &mut Shipper, link: &mut Link) -> Result<HelloReply> {
@@ -182,7 +181,7 @@ fn hello(sh: &mut Shipper, link: &mut Link) -> Result<HelloReply> {
         tail_seq: c.tail_seq().max(1),
         next_seq: c.head_next_seq().max(c.tail_seq()).max(1),
         disk_id: sh.cfg.disk_id.clone(),
-        lineage: Some(lineage(c.disk_id(), sh.cfg.disk.as_deref())),
+        lineage: lineage(c.disk_id(), sh.cfg.disk.as_deref()),
     };
     let mut b = Vec::new();
     h.encode(&mut b);

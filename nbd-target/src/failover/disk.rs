@@ -103,6 +103,7 @@ pub fn lock(disk_dir: &Path, disk_id: &str) -> Result<Locked> {
 pub struct FailedOverDisk {
     overlay: Overlay,
     point: Pos,
+    name: String,
     _lock: Locked,
 }
 
@@ -168,6 +169,7 @@ impl FailedOverDisk {
         Ok(FailedOverDisk {
             overlay,
             point,
+            name: name.to_string(),
             _lock: l,
         })
     }
@@ -180,6 +182,11 @@ impl FailedOverDisk {
     /// The point it presents.
     pub fn point(&self) -> Pos {
         self.point
+    }
+
+    /// Its overlay folder's name.
+    pub fn overlay_name(&self) -> &str {
+        &self.name
     }
 }
 

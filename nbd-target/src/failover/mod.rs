@@ -424,7 +424,7 @@ fn commit(t: &Target, dir: &Path, mut rec: Record, point: Option<&str>) -> Resul
     // Without a journal the point is the replica as it was fenced: nothing
     // to roll back.
     let view = if rec.journal {
-        Some(dp.open_view(&spec, pos, "failover commit")?)
+        Some(dp.open_view_during_commit(&spec, pos, "failover commit")?)
     } else {
         None
     };
@@ -439,9 +439,11 @@ fn commit(t: &Target, dir: &Path, mut rec: Record, point: Option<&str>) -> Resul
     // A point export opened meanwhile refuses itself once it sees the
     // record; one that slipped in before is seen here.
     let leases = foreign_leases(&dp.journal);
-    if !leases.is_empty() && was == Phase::Uncommitted {
-        rec.phase = was;
-        record::save(dir, &rec)?;
+    if !leases.is_empty() {
+        if was == Phase::Uncommitted {
+            rec.phase = was;
+            record::save(dir, &rec)?;
+        }
         return Err(in_use(leases));
     }
     let mut buf = vec![0u8; 1 << 20];
@@ -487,7 +489,6 @@ fn commit(t: &Target, dir: &Path, mut rec: Record, point: Option<&str>) -> Resul
     w.sync()?;
     let written = !present.is_empty();
     let written_bytes = ov.bytes_used();
-    drop(w);
     drop(view);
     drop(fo);
     // 3. The image carries the disk's identity and where it began, for
@@ -502,13 +503,16 @@ fn commit(t: &Target, dir: &Path, mut rec: Record, point: Option<&str>) -> Resul
     rec.written_bytes = written_bytes;
     rec.image = image.clone();
     record::save(dir, &rec)?;
-    finish_commit(dir)?;
+    // The image stays locked (the writer's flock) until it is recorded as
+    // the disk: a splitter cannot start on it before.
+    drop(w);
     record::log_event(
         dir,
         "commit",
         &rec,
         json!({"rolled_back_bytes": rolled, "merged_bytes": merged}),
     )?;
+    finish_commit(dir)?;
     log::info!(
         "disk {:?}: failover at {pos} committed: {rolled} bytes rolled back to the point, {merged} bytes written since merged; the disk is {image}",
         t.disk_id
@@ -591,13 +595,15 @@ fn remove_tree(p: &Path) -> Result<()> {
 /// return of the disk to the original site. Its lineage must say it was
 /// failed over (after the commit) from the ring that protected this image
 /// back, at a point the image was not written after (else: a split
-/// brain), and nothing may use the image any more. `Err`: why not (for the
+/// brain), and nothing may use the image any more (`image_held`: this
+/// session's writer holds it). `Err`: why not (for the
 /// shipper, which keeps its ring). Changes nothing: [`reuse_committed`]
 /// does, once the session holds the replica.
 pub fn check_failback(
     e: &crate::registry::DiskEntry,
     rec: &Record,
     hello: &wire::frame::Hello,
+    image_held: bool,
 ) -> std::result::Result<(), String> {
     let not_back = || {
         format!(
@@ -617,7 +623,7 @@ pub fn check_failback(
     let ReplicaSpec::File(p) = &e.spec else {
         return Ok(());
     };
-    match lockfile::in_use(p) {
+    match lockfile::in_use(p).map(|u| u && !image_held) {
         Ok(false) => {}
         Ok(true) => {
             return Err(format!(
@@ -642,8 +648,19 @@ pub fn check_failback(
         _ => return Err(not_back()),
     }
     if let Some(rp) = m.ring_path.as_deref() {
-        if let Ok(st) = ring::status(Path::new(rp)) {
-            if st.disk_id == ring::uuid_string(&l.from_ring) && st.head_seq > l.from_seq {
+        let st = match ring::status(Path::new(rp)) {
+            Ok(st) if st.disk_id == ring::uuid_string(&l.from_ring) => st,
+            Ok(_) | Err(_) => {
+                return Err(format!(
+                    "disk {:?}: the ring that protected {} back ({rp}) cannot be read or is another ring now, so whether the image was written after the failback cannot be checked; nothing applied. Put that ring back, or move {} away to protect the disk anew (a full copy)",
+                    e.id,
+                    p.display(),
+                    e.dir.display()
+                ))
+            }
+        };
+        {
+            if st.head_seq > l.from_seq {
                 return Err(format!(
                     "split brain on disk {:?}: the original site failed back at seq {} of the recovery site's ring {}, but this image was written after it (that ring is at seq {}, {} records never reached the original site). Both acted as primary: nothing was changed. Protect the recovery site's disk back again, or discard its late writes by moving {} away",
                     e.id,
@@ -660,14 +677,11 @@ pub fn check_failback(
 }
 
 /// Take the committed image back as the disk's replica (the session holds
-/// it now): the old timeline's files go, the state says `Seeded` (the
-/// first full pass compares by hashes and sends only what differs), and
-/// the record goes.
-pub fn reuse_committed(
-    dir: &Path,
-    rec: &Record,
-    state: &mut crate::state::StateFile,
-) -> Result<()> {
+/// it now): the old timeline's files go and the state says `Seeded` (the
+/// first full pass compares by hashes and sends only what differs). The
+/// record stays until the session is set up ([`reprotected`]): a refusal
+/// before that leaves the guard in place (redoing this is harmless).
+pub fn reuse_committed(dir: &Path, state: &mut crate::state::StateFile) -> Result<()> {
     finish_commit(dir)?;
     state.state.applied_seq = 0;
     state.state.ring_id = [0; 16];
@@ -675,11 +689,16 @@ pub fn reuse_committed(
     state.state.since_seq = 0;
     state.state.sync_cursor = 0;
     state.save()?;
-    record::log_event(dir, "reprotect", rec, json!({}))?;
-    record::remove(dir)?;
     log::info!(
         "{}: the disk was failed back to its original site, which protects it again: the recovery site's image is its seed (a full pass compares by hashes and sends only what differs)",
         dir.display()
     );
     Ok(())
+}
+
+/// The session that took the committed image back is set up: the record
+/// goes (the disk is a replica again).
+pub fn reprotected(dir: &Path, rec: &Record) -> Result<()> {
+    record::log_event(dir, "reprotect", rec, json!({}))?;
+    record::remove(dir)
 }

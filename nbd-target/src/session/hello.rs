@@ -164,7 +164,7 @@ fn fence_check(
         Refusal::new(
             ErrorCode::Busy,
             format!(
-                "disk {:?} is held at the recovery site (a failover command is working on it): nothing is applied; keep the ring (nothing is released)",
+                "disk {:?} is held at the recovery site (a failover command, or retention pruning): nothing is applied; keep the ring (nothing is released)",
                 e.id
             ),
         )
@@ -177,7 +177,7 @@ fn fence_check(
             // on) becomes its seed once the session holds it. Its identity
             // first.
             crate::identity::check_hello(&e.dir, hello).map_err(|(c, m)| Refusal::new(c, m))?;
-            crate::failover::check_failback(e, &r, hello)
+            crate::failover::check_failback(e, &r, hello, false)
                 .map_err(|m| Refusal::new(ErrorCode::FailedOver, m))?;
             Ok((lock, Some(r)))
         }
@@ -302,7 +302,10 @@ fn open_replica(
             .spec
             .open_writer(hello.disk_size)
             .map_err(|err| Refusal::new(ErrorCode::FailedOver, err.to_string()))?;
-        crate::failover::reuse_committed(&e.dir, r, &mut file)
+        // Again with the image held: nothing wrote it since the check.
+        crate::failover::check_failback(e, r, hello, true)
+            .map_err(|m| Refusal::new(ErrorCode::FailedOver, m))?;
+        crate::failover::reuse_committed(&e.dir, &mut file)
             .map_err(|err| Refusal::new(ErrorCode::ReplicaIo, err.to_string()))?;
         held = Some(w);
     }
@@ -340,7 +343,12 @@ fn open_replica(
         .applied_seq
         .max(hello.tail_seq.saturating_sub(1));
     let sink = Journaled::new(writer, journal);
-    Apply::new(sink, file, consistency, &e.id, hello.disk_size, pending)
+    let apply = Apply::new(sink, file, consistency, &e.id, hello.disk_size, pending)?;
+    if let Some(r) = failed_back {
+        crate::failover::reprotected(&e.dir, r)
+            .map_err(|err| Refusal::new(ErrorCode::ReplicaIo, err.to_string()))?;
+    }
+    Ok(apply)
 }
 
 #[cfg(test)]
