@@ -9,22 +9,31 @@
 //!    The command then takes `ID/apply.lock`, which a session holds while
 //!    it applies, so once it has it nothing is applying.
 //! 2. **Present.** The point is resolved (`latest`, a sequence, a time, a
-//!    mark; never inside a resync gap), an empty durable overlay is made
-//!    over the point's view ([`disk`]), and the record says `uncommitted`.
-//!    The daemon serves the disk as the writable export `ID`.
-//! 3. `--point P2` moves (the overlay is discarded and made again at P2);
-//!    `--rollback` discards the overlay and the record: the replica and its
-//!    journal were never touched, so the shipper resumes exactly where it
-//!    stopped, without a resync.
-//! 4. `--commit` makes it final: the record says `committing` (no longer
-//!    reversible), the replica is rolled back **in place** to the point
+//!    mark; never inside a resync gap; without a journal, `latest` only),
+//!    an empty durable overlay is made in its own folder over the point's
+//!    view ([`disk`]; the replica itself without a journal), and the record
+//!    says `uncommitted` and names the folder. The daemon serves the disk
+//!    as the writable export `ID`.
+//! 3. `--point P2` moves (a new overlay folder beside the old one, the
+//!    record switched to it, then the old one removed: a failed move loses
+//!    nothing); `--rollback` removes the record, then the overlay: the
+//!    replica and its journal were never touched, so the shipper resumes
+//!    exactly where it stopped, without a resync.
+//! 4. `--commit` makes it final. Everything that can fail without changing
+//!    anything is opened first (the overlay, the view, the replica's writer
+//!    and its lock); then the record says `committing` (no longer
+//!    reversible); the replica is rolled back **in place** to the point
 //!    (each range changed since it rewritten from the journal's
-//!    before-images: work in proportion to the changes since the point,
-//!    not to the disk), the overlay's blocks are written over it, the
-//!    replica is synced, and only then are the overlay and the journal
-//!    removed and the record says `committed` with the image's path. Every
-//!    step reads what the previous ones left intact, so an interrupted
-//!    commit is simply run again.
+//!    before-images: work in proportion to the changes since the point, not
+//!    to the disk), the overlay's blocks are written over it, the replica is
+//!    synced and marked; the record says `committed` with the image's path;
+//!    only then are the overlay and the journal removed ([`finish_commit`],
+//!    run again after a crash). Until `committed` every step reads what the
+//!    previous ones left intact, so an interrupted commit is simply run
+//!    again.
+//!
+//! One command runs per disk at a time (`ID/failover.cmd.lock`); the record
+//! is read under it.
 //!
 //! Move, rollback and commit need the failed-over disk closed (no NBD
 //! client of the daemon on it): they change what a client would be
