@@ -229,6 +229,25 @@ fn listening_on(proxy: &Proc) -> String {
         .to_string()
 }
 
+/// The planned failback at the original site: `failover --point latest
+/// --commit` in DR2; what it printed.
+fn failback_commit(target_a: &Target) -> String {
+    ok(
+        nbd_target(
+            &[
+                "failover",
+                "--disk-id",
+                DISK,
+                "--point",
+                "latest",
+                "--commit",
+            ],
+            &target_a.data_dir,
+        ),
+        "failback commit",
+    )
+}
+
 fn proxy_bytes(mut proxy: Proc, stats: &Path) -> u64 {
     assert!(proxy.terminate());
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(stats).unwrap()).unwrap();
@@ -265,20 +284,7 @@ fn round_trip_failover_reverse_protection_failback_sends_only_the_delta() {
     // Planned failback: writers at B stopped, zero lag, commit at A.
     let lag = target_a.disk_status(DISK).unwrap();
     assert_eq!(lag["records_waiting"], 0, "{lag}");
-    let out = ok(
-        nbd_target(
-            &[
-                "failover",
-                "--disk-id",
-                DISK,
-                "--point",
-                "latest",
-                "--commit",
-            ],
-            &target_a.data_dir,
-        ),
-        "failback commit",
-    );
+    let out = failback_commit(&target_a);
     assert_eq!(
         std::fs::canonicalize(out.trim()).unwrap(),
         std::fs::canonicalize(&w.disk_a).unwrap(),
@@ -473,20 +479,7 @@ fn writes_at_the_recovery_site_after_the_failback_point_are_a_split_brain() {
         &tls_b,
     );
     wait_in_sync(&ring_b, &target_a, 120);
-    ok(
-        nbd_target(
-            &[
-                "failover",
-                "--disk-id",
-                DISK,
-                "--point",
-                "latest",
-                "--commit",
-            ],
-            &target_a.data_dir,
-        ),
-        "failback commit",
-    );
+    failback_commit(&target_a);
     // The recovery site keeps writing after the failback point.
     {
         let mut c = sp_b.client();

@@ -297,6 +297,17 @@ struct Durable {
     flushing: Mutex<()>,
 }
 
+impl Durable {
+    fn new(map: File, layout: MapLayout, path: &Path) -> Durable {
+        Durable {
+            map,
+            layout,
+            path: path.to_path_buf(),
+            flushing: Mutex::new(()),
+        }
+    }
+}
+
 /// A change's reservation of a block range: settled when committed, rolled
 /// back when dropped uncommitted (an I/O error or a panic).
 struct Reservation<'a> {
@@ -458,12 +469,7 @@ impl Overlay {
         Ok(Overlay::assemble(
             base,
             file,
-            Some(Durable {
-                map,
-                layout,
-                path: path.to_path_buf(),
-                flushing: Mutex::new(()),
-            }),
+            Some(Durable::new(map, layout, path)),
             max_bytes,
             vec![0; words],
             vec![0; words],
@@ -506,12 +512,7 @@ impl Overlay {
         Ok(Overlay::assemble(
             base,
             file,
-            Some(Durable {
-                map,
-                layout,
-                path: path.to_path_buf(),
-                flushing: Mutex::new(()),
-            }),
+            Some(Durable::new(map, layout, path)),
             max_bytes,
             present,
             data,

@@ -258,25 +258,11 @@ fn failover(t: &Target, dir: &Path, point: &str, fencing: Option<Record>) -> Res
     let (pos, journal) = resolve_point(&dp, point).map_err(undo)?;
     let spec = spec_of(t, &dp).map_err(undo)?;
     let _ov = disk::lock(dir, &t.disk_id).map_err(undo)?;
-    let name = disk::new_name(pos);
-    FailedOverDisk::create(
-        dir,
-        &name,
-        &dp.journal,
-        &spec,
-        dp.state.disk_size,
-        (pos, journal),
-    )
-    .map_err(undo)?;
+    let name = new_overlay(dir, &dp, &spec, pos, journal).map_err(undo)?;
     rec.phase = Phase::Uncommitted;
-    rec.point = Some(pos);
-    rec.point_name = point.to_string();
     rec.source_ring = dp.state.ring_id;
     rec.applied_seq = dp.state.applied_seq;
-    rec.overlay = name.clone();
-    rec.journal = journal;
-    record::save(dir, &rec)?;
-    disk::discard_except(dir, Some(&name))?;
+    present(dir, &mut rec, (pos, journal), point, name)?;
     record::log_event(dir, "failover", &rec, json!({}))?;
     log::info!(
         "disk {:?} failed over at point {pos} ({point}); the shipper is refused until a rollback",
@@ -290,6 +276,43 @@ fn failover(t: &Target, dir: &Path, point: &str, fencing: Option<Record>) -> Res
         record: Some(rec),
         discarded_bytes: 0,
     })
+}
+
+/// A new, empty overlay folder for the disk at `pos`: its name.
+fn new_overlay(
+    dir: &Path,
+    dp: &DiskPoints,
+    spec: &ReplicaSpec,
+    pos: Pos,
+    journal: bool,
+) -> Result<String> {
+    let name = disk::new_name(pos);
+    FailedOverDisk::create(
+        dir,
+        &name,
+        &dp.journal,
+        spec,
+        dp.state.disk_size,
+        (pos, journal),
+    )?;
+    Ok(name)
+}
+
+/// Switch the record to the overlay `name` at `point` (named `point_name`),
+/// durably, then remove every other overlay.
+fn present(
+    dir: &Path,
+    rec: &mut Record,
+    point: (Pos, bool),
+    point_name: &str,
+    name: String,
+) -> Result<()> {
+    rec.point = Some(point.0);
+    rec.journal = point.1;
+    rec.point_name = point_name.to_string();
+    rec.overlay = name;
+    record::save(dir, rec)?;
+    disk::discard_except(dir, Some(&rec.overlay))
 }
 
 fn move_to(t: &Target, dir: &Path, point: &str, mut rec: Record) -> Result<Outcome> {
@@ -307,22 +330,9 @@ fn move_to(t: &Target, dir: &Path, point: &str, mut rec: Record) -> Result<Outco
     let spec = spec_of(t, &dp)?;
     // The new overlay beside the old one; the record switches to it; only
     // then the old one goes (a failed or interrupted move loses nothing).
-    let name = disk::new_name(pos);
-    FailedOverDisk::create(
-        dir,
-        &name,
-        &dp.journal,
-        &spec,
-        dp.state.disk_size,
-        (pos, journal),
-    )?;
+    let name = new_overlay(dir, &dp, &spec, pos, journal)?;
     let from = rec.point;
-    rec.point = Some(pos);
-    rec.point_name = point.to_string();
-    rec.overlay = name.clone();
-    rec.journal = journal;
-    record::save(dir, &rec)?;
-    disk::discard_except(dir, Some(&name))?;
+    present(dir, &mut rec, (pos, journal), point, name)?;
     record::log_event(
         dir,
         "move",
