@@ -19,6 +19,9 @@
 //!   structured replies, block status, multi-conn, bounded memory, graceful
 //!   stop. It serves any [`server::ExportSet`]: the splitter's one disk, or
 //!   the recovery site's replicas.
+//! - `ublk` (feature `ublk`) — the ublk front end: `/dev/ublkbN` through
+//!   libublk, one thread per queue, user recovery and the hand-over of a
+//!   live device to an upgraded splitter.
 //! - [`capture`] — the write-capture engine, front-end neutral: begin (the
 //!   in-flight mark) → disk operation → capture → reply, keyed by a
 //!   front-end tag below [`MAX_TAGS`]; FLUSH/FUA durability plans.
@@ -36,6 +39,8 @@ pub mod nbd_backend;
 pub mod overlay;
 pub mod overlay_map;
 pub mod server;
+#[cfg(feature = "ublk")]
+pub mod ublk;
 
 pub use backend::{Backend, Caps};
 pub use capture::{CaptureSession, CaptureSync, NoCapture, RingCapture, WriteCapture};

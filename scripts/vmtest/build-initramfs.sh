@@ -11,13 +11,17 @@
 # - real tools in /xbin, with their shared libraries: nbd-client, mke2fs,
 #   e2fsck and blkdiscard (busybox has applets of the same names, which its
 #   shell prefers to PATH, so the guest calls these by their full path);
-# - scripts/vmtest/guest-test.sh as /test.sh, detfile.awk as /detfile.awk,
-#   and an /init that mounts
-#   /proc, /sys and /dev, loads the modules, sets up QEMU's user network
-#   (guest 10.0.2.15, host 10.0.2.2), runs /test.sh and powers off.
+# - the guest scenarios: scripts/vmtest/guest-NAME.sh as /scenarios/NAME.sh,
+#   guest-lib.sh (what they share) as /lib.sh, detfile.awk as /detfile.awk;
+# - an /init that mounts /proc, /sys and /dev, loads the modules, sets up
+#   QEMU's user network (guest 10.0.2.15, host 10.0.2.2), mounts the tools
+#   disk (the first virtio disk, made per run by suite.sh: the splitter,
+#   fio and their libraries, the shipper's TLS folder) read-only at /opt
+#   when the kernel command line has vmtest.tools=1, runs the scenario
+#   named by vmtest.scenario=NAME (default nbd) and powers off.
 #
 # Env: VMTEST_CACHE (default target/vmtest), OUT (default CACHE/initramfs.cpio.gz),
-# MODULES (default "virtio_net nbd"), GUEST_TEST (default guest-test.sh here),
+# MODULES (default "virtio_net virtio_blk nbd ublk_drv"),
 # BINS (extra host binaries for /xbin).
 set -euo pipefail
 
@@ -35,8 +39,7 @@ CACHE=${VMTEST_CACHE:-$(bs_target_dir)/vmtest}
 : "${KROOT:?}" "${KVER:?}" "${BUSYBOX:?}" "${NBD_CLIENT:?}"
 
 OUT=${OUT:-$CACHE/initramfs.cpio.gz}
-MODULES=${MODULES:-virtio_net nbd}
-GUEST_TEST=${GUEST_TEST:-$HERE/guest-test.sh}
+MODULES=${MODULES:-virtio_net virtio_blk nbd ublk_drv}
 BINS=${BINS:-"$NBD_CLIENT $(command -v mke2fs) $(command -v e2fsck) $(command -v blkdiscard || true)"}
 for t in cpio modprobe gzip; do
   command -v "$t" >/dev/null || bs_die "$t is missing: run scripts/vmtest/fetch.sh first"
@@ -98,9 +101,18 @@ if [[ -f /etc/mke2fs.conf ]]; then
   cp /etc/mke2fs.conf "$ST/etc/"
 fi
 
-cp "$GUEST_TEST" "$ST/test.sh"
+mkdir -p "$ST/scenarios"
+for g in "$HERE"/guest-*.sh; do
+  n=$(basename "$g" .sh)
+  n=${n#guest-}
+  if [[ "$n" == lib ]]; then
+    cp "$g" "$ST/lib.sh"
+  else
+    cp "$g" "$ST/scenarios/$n.sh"
+    chmod +x "$ST/scenarios/$n.sh"
+  fi
+done
 cp "$HERE/detfile.awk" "$ST/detfile.awk"
-chmod +x "$ST/test.sh"
 cat >"$ST/init" <<'INIT'
 #!/bin/sh
 # /init of the blockship VM test guest (written by scripts/vmtest/build-initramfs.sh)
@@ -118,10 +130,17 @@ if ip link set eth0 up 2>/dev/null; then      # QEMU user networking defaults
   ip addr add 10.0.2.15/24 dev eth0
   ip route add default via 10.0.2.2
 fi
-echo "@@READY uptime=$(cut -d' ' -f1 /proc/uptime)"
+case " $(cat /proc/cmdline) " in
+  *" vmtest.tools=1 "*)
+    mkdir -p /opt
+    mount -t ext4 -o ro /dev/vda /opt || echo "@@TOOLS-MOUNT-FAILED"
+    ;;
+esac
+scenario=$(tr ' ' '\n' </proc/cmdline | sed -n 's/^vmtest.scenario=//p' | tail -n 1)
+echo "@@READY scenario=${scenario:-nbd} uptime=$(cut -d' ' -f1 /proc/uptime)"
 case " $(cat /proc/cmdline) " in
   *" vmtest.shell=1 "*) setsid cttyhack sh ;;
-  *) /test.sh; echo "@@TEST-EXIT rc=$? uptime=$(cut -d' ' -f1 /proc/uptime)" ;;
+  *) "/scenarios/${scenario:-nbd}.sh"; echo "@@TEST-EXIT rc=$? uptime=$(cut -d' ' -f1 /proc/uptime)" ;;
 esac
 sync
 poweroff -f

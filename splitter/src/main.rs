@@ -176,6 +176,43 @@ struct ServeArgs {
     /// Serve Prometheus metrics (ring and shipper) at http://ADDR/metrics.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
+    /// Serve the disk as the kernel block device /dev/ublkbN (ublk, Linux
+    /// 6.0+, `modprobe ublk_drv`) instead of over NBD. Every write, discard
+    /// and write-zeroes is captured exactly as over NBD; FLUSH and FUA make
+    /// the disk and the ring durable. SIGINT/SIGTERM remove the device
+    /// cleanly. The device is made with user recovery: if this process dies,
+    /// /dev/ublkbN stays, its I/O waits, and `--recover N` re-attaches.
+    #[arg(long)]
+    ublk: bool,
+    /// With --ublk: the device number N of /dev/ublkbN (default: the kernel
+    /// picks). If device N exists and is quiesced (its splitter died), it is
+    /// recovered.
+    #[arg(long, value_name = "N", requires = "ublk")]
+    ublk_id: Option<u32>,
+    /// With --ublk: re-attach to existing device N (user recovery) without
+    /// it going away. If a splitter still serves it (an upgrade), that one
+    /// is asked to hand it over (SIGUSR2): it answers what it has, makes the
+    /// ring durable and exits; I/O issued meanwhile waits and then completes.
+    #[arg(long, value_name = "N", requires = "ublk")]
+    recover: Option<u32>,
+    /// With --ublk: hardware queues, one thread each.
+    #[arg(long, value_name = "Q", default_value_t = 1, requires = "ublk")]
+    queues: u16,
+    /// With --ublk: requests in flight per queue (1 to 128).
+    #[arg(long, value_name = "DEPTH", default_value_t = blockdev::ublk::DEFAULT_DEPTH, requires = "ublk")]
+    depth: u16,
+}
+
+/// The front end that serves the disk.
+enum Front {
+    /// The NBD server.
+    Nbd(Server),
+    /// /dev/ublkbN.
+    Ublk(
+        blockdev::ublk::Plan,
+        Arc<FileDisk>,
+        Arc<dyn WriteCapture>,
+    ),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -275,6 +312,26 @@ fn mark(a: MarkArgs) -> anyhow::Result<()> {
 }
 
 fn serve(a: ServeArgs) -> anyhow::Result<()> {
+    // ublk: decided first, because recovering a live device means waiting
+    // for the splitter that serves it to let go of the disk and the ring.
+    let ublk = if a.ublk {
+        if !a.listen.is_empty() || a.socket.is_some() {
+            bail!("--ublk with --listen/--socket: one splitter serves a disk through one front end. NBD clients beside /dev/ublkbN would bypass the kernel's page cache of it (stale reads, and a file system mounted on it would be corrupted): use /dev/ublkbN only, or serve over NBD only");
+        }
+        let opts = blockdev::ublk::UblkOptions {
+            id: a.ublk_id,
+            recover: a.recover,
+            queues: a.queues,
+            depth: a.depth,
+            io_buf_bytes: blockdev::ublk::DEFAULT_IO_BUF_BYTES,
+            read_only: a.read_only,
+            disk_path: a.disk.clone(),
+            ring_path: a.ring.clone(),
+        };
+        Some(blockdev::ublk::prepare(opts).context("cannot serve the disk with ublk")?)
+    } else {
+        None
+    };
     let disk = FileDisk::open(&a.disk, a.read_only)
         .with_context(|| format!("cannot serve {}", a.disk.display()))?;
     let mut listen: Vec<ListenAddr> = a.listen.iter().copied().map(ListenAddr::Tcp).collect();
@@ -381,12 +438,18 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     };
     let size = disk.size();
     let kind = disk.kind();
-    let exports = Arc::new(SingleExport::new(disk, capture, &a.export, a.read_only));
-    let server = Server::bind(exports, &cfg).context("cannot start the NBD server")?;
-    server
-        .shutdown_handle()
-        .on_signals()
-        .context("cannot install the SIGINT/SIGTERM handlers")?;
+    let front = match ublk {
+        Some(plan) => Front::Ublk(plan, Arc::new(disk), capture),
+        None => {
+            let exports = Arc::new(SingleExport::new(disk, capture, &a.export, a.read_only));
+            let server = Server::bind(exports, &cfg).context("cannot start the NBD server")?;
+            server
+                .shutdown_handle()
+                .on_signals()
+                .context("cannot install the SIGINT/SIGTERM handlers")?;
+            Front::Nbd(server)
+        }
+    };
     let stats = shipper.as_ref().map(|s| s.stats());
     if let Some(m) = a.metrics {
         let (ring_path, disk_id) = (a.ring.clone(), a.ship.disk_id.clone().unwrap_or_default());
@@ -414,18 +477,36 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
-    log::info!(
-        "serving {} ({:?}, {} bytes{}) as export {:?}",
-        a.disk.display(),
-        kind,
-        size,
-        if a.read_only { ", read-only" } else { "" },
-        a.export
-    );
-    for addr in server.local_addrs() {
-        log::info!("listening on {addr}");
-    }
-    let served = server.run().context("the NBD server failed");
+    let served = match front {
+        Front::Nbd(server) => {
+            log::info!(
+                "serving {} ({:?}, {} bytes{}) as export {:?}",
+                a.disk.display(),
+                kind,
+                size,
+                if a.read_only { ", read-only" } else { "" },
+                a.export
+            );
+            for addr in server.local_addrs() {
+                log::info!("listening on {addr}");
+            }
+            server.run().context("the NBD server failed")
+        }
+        Front::Ublk(plan, disk, capture) => {
+            log::info!(
+                "serving {} ({:?}, {} bytes{}) with ublk{}",
+                a.disk.display(),
+                kind,
+                size,
+                if a.read_only { ", read-only" } else { "" },
+                match plan.recovering() {
+                    Some(n) => format!(" (recovering /dev/ublkb{n})"),
+                    None => String::new(),
+                }
+            );
+            blockdev::ublk::serve(plan, disk, capture, |_| {}).context("the ublk front end failed")
+        }
+    };
     if let Some((stop, h)) = shipping {
         log::info!("stopping the shipper (it ships what is in the ring for up to 10 s)");
         stop.store(true, std::sync::atomic::Ordering::Relaxed);

@@ -19,7 +19,7 @@
 
 mod buffers;
 mod connection;
-mod overlap;
+pub(crate) mod overlap;
 mod uring;
 
 use std::collections::VecDeque;
