@@ -58,7 +58,8 @@ LOGS=${VMTEST_LOGS:-$CACHE/logs}
 CUTS=${VMTEST_CUTS:-5}
 ROUNDS=${VMTEST_ROUNDS:-3}
 QEMU=${QEMU:-qemu-system-x86_64}
-ALL=(nbd ublk ublk-recovery nbd-restart power-cut)
+ALL=(nbd ublk ublk-recovery power-cut)
+# nbd-restart runs by name only: see its description above.
 SCENARIOS=("$@")
 ((${#SCENARIOS[@]})) || SCENARIOS=("${ALL[@]}")
 
@@ -81,7 +82,10 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/blockship-vmsuite.XXXXXX")
 PIDS=()
 cleanup() {
   local rc=$?
-  local p
+  local p f
+  for f in "$LOGS"/*/*.qemu.pid; do
+    [[ -f "$f" ]] && kill -KILL "$(cat "$f")" 2>/dev/null || true
+  done
   for p in "${PIDS[@]}"; do
     kill -KILL "$p" 2>/dev/null || true
     wait "$p" 2>/dev/null || true
@@ -177,10 +181,12 @@ boot_bg() {
   local name=$1 dir=$2 timeout=$3 cmdline=$4
   shift 4
   CONSOLE="$dir/$name.console"
+  QEMU_PIDFILE="$dir/$name.qemu.pid"
   : >"$CONSOLE"
+  rm -f "$QEMU_PIDFILE"
   timeout --kill-after=10 "$timeout" "$QEMU" \
     -accel tcg,thread=single -cpu max -smp "${VMTEST_SMP:-2}" -m 1G \
-    -nographic -no-reboot \
+    -nographic -no-reboot -pidfile "$QEMU_PIDFILE" \
     -kernel "$KERNEL" -initrd "$INITRD" \
     -append "console=ttyS0 quiet panic=-1 vmtest.tools=1 $cmdline" \
     -netdev user,id=n0 -device virtio-net-pci,netdev=n0,romfile= \
@@ -406,9 +412,12 @@ sc_power_cut() {
         return 1
       fi
       sleep "$(awk -v s="$RANDOM" 'BEGIN { srand(s); printf "%.2f", 1 + rand() * 3 }')"
-      # The power cut: QEMU and the volatile cache die together.
-      kill -KILL "$QEMU_PID" "$nbdkit_pid" 2>/dev/null || true
+      # The power cut: QEMU itself (not timeout(1), its parent) dies, then
+      # the volatile cache with what the guest did not flush. In that order:
+      # the guest must not see its disk fail first.
+      kill -KILL "$(cat "$QEMU_PIDFILE")" 2>/dev/null || true
       wait "$QEMU_PID" 2>/dev/null || true
+      kill -KILL "$nbdkit_pid" 2>/dev/null || true
       wait "$nbdkit_pid" 2>/dev/null || true
       QEMU_PID=""
       if grep -q '^VMTEST RESULT: FAIL' <(tr -d '\r' <"$CONSOLE"); then

@@ -1,0 +1,56 @@
+#!/bin/sh
+# shellcheck shell=sh
+#
+# scripts/vmtest/guest-nbd-restart.sh — the kernel NBD client across
+# restarts of the splitter (guest scenario "nbd-restart"; host side:
+# suite.sh, which kills the splitter with SIGKILL and starts it again on
+# the same port each time the guest prints "@@WRITING round=R").
+. /lib.sh
+
+PORT=$(arg vmtest.port)
+ROUNDS=$(arg vmtest.rounds)
+ROUNDS=${ROUNDS:-3}
+DEV=/dev/nbd0
+MNT=/mnt
+[ -n "$PORT" ] || fail "no vmtest.port= on the kernel command line"
+log "nbd-client -N disk $HOST $PORT $DEV -timeout 30 -persist"
+"$X/nbd-client" -N disk "$HOST" "$PORT" "$DEV" -timeout 30 -persist || fail "nbd-client"
+ps | grep nbd-client | grep -v grep | sed 's/^/VMTEST: ps: /'
+for f in /sys/block/nbd0/backend /sys/block/nbd0/pid; do
+  [ -e $f ] && log "$f: $(cat $f)"
+done
+"$X/mke2fs" -q -F -t ext4 "$DEV" || fail "mke2fs"
+mount -t ext4 "$DEV" "$MNT" || fail "mount"
+: >/tmp/acked.sha256
+writer() {
+  i=0
+  while [ $i -lt 24 ]; do
+    f="$MNT/r$1-f$i"
+    head -c 196608 /dev/urandom >/tmp/w.bin || exit 2
+    dd if=/tmp/w.bin of="$f" bs=65536 conv=fsync 2>/dev/null || exit 3
+    echo "$(sha256sum </tmp/w.bin | cut -d' ' -f1)  $f" >>/tmp/acked.sha256
+    i=$((i + 1))
+  done
+}
+r=0
+while [ $r -lt "$ROUNDS" ]; do
+  writer $r &
+  WPID=$!
+  echo "@@WRITING round=$r"
+  wait "$WPID"
+  wrc=$?
+  dmesg | grep -i nbd | tail -n 5 | sed 's/^/VMTEST: dmesg: /'
+  ps | grep nbd-client | grep -v grep | sed 's/^/VMTEST: ps: /'
+  [ $wrc = 0 ] || fail "round $r: the writer failed (status $wrc) across the splitter's restart"
+  grep -q " $MNT " /proc/mounts || fail "round $r: $MNT is no longer mounted"
+  no_io_errors "round $r"
+  sync
+  echo 3 >/proc/sys/vm/drop_caches
+  sha256sum -c -s /tmp/acked.sha256 || fail "round $r: fsynced files do not read back"
+  log "round $r: the writer finished across the restart, $(wc -l </tmp/acked.sha256) fsynced files intact"
+  r=$((r + 1))
+done
+umount "$MNT" || fail "umount"
+"$X/e2fsck" -fn "$DEV" >/tmp/fsck.out 2>&1 || { cat /tmp/fsck.out; fail "e2fsck -fn"; }
+"$X/nbd-client" -d "$DEV" || fail "nbd-client -d"
+pass
