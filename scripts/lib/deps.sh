@@ -25,6 +25,13 @@ case ":$PATH:" in
 esac
 export PATH
 
+# What building the workspace needs besides Rust: libclang, for the bindings
+# libublk (the splitter's ublk front end) generates with bindgen.
+# shellcheck disable=SC2034  # used by the scripts that source this file
+BS_DEPS_BUILD=(
+  pkg:libclang-dev:libclang-dev
+)
+
 # What the end-to-end tests (scripts/test) drive.
 # shellcheck disable=SC2034  # used by the scripts that source this file
 BS_DEPS_TEST=(

@@ -53,6 +53,8 @@ VMTEST_DEPS=(
   cmd:blkdiscard:util-linux
   cmd:timeout:coreutils
   cmd:flock:util-linux
+  # suite.sh: the splitter's debug info stripped for the guest's tools disk
+  cmd:objcopy:binutils
   # nbd-client's shared libraries: build-initramfs.sh copies them from the host.
   pkg:libgnutls30:libgnutls30
   pkg:libnl-3-200:libnl-3-200

@@ -208,11 +208,7 @@ enum Front {
     /// The NBD server.
     Nbd(Server),
     /// /dev/ublkbN.
-    Ublk(
-        blockdev::ublk::Plan,
-        Arc<FileDisk>,
-        Arc<dyn WriteCapture>,
-    ),
+    Ublk(blockdev::ublk::Plan, Arc<FileDisk>, Arc<dyn WriteCapture>),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

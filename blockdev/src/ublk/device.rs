@@ -87,13 +87,11 @@ impl ExistingDevice {
             Err(e) => return Err(super::call_err(format!("reading ublk device {id}"))(e)),
         };
         let info = ctrl.dev_info();
-        let disk = ctrl
-            .get_target_data_from_json()
-            .and_then(|v| {
-                v.get("blockship")
-                    .and_then(|b| b.get("disk"))
-                    .and_then(|d| d.as_str().map(PathBuf::from))
-            });
+        let disk = ctrl.get_target_data_from_json().and_then(|v| {
+            v.get("blockship")
+                .and_then(|b| b.get("disk"))
+                .and_then(|d| d.as_str().map(PathBuf::from))
+        });
         // The device was opened only to be read: never removed by this.
         ctrl.disown();
         Ok(Some(ExistingDevice {
@@ -168,7 +166,10 @@ pub(super) fn take_over(dev: ExistingDevice) -> Result<ExistingDevice, UblkError
             nix::sys::signal::Signal::SIGUSR2,
         )
         .map_err(|e| {
-            UblkError::Device(format!("cannot signal pid {pid} serving ublk device {}: {e}", dev.id))
+            UblkError::Device(format!(
+                "cannot signal pid {pid} serving ublk device {}: {e}",
+                dev.id
+            ))
         })?;
     }
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -195,7 +196,11 @@ pub(super) fn take_over(dev: ExistingDevice) -> Result<ExistingDevice, UblkError
                 "ublk device {} is still {} 30 s after asking pid {pid} to hand it over{}",
                 dev.id,
                 now.state,
-                if gone { "" } else { " (the process still runs)" }
+                if gone {
+                    ""
+                } else {
+                    " (the process still runs)"
+                }
             )));
         }
         std::thread::sleep(Duration::from_millis(20));

@@ -45,6 +45,14 @@ pub const DEFAULT_IO_BUF_BYTES: u32 = 512 << 10;
 /// The default queue depth (requests in flight per queue).
 pub const DEFAULT_DEPTH: u16 = 64;
 
+/// The largest device number (the kernel's limit is lower still).
+const MAX_DEV_ID: u32 = 1 << 20;
+
+/// A device number as libublk takes it (checked below [`MAX_DEV_ID`]).
+fn dev_num(id: u32) -> i32 {
+    i32::try_from(id).unwrap_or(i32::MAX)
+}
+
 /// What can go wrong setting up or serving a ublk device.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -170,6 +178,13 @@ impl UblkOptions {
                 self.io_buf_bytes
             )));
         }
+        for n in [self.id, self.recover].into_iter().flatten() {
+            if n > MAX_DEV_ID {
+                return Err(UblkError::Invalid(format!(
+                    "ublk device number {n} is out of range: 0 to {MAX_DEV_ID}"
+                )));
+            }
+        }
         if let (Some(a), Some(b)) = (self.id, self.recover) {
             if a != b {
                 return Err(UblkError::Invalid(format!(
@@ -289,7 +304,7 @@ pub fn serve(
 ) -> Result<(), UblkError> {
     let opts = &plan.opts;
     let size = disk.size();
-    if size % 512 != 0 {
+    if !size.is_multiple_of(512) {
         return Err(UblkError::Invalid(format!(
             "ublk serves whole 512-byte sectors: the disk is {size} bytes; grow it to a multiple of 512 (truncate -s)"
         )));
@@ -306,14 +321,16 @@ pub fn serve(
     });
     let ctrl = match &plan.recover {
         Some(dev) => {
-            let c = UblkCtrl::new_simple(dev.id as i32)
+            let c = UblkCtrl::new_simple(dev_num(dev.id))
                 .map_err(call_err(format!("opening ublk device {}", dev.id)))?;
-            c.start_user_recover()
-                .map_err(call_err(format!("START_USER_RECOVERY of ublk device {}", dev.id)))?;
+            c.start_user_recover().map_err(call_err(format!(
+                "START_USER_RECOVERY of ublk device {}",
+                dev.id
+            )))?;
             drop(c);
             UblkCtrlBuilder::default()
                 .name("blockship")
-                .id(dev.id as i32)
+                .id(dev_num(dev.id))
                 .nr_queues(dev.queues)
                 .depth(dev.depth)
                 .io_buf_bytes(dev.io_buf_bytes)
@@ -330,7 +347,7 @@ pub fn serve(
                     flags |= u64::from(sys::UBLK_F_USER_RECOVERY_REISSUE);
                 }
             }
-            let id = opts.id.map_or(-1, |n| n as i32);
+            let id = opts.id.map_or(-1, dev_num);
             UblkCtrlBuilder::default()
                 .name("blockship")
                 .id(id)
@@ -341,7 +358,9 @@ pub fn serve(
                 .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
                 .build()
                 .map_err(call_err(match opts.id {
-                    Some(n) => format!("creating ublk device {n} (is the number taken? --ublk-id picks another)"),
+                    Some(n) => format!(
+                        "creating ublk device {n} (is the number taken? --ublk-id picks another)"
+                    ),
                     None => "creating a ublk device".to_string(),
                 }))?
         }
@@ -473,7 +492,7 @@ fn signals(id: u32, shared: Arc<Shared>) -> Result<(), UblkError> {
                 log::info!("signal {sig}: stopping /dev/ublkb{id} (in-flight requests finish, then it is removed)");
                 shared.capture.interrupt();
                 // The control ring is per thread: this one opens its own.
-                match UblkCtrl::new_simple(id as i32).and_then(|c| c.kill_dev()) {
+                match UblkCtrl::new_simple(dev_num(id)).and_then(|c| c.kill_dev()) {
                     Ok(_) => {}
                     Err(e) => log::error!("STOP_DEV of ublk device {id} failed: {e}"),
                 }

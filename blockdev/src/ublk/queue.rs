@@ -102,7 +102,7 @@ async fn io_task(
 /// Log a failed request (the first 20; then one line per 1000).
 fn report_failure(q: &UblkQueue<'_>, tag: u16, res: i32, shared: &Shared) {
     let n = shared.failures.fetch_add(1, Ordering::Relaxed);
-    if n < 20 || n % 1000 == 0 {
+    if n < 20 || n.is_multiple_of(1000) {
         let iod = q.get_iod(tag);
         log::warn!(
             "ublk queue {} tag {tag}: op {} at sector {} (+{} sectors, flags {:#x}) failed: {} ({} failures so far)",
@@ -115,6 +115,12 @@ fn report_failure(q: &UblkQueue<'_>, tag: u16, res: i32, shared: &Shared) {
             n + 1
         );
     }
+}
+
+/// A request's byte count as the kernel's result (at most io_buf_bytes,
+/// checked against the buffer before: it fits).
+fn done_bytes(len: u32) -> i32 {
+    i32::try_from(len).unwrap_or(i32::MAX)
 }
 
 /// A negative errno for the kernel.
@@ -165,7 +171,7 @@ async fn handle(
                 return -libc::EINVAL;
             }
             match read(shared, offset, &mut buf[..n]).await {
-                Ok(()) => len32 as i32,
+                Ok(()) => done_bytes(len32),
                 Err(e) => neg(&e),
             }
         }
@@ -226,7 +232,7 @@ async fn handle(
                 }
             }
             if op == sys::UBLK_IO_OP_WRITE {
-                len32 as i32
+                done_bytes(len32)
             } else {
                 0
             }
@@ -269,7 +275,7 @@ async fn read(shared: &Shared, offset: u64, buf: &mut [u8]) -> io::Result<()> {
             .build();
         match submit(sqe).await? {
             0 => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
-            n => at += n as usize,
+            n => at += usize::try_from(n).unwrap_or(0),
         }
     }
     Ok(())
@@ -292,7 +298,7 @@ async fn write(shared: &Shared, offset: u64, data: &[u8]) -> io::Result<()> {
             .build();
         match submit(sqe).await? {
             0 => return Err(io::Error::from(io::ErrorKind::WriteZero)),
-            n => at += n as usize,
+            n => at += usize::try_from(n).unwrap_or(0),
         }
     }
     Ok(())
