@@ -15,7 +15,10 @@
 //!    target's NBD export equals the guest's disk file and holds the files),
 //!    `ublk-recovery` (kill -9 and upgrade of the splitter under a mounted
 //!    ext4, re-attached with user recovery: the file system stays mounted,
-//!    every fsynced file intact, the replica converges) and `power-cut`
+//!    every fsynced file intact, the replica converges), `nbd-restart` (the
+//!    kernel NBD client, attached with `splitter nbd-attach`, across kill -9
+//!    and restart of the replicating splitter on the host: ext4 stays
+//!    mounted, every fsynced file intact) and `power-cut`
 //!    (QEMU and the volatile write cache in front of its disk killed at
 //!    random moments under a flushing load: every acknowledged write is on
 //!    the disk in order, the ring lost nothing, the replica converges).
@@ -25,7 +28,7 @@
 //!
 //! It needs root (the fetch installs packages with apt-get) and skips with a
 //! SKIP line when it is not root, or when the prerequisites cannot be fetched
-//! and BLOCKSHIP_REQUIRE_TOOLS is not 1. One run takes about 4 minutes.
+//! and BLOCKSHIP_REQUIRE_TOOLS is not 1. One run takes about 5 minutes.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly on any error
 
@@ -121,7 +124,7 @@ fn kernel_nbd_client_and_ublk_in_a_vm() {
         "scripts/vmtest/suite.sh failed ({}):\n{out}",
         run.status
     );
-    for s in ["nbd", "ublk", "ublk-recovery", "power-cut"] {
+    for s in ["nbd", "ublk", "ublk-recovery", "nbd-restart", "power-cut"] {
         assert!(
             out.lines()
                 .any(|l| l.starts_with(&format!("SCENARIO {s}: PASS"))),

@@ -142,17 +142,37 @@ pub fn list_exports<S: Read + Write>(mut s: S) -> Result<Vec<String>> {
 }
 
 impl<S: Read + Write> Client<S> {
-    /// Handshake on `s` and enter transmission on `export`.
-    pub fn connect(mut s: S, export: &str) -> Result<Client<S>> {
+    /// Handshake on `s` and enter transmission on `export`, with structured
+    /// replies and `base:allocation` when the server has them.
+    pub fn connect(s: S, export: &str) -> Result<Client<S>> {
+        Client::connect_with(s, export, true)
+    }
+
+    /// Handshake on `s` and enter transmission on `export` with simple
+    /// replies only: for a socket handed to the kernel's NBD client, which
+    /// does not read structured replies.
+    pub fn connect_simple(s: S, export: &str) -> Result<Client<S>> {
+        Client::connect_with(s, export, false)
+    }
+
+    /// The connection, in transmission phase (for the kernel's NBD client).
+    pub fn into_stream(self) -> S {
+        self.s
+    }
+
+    fn connect_with(mut s: S, export: &str, want_structured: bool) -> Result<Client<S>> {
         greet(&mut s)?;
 
-        send_option(&mut s, OPT_STRUCTURED_REPLY, &[])?;
-        let (kind, data) = read_option_reply(&mut s, OPT_STRUCTURED_REPLY)?;
-        let structured = match kind {
-            REP_ACK => true,
-            k if k & REP_FLAG_ERROR != 0 => false,
-            k => return Err(refused(OPT_STRUCTURED_REPLY, k, &data)),
-        };
+        let mut structured = false;
+        if want_structured {
+            send_option(&mut s, OPT_STRUCTURED_REPLY, &[])?;
+            let (kind, data) = read_option_reply(&mut s, OPT_STRUCTURED_REPLY)?;
+            structured = match kind {
+                REP_ACK => true,
+                k if k & REP_FLAG_ERROR != 0 => false,
+                k => return Err(refused(OPT_STRUCTURED_REPLY, k, &data)),
+            };
+        }
 
         let mut base_allocation = None;
         if structured {

@@ -18,9 +18,11 @@
 #                  written, restart with --recover, and an upgrade (a new
 #                  splitter with --recover while the old one runs), several
 #                  rounds (guest-ublk-recovery.sh); replica = disk file.
-#   nbd-restart    the kernel NBD client across restarts of the splitter on
-#                  the host, while ext4 on /dev/nbd0 is written
-#                  (guest-nbd-restart.sh).
+#   nbd-restart    the kernel NBD client across restarts (SIGKILL) of the
+#                  replicating splitter on the host, while ext4 on /dev/nbd0
+#                  is written; /dev/nbd0 attached with `splitter nbd-attach`
+#                  (netlink, dead-connection timeout, reconnect)
+#                  (guest-nbd-restart.sh); replica = disk file.
 #   power-cut      QEMU itself killed at a random moment under a write load
 #                  that flushes often, VMTEST_CUTS times (default 5; 20 or
 #                  more for a long run). The guest's data disk goes through
@@ -58,8 +60,7 @@ LOGS=${VMTEST_LOGS:-$CACHE/logs}
 CUTS=${VMTEST_CUTS:-5}
 ROUNDS=${VMTEST_ROUNDS:-3}
 QEMU=${QEMU:-qemu-system-x86_64}
-ALL=(nbd ublk ublk-recovery power-cut)
-# nbd-restart runs by name only: see its description above.
+ALL=(nbd ublk ublk-recovery nbd-restart power-cut)
 SCENARIOS=("$@")
 ((${#SCENARIOS[@]})) || SCENARIOS=("${ALL[@]}")
 

@@ -17,11 +17,15 @@
 //! - [`control`]: the control socket (`RING.ctl`) through which a running
 //!   `splitter serve` takes marks from other processes.
 //! - [`status`]: `splitter ring status` as text and JSON, and the ring's Prometheus text.
+//! - [`nbd_attach`]: `splitter nbd-attach`: the kernel's NBD client attached
+//!   over netlink with a dead-connection timeout, reconnected when the
+//!   splitter restarts. (The ublk front end is `blockdev::ublk`.)
 
 pub mod control;
 pub mod drain;
 pub mod identity;
 pub mod mark;
+pub mod nbd_attach;
 pub mod status;
 
 pub use blockdev::{

@@ -97,6 +97,54 @@ enum Cmd {
   # names that start with '-' follow --
   splitter mark --ring db.ring -- -odd-name")]
     Mark(MarkArgs),
+    /// Attach the kernel's NBD client (/dev/nbdN) to an NBD server and keep
+    /// it attached across restarts of the server (the splitter's upgrade or
+    /// crash), in the foreground until SIGINT/SIGTERM.
+    ///
+    /// Configures the device over the kernel's netlink interface (as
+    /// nbd-client does) with a dead-connection timeout: while no connection
+    /// is alive, requests wait up to --dead-conn-timeout seconds instead of
+    /// failing, and a request a dead connection never answered is sent again
+    /// after --timeout. When the kernel reports a connection dead, this
+    /// connects again and hands the new socket over (NBD_CMD_RECONFIGURE), so
+    /// a file system on the device stays mounted. Debian 12's nbd-client
+    /// 3.24 sets no dead-connection timeout and does not reconnect: there, a
+    /// restart of the splitter fails the requests in flight.
+    ///
+    /// Stopping this command leaves the device attached (it no longer
+    /// reconnects); --detach disconnects it.
+    #[command(after_help = "Examples:
+  modprobe nbd
+  splitter nbd-attach --device /dev/nbd0 --connect 127.0.0.1:10809 --export disk &
+  mount /dev/nbd0 /mnt
+  splitter nbd-attach --device /dev/nbd0 --detach")]
+    NbdAttach(NbdAttachArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct NbdAttachArgs {
+    /// The device: /dev/nbdN.
+    #[arg(long, value_name = "DEV")]
+    device: PathBuf,
+    /// HOST:PORT of the NBD server (the splitter's --listen).
+    #[arg(long, value_name = "HOST:PORT", required_unless_present = "detach")]
+    connect: Option<String>,
+    /// The export name.
+    #[arg(long, value_name = "NAME", default_value = "disk")]
+    export: String,
+    /// Connections (more than one needs an export with multi-conn).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    connections: u32,
+    /// Seconds before a request without an answer is sent again (its
+    /// connection is then declared dead).
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    timeout: u64,
+    /// Seconds requests wait for a live connection before they fail.
+    #[arg(long, value_name = "SECS", default_value_t = 120)]
+    dead_conn_timeout: u64,
+    /// Disconnect the device instead (NBD_CMD_DISCONNECT) and exit.
+    #[arg(long)]
+    detach: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -267,7 +315,32 @@ fn main() -> anyhow::Result<()> {
         Cmd::Serve(a) => serve(*a),
         Cmd::Ring { command } => ring_cmd(command),
         Cmd::Mark(a) => mark(a),
+        Cmd::NbdAttach(a) => nbd_attach(a),
     }
+}
+
+fn nbd_attach(a: NbdAttachArgs) -> anyhow::Result<()> {
+    use splitter::nbd_attach;
+    let index = nbd_attach::device_index(&a.device)?;
+    if a.detach {
+        nbd_attach::detach(index)?;
+        log::info!("disconnected {}", a.device.display());
+        return Ok(());
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone()).context("cannot install signal handlers")?;
+    }
+    let opts = nbd_attach::AttachOptions {
+        index,
+        server: a.connect.unwrap_or_default(),
+        export: a.export,
+        connections: a.connections,
+        timeout: a.timeout,
+        dead_conn_timeout: a.dead_conn_timeout,
+    };
+    nbd_attach::attach(&opts, &stop)?;
+    Ok(())
 }
 
 fn mark(a: MarkArgs) -> anyhow::Result<()> {
