@@ -13,7 +13,8 @@
 # 2. fio writes the rest of the device (from 128 MiB) with verify=crc32c
 #    (direct I/O, 4k random and 1M sequential, several jobs) and verifies it;
 # 3. a discard and a write-zeroes of a range read back as zeroes;
-# 4. the ring is shipped completely; SIGTERM stops the splitter, which must
+# 4. a second splitter serving the same disk over NBD is refused (locked);
+# 5. the ring is shipped completely; SIGTERM stops the splitter, which must
 #    exit 0 and remove /dev/ublkb0.
 # The host then compares the replica with the disk file and checks its
 # file system. Prints "VMTEST RESULT: PASS" or "VMTEST RESULT: FAIL why".
@@ -36,6 +37,13 @@ log "$DEV: $(blockdev --getsize64 $DEV) bytes, logical sector $(blockdev --getss
 [ "$(blockdev --getsize64 $DEV)" = 268435456 ] || fail "$DEV is not 256 MiB"
 [ "$(cat /sys/block/ublkb0/queue/write_cache)" = "write back" ] ||
   fail "$DEV does not announce a volatile write cache: the kernel would send no FLUSH"
+
+# NBD beside ublk on the same disk: refused (the disk is locked).
+if "$SPLITTER" serve --disk /data/disk.img --listen 127.0.0.1:10809 >/tmp/second.log 2>&1; then
+  fail "a second splitter served the disk over NBD while /dev/ublkb0 serves it"
+fi
+grep -q 'in use by another process' /tmp/second.log || { cat /tmp/second.log; fail "the second splitter's refusal does not say why"; }
+log "a second splitter (NBD) on the same disk is refused: $(grep -o 'disk .* in use[^:]*' /tmp/second.log | head -n 1)"
 
 # --- 1: ext4 and files -------------------------------------------------------
 "$X/mke2fs" -q -F -t ext4 "$DEV" 96M || fail "mke2fs -t ext4 $DEV 96M"

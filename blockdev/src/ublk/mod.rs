@@ -536,3 +536,58 @@ fn hand_over(id: u32, shared: &Shared) -> ! {
     let _ = std::io::Write::flush(&mut std::io::stderr());
     std::process::exit(code)
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // tests fail loudly on any error
+    use super::*;
+
+    fn opts() -> UblkOptions {
+        UblkOptions {
+            id: None,
+            recover: None,
+            queues: 1,
+            depth: DEFAULT_DEPTH,
+            io_buf_bytes: DEFAULT_IO_BUF_BYTES,
+            read_only: false,
+            disk_path: "/d".into(),
+            ring_path: None,
+        }
+    }
+
+    #[test]
+    fn options_are_checked() {
+        assert!(opts().check().is_ok());
+        let mut o = opts();
+        o.depth = u16::try_from(MAX_TAGS).unwrap();
+        assert!(o.check().is_ok(), "the ring's lane size is allowed");
+        o.depth += 1;
+        assert!(o
+            .check()
+            .unwrap_err()
+            .to_string()
+            .contains("in-flight lane"));
+        let mut o = opts();
+        o.io_buf_bytes = 3000;
+        assert!(o.check().is_err());
+        let mut o = opts();
+        o.id = Some(MAX_DEV_ID + 1);
+        assert!(o.check().is_err());
+        let mut o = opts();
+        (o.id, o.recover) = (Some(3), Some(3));
+        assert!(o.check().is_ok());
+    }
+
+    #[test]
+    fn features_say_what_is_used() {
+        let f = Features {
+            bits: u64::from(sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_SUPPORT_ZERO_COPY),
+        };
+        assert!(f.user_recovery() && !f.reissue());
+        let d = f.describe();
+        assert!(d.contains("user recovery yes (used)"), "{d}");
+        assert!(d.contains("reissue no"), "{d}");
+        assert!(d.contains("zero copy yes"), "{d}");
+        assert!(d.contains("copy mode"), "{d}");
+    }
+}
