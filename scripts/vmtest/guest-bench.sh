@@ -35,8 +35,9 @@ jobs() {
       --iodepth="$5" --size=512M --time_based --runtime="$RT" --ramp_time=1 \
       --output-format=terse --terse-version=3 >/tmp/fio.terse 2>/tmp/fio.err ||
       { cat /tmp/fio.err; fail "fio $3 $4 on $2"; }
-    # terse v3: field 49 write bandwidth KiB/s, 50 write IOPS, 81 write clat mean us
-    awk -F';' -v p="$2" -v j="$3-$4" 'NR==1 { printf "BENCH %s %s %.1f %d %.0f\n", p, j, $49/1024, $50, $81 }' /tmp/fio.terse
+    # terse v3 (this fio): 48 write bandwidth KiB/s, 49 write IOPS, 81 write
+    # total latency mean (us)
+    awk -F';' -v p="$2" -v j="$3-$4" 'NR==1 { printf "BENCH %s %s %.1f %d %.0f\n", p, j, $48/1024, $49, $81 }' /tmp/fio.terse
   done
 }
 
@@ -61,6 +62,7 @@ for mode in plain ring; do
     ring="--ring /data/disk.ring --ring-size 256M"
     name=ublk-ring
   fi
+  : >/tmp/splitter.log
   # shellcheck disable=SC2086
   splitter_start /tmp/splitter.log --disk /data/disk.img $ring --ublk --ublk-id 0
   wait_ublk_ready /tmp/splitter.log 0
@@ -104,6 +106,7 @@ for mode in plain ring; do
     ring="--ring /data/disk.ring --ring-size 256M"
     name=nbd-ring
   fi
+  : >/tmp/splitter.log
   # shellcheck disable=SC2086
   splitter_start /tmp/splitter.log --disk /data/disk.img $ring --listen 127.0.0.1:10809 --export disk
   wait_for "grep -q 'listening on' /tmp/splitter.log" 30 "the splitter did not listen"
@@ -116,7 +119,6 @@ for mode in plain ring; do
   detach
   stop_pid "$SPLITTER_PID"
   [ $mode = ring ] && stop_pid $DP
-  : >/tmp/splitter.log
   rm -f /data/disk.ring /data/disk.ring.*
 done
 umount /data

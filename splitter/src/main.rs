@@ -29,7 +29,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Serve a disk over NBD until SIGINT or SIGTERM.
+    /// Serve a disk over NBD, or as /dev/ublkbN with --ublk, until SIGINT or
+    /// SIGTERM.
     ///
     /// Many clients may connect at once (the export advertises multi-conn: a
     /// flush on one connection covers writes completed on all). With --ring,
@@ -40,7 +41,11 @@ enum Cmd {
     #[command(after_help = "Examples:
   splitter serve --disk /var/lib/disks/db.img --ring /var/lib/blockship/db.ring
   splitter serve --disk /dev/vdb --socket /run/blockship/vdb.sock
-  nbdinfo nbd://127.0.0.1:10809")]
+  nbdinfo nbd://127.0.0.1:10809
+  # a kernel block device (modprobe ublk_drv): /dev/ublkb0
+  splitter serve --disk /var/lib/disks/db.img --ring /var/lib/blockship/db.ring --ublk --ublk-id 0
+  # after a crash, or to upgrade the running one: the device never goes away
+  splitter serve --disk /var/lib/disks/db.img --ring /var/lib/blockship/db.ring --ublk --recover 0")]
     Serve(Box<ServeArgs>),
     /// Look at or drain a ring (works while the splitter runs).
     #[command(after_help = "Examples:

@@ -26,6 +26,7 @@
 mod device;
 mod queue;
 
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -289,6 +290,26 @@ pub(crate) struct Shared {
     pub(crate) io_buf_bytes: usize,
     /// Requests answered with an error (for the log).
     pub(crate) failures: std::sync::atomic::AtomicU64,
+    /// The disk opened with O_DIRECT for reads and writes, when it takes
+    /// 512-byte aligned direct I/O: /dev/ublkbN has a page cache of its
+    /// own, so a second one under it (the disk file's) only costs a copy.
+    pub(crate) direct: Option<OwnedFd>,
+}
+
+/// The disk opened again with O_DIRECT, if a 512-byte aligned direct read
+/// of its first sector works (else buffered I/O, and why).
+fn open_direct(path: &Path, read_only: bool) -> Result<OwnedFd, String> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .custom_flags(libc::O_DIRECT | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| format!("opening it with O_DIRECT: {e}"))?;
+    let mut buf = libublk::helpers::IoBuf::<u8>::new(4096);
+    f.read_at(&mut buf.as_mut_slice()[..512], 0)
+        .map_err(|e| format!("a 512-byte direct read: {e}"))?;
+    Ok(OwnedFd::from(f))
 }
 
 /// Serve `disk` as a ublk device until SIGINT/SIGTERM (the device is then
@@ -318,6 +339,16 @@ pub fn serve(
         read_only: opts.read_only,
         io_buf_bytes: opts.io_buf_bytes as usize,
         failures: std::sync::atomic::AtomicU64::new(0),
+        direct: match open_direct(&opts.disk_path, opts.read_only) {
+            Ok(fd) => {
+                log::info!("disk I/O: O_DIRECT through io_uring (/dev/ublkbN's page cache is the only one)");
+                Some(fd)
+            }
+            Err(why) => {
+                log::info!("disk I/O: buffered ({why})");
+                None
+            }
+        },
     });
     let ctrl = match &plan.recover {
         Some(dev) => {

@@ -11,6 +11,7 @@
 
 use std::cell::RefCell;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 
 use io_uring::{opcode, types};
@@ -260,7 +261,8 @@ async fn pause_us(us: u64) {
 
 /// Fill `buf` from the disk at `offset`.
 async fn read(shared: &Shared, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-    let Some(fd) = shared.disk.uring_fd() else {
+    let direct = shared.direct.as_ref().map(AsRawFd::as_raw_fd);
+    let Some(fd) = direct.or_else(|| shared.disk.uring_fd()) else {
         return shared.disk.read_at(offset, buf);
     };
     let mut at = 0usize;
@@ -283,8 +285,10 @@ async fn read(shared: &Shared, offset: u64, buf: &mut [u8]) -> io::Result<()> {
 
 /// Write `data` to the disk at `offset`.
 async fn write(shared: &Shared, offset: u64, data: &[u8]) -> io::Result<()> {
-    let fd = match shared.disk.uring_fd() {
-        Some(fd) if !shared.disk.caps().inline_writes => fd,
+    let fd = match (&shared.direct, shared.disk.uring_fd()) {
+        // Direct I/O from the tag's page-aligned buffer, 512-byte aligned.
+        (Some(d), _) => d.as_raw_fd(),
+        (None, Some(fd)) if !shared.disk.caps().inline_writes => fd,
         // Buffered writes to a file: cheaper on this thread than through an
         // io_uring worker (see Caps::inline_writes).
         _ => return shared.disk.write_at(offset, data, false),

@@ -166,7 +166,7 @@ pub fn attach(o: &AttachOptions, stop: &AtomicBool) -> Result<(), AttachError> {
             index: o.index,
             err,
         })?,
-        None => log::warn!("the kernel's nbd module has no {MCAST_GROUP} multicast group: dead connections are found by polling only"),
+        None => log::warn!("the kernel's nbd module has no {MCAST_GROUP} multicast group: dead connections will not be noticed, so this will not reconnect"),
     }
     let _ = events.set_timeout(Duration::from_millis(500));
 
