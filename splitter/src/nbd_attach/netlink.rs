@@ -181,6 +181,8 @@ impl Socket {
 
     /// Receive multicast notifications of multicast group `group`.
     pub fn join(&self, group: u32) -> io::Result<()> {
+        // 4: the size of the u32 passed.
+        const LEN: libc::socklen_t = 4;
         // SAFETY: setsockopt reads sizeof(u32) bytes from a live u32 on
         // this stack frame; the descriptor is this socket's, open.
         let r = unsafe {
@@ -189,7 +191,7 @@ impl Socket {
                 SOL_NETLINK,
                 NETLINK_ADD_MEMBERSHIP,
                 std::ptr::from_ref(&group).cast(),
-                std::mem::size_of::<u32>() as libc::socklen_t,
+                LEN,
             )
         };
         if r < 0 {
