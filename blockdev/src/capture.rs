@@ -40,6 +40,38 @@ pub struct CaptureSync {
     pub shares_disk_device: bool,
 }
 
+impl CaptureSync {
+    /// The io_uring entry that makes the plan's range `offset..offset+len`
+    /// durable. `then_disk_sync`: an fdatasync of the disk follows on the
+    /// same device (`shares_disk_device`), so the range is only written
+    /// back (sync_file_range, waiting) and that fdatasync flushes the device
+    /// cache for both; otherwise the range is fdatasynced itself.
+    pub fn range_entry(
+        &self,
+        offset: u64,
+        len: u32,
+        then_disk_sync: bool,
+    ) -> io_uring::squeue::Entry {
+        use io_uring::{opcode, types};
+        if then_disk_sync {
+            opcode::SyncFileRange::new(types::Fd(self.fd), len)
+                .offset(offset)
+                .flags(
+                    libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                        | libc::SYNC_FILE_RANGE_WRITE
+                        | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+                )
+                .build()
+        } else {
+            opcode::Fsync::new(types::Fd(self.fd))
+                .flags(types::FsyncFlags::DATASYNC)
+                .offset(offset)
+                .len(len)
+                .build()
+        }
+    }
+}
+
 /// The capture side shared by all connections.
 pub trait WriteCapture: Send + Sync {
     /// Start capturing for one connection.

@@ -14,6 +14,11 @@
 #   wait_ublk_ready LOG N   wait for "ublk device /dev/ublkbN ready|recovered"
 #   converged RING  true once the ring has nothing left to ship
 #   wait_converged RING SECS
+#   write_files MNT HELLO   hello.txt, det.txt (detfile.awk), 8 MiB of random
+#                   data, 200 small files, and sums.sha256 of the first three
+#   fsynced_writer MNT ROUND   24 files of 192 KiB, each fsynced, its sum
+#                   appended to /tmp/acked.sha256 once the fsync returned
+#   stop_ublk_splitter DEV   SIGTERM: exit 0 and the device gone
 set -u
 
 X=/xbin
@@ -65,7 +70,7 @@ wait_ublk_ready() {
   [ -b "/dev/ublkb$2" ] || fail "/dev/ublkb$2 is not a block device"
 }
 
-# json_num FILE KEY — the number after "KEY": in FILE (pretty-printed JSON).
+# json_val FILE KEY — the value after "KEY": in FILE (pretty-printed JSON).
 json_val() { sed -n "s/^ *\"$2\": *\([^,]*\),*$/\1/p" "$1" | head -n 1; }
 
 converged() {
@@ -95,4 +100,36 @@ no_io_errors() {
     dmesg | grep -Ei 'I/O error|EXT4-fs error|Buffer I/O|blk_update_request' | tail -n 10
     fail "the kernel reported I/O errors ($1)"
   fi
+}
+
+write_files() {
+  echo "$2" >"$1/hello.txt" || fail "write hello.txt"
+  awk -f /detfile.awk >"$1/det.txt" || fail "write det.txt"
+  dd if=/dev/urandom of="$1/random.bin" bs=1M count=8 2>/dev/null || fail "write random.bin"
+  mkdir "$1/many" || fail "mkdir many"
+  n=0
+  while [ $n -lt 200 ]; do
+    echo "small file $n" >"$1/many/f$n" || fail "write many/f$n"
+    n=$((n + 1))
+  done
+  (cd "$1" && sha256sum hello.txt det.txt random.bin >sums.sha256) || fail "sha256sum"
+}
+
+fsynced_writer() {
+  i=0
+  while [ $i -lt 24 ]; do
+    f="$1/r$2-f$i"
+    head -c 196608 /dev/urandom >"/tmp/w$2.bin" || exit 2
+    dd if="/tmp/w$2.bin" of="$f" bs=65536 conv=fsync 2>/dev/null || exit 3
+    echo "$(sha256sum <"/tmp/w$2.bin" | cut -d' ' -f1)  $f" >>/tmp/acked.sha256
+    i=$((i + 1))
+  done
+}
+
+stop_ublk_splitter() {
+  kill -TERM "$SPLITTER_PID"
+  wait "$SPLITTER_PID"
+  rc=$?
+  [ $rc = 0 ] || fail "the splitter exited with status $rc after SIGTERM"
+  [ ! -e "$1" ] || fail "$1 still exists after the splitter stopped"
 }

@@ -30,19 +30,9 @@ log "attached: $(blockdev --getsize64 $DEV) bytes"
 "$X/mke2fs" -q -F -t ext4 "$DEV" || fail "mke2fs"
 mount -t ext4 "$DEV" "$MNT" || fail "mount"
 : >/tmp/acked.sha256
-writer() {
-  i=0
-  while [ $i -lt 24 ]; do
-    f="$MNT/r$1-f$i"
-    head -c 196608 /dev/urandom >/tmp/w.bin || exit 2
-    dd if=/tmp/w.bin of="$f" bs=65536 conv=fsync 2>/dev/null || exit 3
-    echo "$(sha256sum </tmp/w.bin | cut -d' ' -f1)  $f" >>/tmp/acked.sha256
-    i=$((i + 1))
-  done
-}
 r=0
 while [ $r -lt "$ROUNDS" ]; do
-  writer $r &
+  fsynced_writer "$MNT" $r &
   WPID=$!
   echo "@@WRITING round=$r"
   wait "$WPID"

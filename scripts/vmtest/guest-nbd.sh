@@ -28,17 +28,12 @@
 # The real tools are in /xbin and called by full path: busybox has applets
 # called nbd-client, mke2fs, e2fsck and blkdiscard, and its shell prefers
 # them to anything on PATH.
-set -u
+# arg, log, X, HOST and write_files come from the shared /lib.sh; this
+# script's fail() (below) also disconnects the device.
+. /lib.sh
 
-X=/xbin
 DEV=/dev/nbd0
-HOST=10.0.2.2                 # the host, seen from a QEMU user-networking guest
 MNT=/mnt
-
-# arg NAME — the value of NAME=VALUE on the kernel command line.
-arg() { tr ' ' '\n' </proc/cmdline | sed -n "s/^$1=//p" | tail -n 1; }
-now() { cut -d' ' -f1 /proc/uptime; }
-log() { echo "VMTEST: $* (uptime $(now))"; }
 
 PORT=$(arg vmtest.port)
 EXPORT=$(arg vmtest.export)
@@ -47,7 +42,8 @@ SIZE=$(arg vmtest.size)
 CONNS=$(arg vmtest.conns)
 CONNS=${CONNS:-2}
 
-# fail WHY — report the failure with the kernel's last words, tidy up, stop.
+# fail WHY — report the failure with the kernel's last words, tidy up, stop
+# (replaces the shared one: it also unmounts and disconnects).
 fail() {
   echo "VMTEST: --- last kernel messages ---"
   dmesg | tail -n 40
@@ -169,16 +165,7 @@ connect 1
 "$X/mke2fs" -q -F -t ext4 "$DEV" || fail "mke2fs -t ext4 $DEV"
 log "mke2fs -t ext4 done"
 mount -t ext4 "$DEV" "$MNT" || fail "mount $DEV"
-echo "hello from the guest's kernel NBD client" >"$MNT/hello.txt" || fail "write hello.txt"
-awk -f /detfile.awk >"$MNT/det.txt" || fail "write det.txt"
-dd if=/dev/urandom of="$MNT/random.bin" bs=1M count=8 2>/dev/null || fail "write random.bin"
-mkdir "$MNT/many" || fail "mkdir many"
-n=0
-while [ $n -lt 200 ]; do
-  echo "small file $n" >"$MNT/many/f$n" || fail "write many/f$n"
-  n=$((n + 1))
-done
-(cd "$MNT" && sha256sum hello.txt det.txt random.bin >sums.sha256) || fail "sha256sum"
+write_files "$MNT" "hello from the guest's kernel NBD client"
 cat "$MNT/sums.sha256"
 sync
 umount "$MNT" || fail "umount after writing"

@@ -36,21 +36,9 @@ wait_ublk_ready /tmp/splitter.log 0
 mount -t ext4 "$DEV" "$MNT" || fail "mount $DEV"
 : >/tmp/acked.sha256
 
-# writer ROUND — 24 files of 192 KiB, each fsynced, then its sum recorded.
-writer() {
-  i=0
-  while [ $i -lt 24 ]; do
-    f="$MNT/r$1-f$i"
-    head -c 196608 /dev/urandom >/tmp/w.bin || exit 2
-    dd if=/tmp/w.bin of="$f" bs=65536 conv=fsync 2>/dev/null || exit 3
-    echo "$(sha256sum </tmp/w.bin | cut -d' ' -f1)  $f" >>/tmp/acked.sha256
-    i=$((i + 1))
-  done
-}
-
 r=0
 while [ $r -lt "$ROUNDS" ]; do
-  writer $r &
+  fsynced_writer "$MNT" $r &
   WPID=$!
   sleep 1
   OLD=$SPLITTER_PID
@@ -71,8 +59,8 @@ while [ $r -lt "$ROUNDS" ]; do
     # shellcheck disable=SC2086
     splitter_start /tmp/splitter.log $ARGS $how
   fi
-  n=$(grep -c 'ublk device /dev/ublkb0 recovered' /tmp/splitter.log)
-  wait_for "[ \$(grep -c 'ublk device /dev/ublkb0 recovered' /tmp/splitter.log) -gt $((n - 1)) ] && [ \$(grep -c 'ublk device /dev/ublkb0 recovered' /tmp/splitter.log) -ge $((r + 1)) ]" 60 \
+  # Round r is the (r+1)-th recovery the log reports.
+  wait_for "[ \$(grep -c 'ublk device /dev/ublkb0 recovered' /tmp/splitter.log) -ge $((r + 1)) ]" 60 \
     "round $r: the new splitter did not recover /dev/ublkb0"
   grep 'recovered' /tmp/splitter.log | tail -n 1 | sed 's/^/VMTEST: /'
   wait "$WPID"
@@ -92,10 +80,6 @@ umount "$MNT" || fail "umount $MNT"
 log "e2fsck -fn: clean after $ROUNDS restarts"
 blockdev --flushbufs "$DEV"
 wait_converged /data/disk.ring 180
-kill -TERM "$SPLITTER_PID"
-wait "$SPLITTER_PID"
-rc=$?
-[ $rc = 0 ] || fail "the splitter exited with status $rc after SIGTERM"
-[ ! -e "$DEV" ] || fail "$DEV still exists after SIGTERM"
+stop_ublk_splitter "$DEV"
 umount /data || fail "umount /data"
 pass

@@ -48,16 +48,7 @@ log "a second splitter (NBD) on the same disk is refused: $(grep -o 'disk .* in 
 # --- 1: ext4 and files -------------------------------------------------------
 "$X/mke2fs" -q -F -t ext4 "$DEV" 96M || fail "mke2fs -t ext4 $DEV 96M"
 mount -t ext4 "$DEV" "$MNT" || fail "mount $DEV"
-echo "hello from the guest's ublk device" >"$MNT/hello.txt" || fail "write hello.txt"
-awk -f /detfile.awk >"$MNT/det.txt" || fail "write det.txt"
-dd if=/dev/urandom of="$MNT/random.bin" bs=1M count=8 2>/dev/null || fail "write random.bin"
-mkdir "$MNT/many" || fail "mkdir many"
-n=0
-while [ $n -lt 200 ]; do
-  echo "small file $n" >"$MNT/many/f$n" || fail "write many/f$n"
-  n=$((n + 1))
-done
-(cd "$MNT" && sha256sum hello.txt det.txt random.bin >sums.sha256) || fail "sha256sum"
+write_files "$MNT" "hello from the guest's ublk device"
 sync
 umount "$MNT" || fail "umount"
 "$X/e2fsck" -fn "$DEV" >/tmp/fsck.out 2>&1 || { cat /tmp/fsck.out; fail "e2fsck -fn $DEV"; }
@@ -99,11 +90,7 @@ no_io_errors "after the writes"
 # --- 4: shipped, stopped cleanly ---------------------------------------------
 blockdev --flushbufs "$DEV" || fail "flush $DEV"
 wait_converged /data/disk.ring 120
-kill -TERM "$SPLITTER_PID"
-wait "$SPLITTER_PID"
-rc=$?
-[ $rc = 0 ] || fail "the splitter exited with status $rc after SIGTERM"
-[ ! -e "$DEV" ] || fail "$DEV still exists after the splitter stopped"
+stop_ublk_splitter "$DEV"
 grep -q "removed /dev/ublkb0" /tmp/splitter.log || fail "the splitter did not say it removed the device"
 if grep -Eq 'panicked|ERROR' /tmp/splitter.log; then
   grep -E 'panicked|ERROR' /tmp/splitter.log | head -n 10

@@ -142,7 +142,7 @@ struct NbdAttachArgs {
     connections: u32,
     /// Seconds before a request without an answer is sent again (its
     /// connection is then declared dead).
-    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     timeout: u64,
     /// Seconds requests wait for a live connection before they fail.
     #[arg(long, value_name = "SECS", default_value_t = 120)]

@@ -1084,22 +1084,11 @@ impl<'a> Connection<'a> {
         s.sync_err = None;
         let ring_entries = sync.iter().flat_map(|c| {
             c.plan.ranges.iter().map(move |&(offset, len)| {
+                let e = c.range_entry(offset, len, chain);
                 if chain {
-                    opcode::SyncFileRange::new(types::Fd(c.fd), len)
-                        .offset(offset)
-                        .flags(
-                            libc::SYNC_FILE_RANGE_WAIT_BEFORE
-                                | libc::SYNC_FILE_RANGE_WRITE
-                                | libc::SYNC_FILE_RANGE_WAIT_AFTER,
-                        )
-                        .build()
-                        .flags(squeue::Flags::IO_LINK)
+                    e.flags(squeue::Flags::IO_LINK)
                 } else {
-                    opcode::Fsync::new(types::Fd(c.fd))
-                        .flags(types::FsyncFlags::DATASYNC)
-                        .offset(offset)
-                        .len(len)
-                        .build()
+                    e
                 }
             })
         });

@@ -130,11 +130,18 @@ impl ExistingDevice {
     }
 }
 
-/// What process `pid` runs (its comm), if it exists.
+/// What process `pid` runs (its comm), if it is alive (a zombie, exited
+/// but not yet reaped by its parent, counts as gone: it holds no device,
+/// disk or ring any more).
 fn comm(pid: i32) -> Option<String> {
-    std::fs::read_to_string(format!("/proc/{pid}/comm"))
-        .ok()
-        .map(|s| s.trim().to_string())
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "PID (COMM) STATE ...": COMM may hold spaces and parentheses.
+    let close = stat.rfind(')')?;
+    if stat[close + 1..].trim_start().starts_with(['Z', 'X']) {
+        return None;
+    }
+    let open = stat.find('(')?;
+    Some(stat[open + 1..close].to_string())
 }
 
 /// Ask the splitter serving live device `dev` to hand it over (SIGUSR2)

@@ -46,7 +46,7 @@ pub const DEFAULT_IO_BUF_BYTES: u32 = 512 << 10;
 /// The default queue depth (requests in flight per queue).
 pub const DEFAULT_DEPTH: u16 = 64;
 
-/// The largest device number (the kernel's limit is lower still).
+/// Device numbers are below this (the kernel's limit).
 const MAX_DEV_ID: u32 = 1 << 20;
 
 /// A device number as libublk takes it (checked below [`MAX_DEV_ID`]).
@@ -98,12 +98,28 @@ pub struct Features {
 }
 
 impl Features {
-    /// Ask the driver. `None`: no driver, or too old to say.
-    pub fn probe() -> Option<Features> {
-        if !Path::new("/dev/ublk-control").exists() {
-            return None;
+    /// Ask the driver. Drivers before Linux 6.5 cannot list their
+    /// features; they have user recovery with reissue (since 6.0), so that
+    /// is assumed, and said.
+    pub fn probe() -> Result<Features, UblkError> {
+        let ctl = Path::new("/dev/ublk-control");
+        if !ctl.exists() {
+            return Err(UblkError::NoDriver);
         }
-        UblkCtrl::get_features().map(|bits| Features { bits })
+        if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open(ctl) {
+            return Err(UblkError::Device(format!(
+                "cannot open /dev/ublk-control: {e} (creating ublk devices needs root, or CAP_SYS_ADMIN)"
+            )));
+        }
+        Ok(match UblkCtrl::get_features() {
+            Some(bits) => Features { bits },
+            None => {
+                log::info!("the ublk driver cannot list its features (Linux before 6.5): assuming user recovery with reissue (Linux 6.0 and later)");
+                Features {
+                    bits: u64::from(sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE),
+                }
+            }
+        })
     }
     fn has(&self, f: u32) -> bool {
         self.bits & u64::from(f) != 0
@@ -160,11 +176,13 @@ pub struct UblkOptions {
 
 impl UblkOptions {
     fn check(&self) -> Result<(), UblkError> {
-        if self.queues == 0 || u32::from(self.queues) > sys::UBLK_MAX_NR_QUEUES {
+        // Each queue owns one in-flight lane of the ring.
+        let max_queues =
+            sys::UBLK_MAX_NR_QUEUES.min(u32::try_from(ring::format::LANES).unwrap_or(u32::MAX));
+        if self.queues == 0 || u32::from(self.queues) > max_queues {
             return Err(UblkError::Invalid(format!(
-                "--queues {} is out of range: 1 to {}",
-                self.queues,
-                sys::UBLK_MAX_NR_QUEUES
+                "--queues {} is out of range: 1 to {max_queues} (each queue owns one in-flight lane of the ring)",
+                self.queues
             )));
         }
         if self.depth == 0 || usize::from(self.depth) > MAX_TAGS {
@@ -180,9 +198,10 @@ impl UblkOptions {
             )));
         }
         for n in [self.id, self.recover].into_iter().flatten() {
-            if n > MAX_DEV_ID {
+            if n >= MAX_DEV_ID {
                 return Err(UblkError::Invalid(format!(
-                    "ublk device number {n} is out of range: 0 to {MAX_DEV_ID}"
+                    "ublk device number {n} is out of range: 0 to {}",
+                    MAX_DEV_ID - 1
                 )));
             }
         }
@@ -225,7 +244,7 @@ impl Plan {
 /// the disk and the ring are free.
 pub fn prepare(opts: UblkOptions) -> Result<Plan, UblkError> {
     opts.check()?;
-    let features = Features::probe().ok_or(UblkError::NoDriver)?;
+    let features = Features::probe()?;
     log::info!("ublk driver: {}", features.describe());
     let want = opts.recover.or(opts.id);
     let existing = match want {
@@ -250,7 +269,16 @@ pub fn prepare(opts: UblkOptions) -> Result<Plan, UblkError> {
                     );
                     Some(dev)
                 }
-                DeviceState::Live if asked.is_some() => Some(device::take_over(dev)?),
+                DeviceState::Live if asked.is_some() => {
+                    let need = u64::from(sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE);
+                    if dev.flags & need != need {
+                        return Err(UblkError::Device(format!(
+                            "ublk device {} was made without user recovery with reissue (flags {:#x}): a hand-over would remove it or fail the requests in flight. Stop its splitter (unmount first) and start this one without --recover",
+                            dev.id, dev.flags
+                        )));
+                    }
+                    Some(device::take_over(dev)?)
+                }
                 DeviceState::Live => {
                     return Err(UblkError::Device(format!(
                         "ublk device {} is live, served by pid {}: to upgrade or restart that splitter without the device going away, start this one with --recover {}",
@@ -354,6 +382,28 @@ pub fn serve(
         Some(dev) => {
             let c = UblkCtrl::new_simple(dev_num(dev.id))
                 .map_err(call_err(format!("opening ublk device {}", dev.id)))?;
+            let mut p = sys::ublk_params::default();
+            c.get_params(&mut p)
+                .map_err(call_err(format!("GET_PARAMS of ublk device {}", dev.id)))?;
+            if p.basic.dev_sectors != size >> 9 {
+                return Err(UblkError::Device(format!(
+                    "ublk device {} is {} bytes, the disk {size}: not the device of this disk",
+                    dev.id,
+                    p.basic.dev_sectors << 9
+                )));
+            }
+            if (p.basic.attrs & sys::UBLK_ATTR_READ_ONLY != 0) != opts.read_only {
+                return Err(UblkError::Device(format!(
+                    "ublk device {} is {}: recover it {} --read-only",
+                    dev.id,
+                    if opts.read_only {
+                        "writable"
+                    } else {
+                        "read-only"
+                    },
+                    if opts.read_only { "without" } else { "with" }
+                )));
+            }
             c.start_user_recover().map_err(call_err(format!(
                 "START_USER_RECOVERY of ublk device {}",
                 dev.id
@@ -544,22 +594,30 @@ fn signals(id: u32, shared: Arc<Shared>) -> Result<(), UblkError> {
 fn hand_over(id: u32, shared: &Shared) -> ! {
     log::info!("SIGUSR2: handing /dev/ublkb{id} over to a successor");
     shared.handing_over.store(true, Ordering::SeqCst);
+    // A writer waiting for room in a full ring (--ring-full block) must not
+    // hold the hand-over up: it goes to the dirty bitmap instead.
+    shared.capture.interrupt();
     let deadline = Instant::now() + Duration::from_secs(10);
     while shared.busy.load(Ordering::SeqCst) != 0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(1));
     }
     let busy = shared.busy.load(Ordering::SeqCst);
-    if busy != 0 {
-        log::warn!("{busy} request(s) still on the disk after 10 s: the successor's ring recovery covers them");
-    }
-    let code = match shared.capture.close() {
-        Ok(()) => {
-            log::info!("handed over: the ring is durable and closed; the device stays, its queued I/O goes to the successor");
-            0
-        }
-        Err(e) => {
-            log::error!("closing the capture for the hand-over failed: {e} (the successor recovers the ring as after a crash)");
-            1
+    let code = if busy != 0 {
+        // Closing the ring cleanly now would tell the successor nothing was
+        // in flight; leaving it open makes it recover the ring as after a
+        // crash (the in-flight marks of these requests become dirty).
+        log::error!("{busy} request(s) still being worked on after 10 s: exiting without closing the ring, so the successor recovers it as after a crash");
+        1
+    } else {
+        match shared.capture.close() {
+            Ok(()) => {
+                log::info!("handed over: the ring is durable and closed; the device stays, its queued I/O goes to the successor");
+                0
+            }
+            Err(e) => {
+                log::error!("closing the capture for the hand-over failed: {e} (the successor recovers the ring as after a crash)");
+                1
+            }
         }
     };
     // The process ends here, from this thread: unwinding the queue threads
@@ -602,7 +660,7 @@ mod tests {
         o.io_buf_bytes = 3000;
         assert!(o.check().is_err());
         let mut o = opts();
-        o.id = Some(MAX_DEV_ID + 1);
+        o.id = Some(MAX_DEV_ID);
         assert!(o.check().is_err());
         let mut o = opts();
         (o.id, o.recover) = (Some(3), Some(3));

@@ -32,22 +32,37 @@ fn claim_owner(qid: u16) -> u64 {
 }
 
 /// Run queue `qid` until the device stops.
+///
+/// A queue that cannot run, or panics, takes the process down (abort): its
+/// claims and in-flight marks would otherwise stay held while the other
+/// queues serve, and the device would never start. The device survives
+/// (user recovery); a restarted splitter recovers the ring.
 pub(super) fn run(qid: u16, dev: &UblkDev, shared: &Shared) {
-    let q = match UblkQueue::new(qid, dev) {
-        Ok(q) => q,
-        Err(e) => {
-            log::error!("ublk queue {qid}: cannot set up: {e}");
-            return;
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        serve_queue(qid, dev, shared)
+    }));
+    match r {
+        Ok(Ok(())) => {}
+        Ok(Err(why)) => {
+            log::error!(
+                "ublk queue {qid}: {why}: aborting (the device stays; restart with --recover)"
+            );
+            std::process::abort();
         }
-    };
+        Err(_) => {
+            log::error!(
+                "ublk queue {qid} panicked: aborting (the device stays; restart with --recover)"
+            );
+            std::process::abort();
+        }
+    }
+}
+
+fn serve_queue(qid: u16, dev: &UblkDev, shared: &Shared) -> Result<(), String> {
+    let waker =
+        crate::server::overlap::waker().map_err(|e| format!("cannot make an eventfd: {e}"))?;
+    let q = UblkQueue::new(qid, dev).map_err(|e| format!("cannot set up: {e}"))?;
     let session: Session<'_> = RefCell::new(shared.capture.session());
-    let waker = match crate::server::overlap::waker() {
-        Ok(w) => w,
-        Err(e) => {
-            log::error!("ublk queue {qid}: cannot make an eventfd: {e}");
-            return;
-        }
-    };
     let waker_fd = std::os::fd::AsRawFd::as_raw_fd(&waker);
     let exe = smol::LocalExecutor::new();
     let mut tasks = Vec::new();
@@ -69,6 +84,7 @@ pub(super) fn run(qid: u16, dev: &UblkDev, shared: &Shared) {
     }));
     shared.claims.forget_waker(waker_fd);
     log::debug!("ublk queue {qid} stopped");
+    Ok(())
 }
 
 /// One tag: fetch a request, serve it, answer it and fetch the next.
@@ -149,9 +165,11 @@ async fn handle(
         };
     }
     let fua = iod.op_flags & sys::UBLK_IO_F_FUA != 0;
-    let offset = iod.start_sector << 9;
     let len = u64::from(iod.nr_sectors) << 9;
     let size = shared.disk.size();
+    let Some(offset) = iod.start_sector.checked_mul(512) else {
+        return -libc::EINVAL;
+    };
     if offset.checked_add(len).is_none_or(|end| end > size) {
         return -libc::EINVAL;
     }
@@ -316,23 +334,7 @@ async fn sync(shared: &Shared, session: &Session<'_>) -> io::Result<()> {
     let plan = session.borrow_mut().sync_plan();
     if let Some(c) = &plan {
         for &(offset, len) in &c.plan.ranges {
-            let sqe = if c.shares_disk_device {
-                opcode::SyncFileRange::new(types::Fd(c.fd), len)
-                    .offset(offset)
-                    .flags(
-                        libc::SYNC_FILE_RANGE_WAIT_BEFORE
-                            | libc::SYNC_FILE_RANGE_WRITE
-                            | libc::SYNC_FILE_RANGE_WAIT_AFTER,
-                    )
-                    .build()
-            } else {
-                opcode::Fsync::new(types::Fd(c.fd))
-                    .flags(types::FsyncFlags::DATASYNC)
-                    .offset(offset)
-                    .len(len)
-                    .build()
-            };
-            submit(sqe).await?;
+            submit(c.range_entry(offset, len, c.shares_disk_device)).await?;
         }
     }
     match shared.disk.uring_fd() {

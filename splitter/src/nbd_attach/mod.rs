@@ -111,7 +111,15 @@ fn dial(o: &AttachOptions) -> Result<(TcpStream, u64, u16), AttachError> {
         export: o.export.clone(),
         err: e,
     };
-    let s = TcpStream::connect(&o.server).map_err(|e| err(e.to_string()))?;
+    use std::net::ToSocketAddrs;
+    let addr = o
+        .server
+        .to_socket_addrs()
+        .map_err(|e| err(e.to_string()))?
+        .next()
+        .ok_or_else(|| err("the name resolves to no address".into()))?;
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .map_err(|e| err(e.to_string()))?;
     let _ = s.set_nodelay(true);
     s.set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(|e| err(e.to_string()))?;
@@ -123,14 +131,14 @@ fn dial(o: &AttachOptions) -> Result<(TcpStream, u64, u16), AttachError> {
     Ok((s, size, flags))
 }
 
-fn family(sock: &mut Socket) -> Result<(u16, Vec<(String, u32)>), AttachError> {
+fn family(sock: &mut Socket, index: u32) -> Result<(u16, Vec<(String, u32)>), AttachError> {
     sock.family("nbd").map_err(|e| {
         if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENOENT) {
             AttachError::NoNbd
         } else {
             AttachError::Kernel {
                 what: "looking up the nbd netlink family",
-                index: 0,
+                index,
                 err: e,
             }
         }
@@ -153,7 +161,7 @@ pub fn attach(o: &AttachOptions, stop: &AtomicBool) -> Result<(), AttachError> {
             index: o.index,
             err,
         })?;
-    let (fam, groups) = family(&mut ctl)?;
+    let (fam, groups) = family(&mut ctl, o.index)?;
     // Listen before connecting: a connection that dies at once is not missed.
     let mut events = Socket::open().map_err(|err| AttachError::Kernel {
         what: "opening a netlink socket",
@@ -226,6 +234,7 @@ pub fn attach(o: &AttachOptions, stop: &AtomicBool) -> Result<(), AttachError> {
     let mut dead = 0u32;
     let mut dead_since: Option<Instant> = None;
     let mut next_try = Instant::now();
+    let mut last_warning: Option<Instant> = None;
     while !stop.load(Ordering::Relaxed) {
         match events.receive() {
             Ok(msgs) => {
@@ -263,10 +272,24 @@ pub fn attach(o: &AttachOptions, stop: &AtomicBool) -> Result<(), AttachError> {
                 );
                 if dead == 0 {
                     dead_since = None;
+                    last_warning = None;
                 }
             }
+            Err(AttachError::Kernel { err, .. }) if err.raw_os_error() == Some(libc::ENOSPC) => {
+                // No dead connection left to replace: the kernel has them all.
+                log::info!("/dev/nbd{}: no connection is dead any more", o.index);
+                dead = 0;
+                dead_since = None;
+            }
             Err(e) => {
-                log::debug!("/dev/nbd{}: reconnecting: {e}", o.index);
+                if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
+                    log::warn!(
+                        "/dev/nbd{}: reconnecting for {} s: {e} (trying every 200 ms)",
+                        o.index,
+                        dead_since.map_or(0, |t| t.elapsed().as_secs())
+                    );
+                    last_warning = Some(Instant::now());
+                }
                 next_try = Instant::now() + Duration::from_millis(200);
             }
         }
@@ -313,7 +336,7 @@ pub fn detach(index: u32) -> Result<(), AttachError> {
         err,
     })?;
     let _ = ctl.set_timeout(Duration::from_secs(10));
-    let (fam, _) = family(&mut ctl)?;
+    let (fam, _) = family(&mut ctl, index)?;
     let mut m = Msg::new(fam, NBD_CMD_DISCONNECT, FAMILY_VERSION);
     m.put_u32(NBD_ATTR_INDEX, index);
     ctl.request(&mut m).map_err(|err| AttachError::Kernel {

@@ -138,6 +138,8 @@ pub fn attr_u32(payload: &[u8]) -> Option<u32> {
 pub struct Received {
     /// The netlink message type (the family).
     pub family: u16,
+    /// The sequence number of the request it answers (0: a notification).
+    pub seq: u32,
     /// The generic netlink command.
     pub cmd: u8,
     /// The attributes, raw.
@@ -216,24 +218,25 @@ impl Socket {
                 break;
             }
             let ty = u16_at(b, at + 4);
+            let seq = u32_at(b, at + 8);
             let body = &b[at + NLMSG_HDR..at + len];
             match ty {
                 NLMSG_ERROR => {
                     let code = body
                         .first_chunk::<4>()
                         .map_or(0, |c| i32::from_ne_bytes(*c));
-                    if code != 0 {
-                        return Err(io::Error::from_raw_os_error(-code));
-                    }
+                    // The error code rides in `cmd`'s place: see request().
                     out.push(Received {
                         family: NLMSG_ERROR,
+                        seq,
                         cmd: 0,
-                        attrs: Vec::new(),
+                        attrs: code.to_ne_bytes().to_vec(),
                     });
                 }
                 NLMSG_DONE => {}
                 _ if body.len() >= GENL_HDR => out.push(Received {
                     family: ty,
+                    seq,
                     cmd: body[0],
                     attrs: body[GENL_HDR..].to_vec(),
                 }),
@@ -259,7 +262,18 @@ impl Socket {
                 ));
             }
             for r in got {
+                if r.seq != self.seq {
+                    // A late answer to an earlier request that timed out.
+                    continue;
+                }
                 if r.family == NLMSG_ERROR {
+                    let code = r
+                        .attrs
+                        .first_chunk::<4>()
+                        .map_or(0, |c| i32::from_ne_bytes(*c));
+                    if code != 0 {
+                        return Err(io::Error::from_raw_os_error(-code));
+                    }
                     return Ok(replies);
                 }
                 replies.push(r);
