@@ -21,7 +21,7 @@
 #    has the nbd module; Debian 12's own kernel would do for NBD too, but the
 #    same guest will test ublk later, which needs 6.12), busybox-static and
 #    nbd-client;
-# 3. writes DIR/vmtest.env, which build-initramfs.sh and run.sh read: the
+# 3. writes DIR/vmtest.env, which build-initramfs.sh, suite.sh and scripts/bench/vm read: the
 #    kernel image, the unpacked kernel tree, busybox and nbd-client.
 #
 # Idempotent: when everything is there already it touches neither apt nor the
@@ -157,7 +157,7 @@ KERNEL="$KROOT/boot/vmlinuz-$KVER"
 [[ -s "$KROOT/lib/modules/$KVER/modules.dep" ]] || depmod -b "$KROOT" "$KVER"
 
 cat >"$CACHE/vmtest.env" <<ENV
-# written by scripts/vmtest/fetch.sh; read by build-initramfs.sh and run.sh
+# written by scripts/vmtest/fetch.sh; read by build-initramfs.sh, suite.sh and scripts/bench/vm
 KROOT='$KROOT'
 KVER='$KVER'
 KERNEL='$KERNEL'

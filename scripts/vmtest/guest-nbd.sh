@@ -1,7 +1,8 @@
 #!/bin/sh
 # shellcheck shell=sh
 #
-# scripts/vmtest/guest-test.sh — runs inside the VM test guest as /test.sh
+# scripts/vmtest/guest-nbd.sh — the guest scenario "nbd" (as /scenarios/nbd.sh;
+# host side: suite.sh)
 # (busybox ash, so plain sh: the guest has no bash). It drives the splitter
 # on the host through the guest kernel's NBD client, /dev/nbd0:
 #
