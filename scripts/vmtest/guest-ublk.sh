@@ -28,13 +28,16 @@ MNT=/mnt
 mkdir -p /data
 mount -t ext4 /dev/vdb /data || fail "mount /dev/vdb (the data disk)"
 truncate -s 256M /data/disk.img || fail "truncate disk.img"
+# Two queues (the guest has two CPUs): fio's jobs spread over both, so the
+# queues' own ring lanes and the overlap claims between them are exercised.
 splitter_start /tmp/splitter.log --disk /data/disk.img --ring /data/disk.ring --ring-size 64M \
-  --ublk --ublk-id 0 --ship-to "$HOST:$RPORT" --disk-id "$DISK_ID" --tls /opt/tls
+  --ublk --ublk-id 0 --queues 2 --ship-to "$HOST:$RPORT" --disk-id "$DISK_ID" --tls /opt/tls
 wait_ublk_ready /tmp/splitter.log 0
 grep 'ublk driver' /tmp/splitter.log | head -n 1
 DEV=/dev/ublkb0
 log "$DEV: $(blockdev --getsize64 $DEV) bytes, logical sector $(blockdev --getss $DEV), $(cat /sys/block/ublkb0/queue/write_cache) cache, fua $(cat /sys/block/ublkb0/queue/fua 2>/dev/null), discard_max_bytes $(cat /sys/block/ublkb0/queue/discard_max_bytes)"
 [ "$(blockdev --getsize64 $DEV)" = 268435456 ] || fail "$DEV is not 256 MiB"
+[ "$(ls /sys/block/ublkb0/mq | wc -l)" = 2 ] || fail "$DEV has $(ls /sys/block/ublkb0/mq | wc -l) hardware queue(s), not 2"
 [ "$(cat /sys/block/ublkb0/queue/write_cache)" = "write back" ] ||
   fail "$DEV does not announce a volatile write cache: the kernel would send no FLUSH"
 
