@@ -13,7 +13,8 @@
 #   nbd          splitter serve (NBD, no ring) through the same client
 #   nbd-ring     splitter serve --ring through the same client
 # and fio runs the same jobs on each (direct I/O, libaio): sequential 1M
-# writes (iodepth 4) and random 4k writes (iodepth 16), vmtest.runtime
+# writes (iodepth 4), random 4k writes (iodepth 16) and random 4k writes at
+# queue depth 1 (the latency of one request), vmtest.runtime
 # seconds each (default 8). Each result is a line
 #   BENCH <path> <job> <MB/s> <IOPS> <mean latency us>
 . /lib.sh
@@ -29,7 +30,7 @@ sync
 
 # jobs DEV PATH
 jobs() {
-  for j in "write 1M 4" "randwrite 4k 16"; do
+  for j in "write 1M 4" "randwrite 4k 16" "randwrite 4k 1"; do
     set -- "$1" "$2" $j
     /opt/bin/fio --name=b --filename="$1" --thread --direct=1 --ioengine=libaio --rw="$3" --bs="$4" \
       --iodepth="$5" --size=512M --time_based --runtime="$RT" --ramp_time=1 \
@@ -37,7 +38,9 @@ jobs() {
       { cat /tmp/fio.err; fail "fio $3 $4 on $2"; }
     # terse v3 (this fio): 48 write bandwidth KiB/s, 49 write IOPS, 81 write
     # total latency mean (us)
-    awk -F';' -v p="$2" -v j="$3-$4" 'NR==1 { printf "BENCH %s %s %.1f %d %.0f\n", p, j, $48/1024, $49, $81 }' /tmp/fio.terse
+    q=""
+    [ "$5" = 1 ] && q="-qd1"
+    awk -F';' -v p="$2" -v j="$3-$4$q" 'NR==1 { printf "BENCH %s %s %.1f %d %.0f\n", p, j, $48/1024, $49, $81 }' /tmp/fio.terse
   done
 }
 
