@@ -66,6 +66,28 @@ fn lock(fd: RawFd, exclusive: bool) -> io::Result<()> {
     Ok(())
 }
 
+/// How long opening a disk waits for its lock before it says the disk is
+/// in use. A splitter killed a moment ago can still hold it: its io_uring
+/// requests keep the file open until the kernel has finished them, after
+/// the process itself is gone (a restart right after a crash).
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// [`lock`], retried every 20 ms while another holder has it, for `wait`.
+fn lock_within(fd: RawFd, exclusive: bool, wait: std::time::Duration) -> io::Result<()> {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        match lock(fd, exclusive) {
+            Err(e)
+                if e.raw_os_error() == Some(libc::EWOULDBLOCK)
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            r => return r,
+        }
+    }
+}
+
 fn seek(fd: RawFd, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
     let off =
         libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
@@ -127,7 +149,7 @@ impl FileDisk {
             });
         }
         match if take_lock {
-            lock(file.as_raw_fd(), !read_only)
+            lock_within(file.as_raw_fd(), !read_only, LOCK_WAIT)
         } else {
             Ok(())
         } {
