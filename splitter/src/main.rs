@@ -398,7 +398,6 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
             queues: a.queues,
             depth: a.depth,
             io_buf_bytes: blockdev::ublk::DEFAULT_IO_BUF_BYTES,
-            read_only: a.read_only,
             disk_path: a.disk.clone(),
             ring_path: a.ring.clone(),
         };
@@ -551,33 +550,28 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let how = match &front {
+        Front::Nbd(_) => format!("as export {:?}", a.export),
+        Front::Ublk(plan, ..) => match plan.recovering() {
+            Some(n) => format!("with ublk (recovering /dev/ublkb{n})"),
+            None => "with ublk".to_string(),
+        },
+    };
+    log::info!(
+        "serving {} ({:?}, {} bytes{}) {how}",
+        a.disk.display(),
+        kind,
+        size,
+        if a.read_only { ", read-only" } else { "" },
+    );
     let served = match front {
         Front::Nbd(server) => {
-            log::info!(
-                "serving {} ({:?}, {} bytes{}) as export {:?}",
-                a.disk.display(),
-                kind,
-                size,
-                if a.read_only { ", read-only" } else { "" },
-                a.export
-            );
             for addr in server.local_addrs() {
                 log::info!("listening on {addr}");
             }
             server.run().context("the NBD server failed")
         }
         Front::Ublk(plan, disk, capture) => {
-            log::info!(
-                "serving {} ({:?}, {} bytes{}) with ublk{}",
-                a.disk.display(),
-                kind,
-                size,
-                if a.read_only { ", read-only" } else { "" },
-                match plan.recovering() {
-                    Some(n) => format!(" (recovering /dev/ublkb{n})"),
-                    None => String::new(),
-                }
-            );
             blockdev::ublk::serve(plan, disk, capture, |_| {}).context("the ublk front end failed")
         }
     };

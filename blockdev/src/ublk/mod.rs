@@ -166,8 +166,6 @@ pub struct UblkOptions {
     pub depth: u16,
     /// The largest request, bytes.
     pub io_buf_bytes: u32,
-    /// Serve read-only.
-    pub read_only: bool,
     /// The disk served (recorded with the device, checked on recovery).
     pub disk_path: PathBuf,
     /// The ring captured into, if any (recorded with the device).
@@ -314,7 +312,6 @@ pub(crate) struct Shared {
     pub(crate) handing_over: AtomicBool,
     /// Requests being worked on (between fetch and answer).
     pub(crate) busy: AtomicUsize,
-    pub(crate) read_only: bool,
     pub(crate) io_buf_bytes: usize,
     /// Requests answered with an error (for the log).
     pub(crate) failures: std::sync::atomic::AtomicU64,
@@ -353,6 +350,8 @@ pub fn serve(
 ) -> Result<(), UblkError> {
     let opts = &plan.opts;
     let size = disk.size();
+    // Read-only is the disk's: opened read-only, it refuses every change.
+    let read_only = disk.caps().read_only;
     if !size.is_multiple_of(512) {
         return Err(UblkError::Invalid(format!(
             "ublk serves whole 512-byte sectors: the disk is {size} bytes; grow it to a multiple of 512 (truncate -s)"
@@ -364,10 +363,9 @@ pub fn serve(
         claims: Claims::default(),
         handing_over: AtomicBool::new(false),
         busy: AtomicUsize::new(0),
-        read_only: opts.read_only,
         io_buf_bytes: opts.io_buf_bytes as usize,
         failures: std::sync::atomic::AtomicU64::new(0),
-        direct: match open_direct(&opts.disk_path, opts.read_only) {
+        direct: match open_direct(&opts.disk_path, read_only) {
             Ok(fd) => {
                 log::info!("disk I/O: O_DIRECT through io_uring (/dev/ublkbN's page cache is the only one)");
                 Some(fd)
@@ -392,16 +390,12 @@ pub fn serve(
                     p.basic.dev_sectors << 9
                 )));
             }
-            if (p.basic.attrs & sys::UBLK_ATTR_READ_ONLY != 0) != opts.read_only {
+            if (p.basic.attrs & sys::UBLK_ATTR_READ_ONLY != 0) != read_only {
                 return Err(UblkError::Device(format!(
                     "ublk device {} is {}: recover it {} --read-only",
                     dev.id,
-                    if opts.read_only {
-                        "writable"
-                    } else {
-                        "read-only"
-                    },
-                    if opts.read_only { "without" } else { "with" }
+                    if read_only { "writable" } else { "read-only" },
+                    if read_only { "without" } else { "with" }
                 )));
             }
             c.start_user_recover().map_err(call_err(format!(
@@ -463,7 +457,6 @@ pub fn serve(
     });
     let max_sectors = info.max_io_buf_bytes >> 9;
     let caps = shared.disk.caps();
-    let read_only = opts.read_only;
     let tgt_init = move |dev: &mut UblkDev| {
         dev.set_target_json(serde_json::json!({ "blockship": json }));
         let tgt = &mut dev.tgt;
@@ -638,7 +631,6 @@ mod tests {
             queues: 1,
             depth: DEFAULT_DEPTH,
             io_buf_bytes: DEFAULT_IO_BUF_BYTES,
-            read_only: false,
             disk_path: "/d".into(),
             ring_path: None,
         }

@@ -181,7 +181,7 @@ async fn handle(
         op,
         sys::UBLK_IO_OP_WRITE | sys::UBLK_IO_OP_DISCARD | sys::UBLK_IO_OP_WRITE_ZEROES
     );
-    if is_change && shared.read_only {
+    if is_change && shared.disk.caps().read_only {
         return -libc::EPERM;
     }
     match op {
