@@ -11,8 +11,15 @@ use crate::error::{Error, Result};
 use crate::format::*;
 use crate::shm::{self as sys, Shm};
 
+/// How long taking a role's lock waits while someone else holds it. A
+/// process killed a moment ago can still hold it: its io_uring workers keep
+/// its memory, and so the ring's mapping and open file, alive until the
+/// kernel has finished their requests (a restart right after a crash).
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// The disk a ring belongs to, as the splitter sees it now.
 #[derive(Debug, Clone, PartialEq, Eq)]
+
 pub struct DiskIdentity {
     /// Size in bytes.
     pub size: u64,
@@ -392,10 +399,21 @@ impl RingFile {
         Ok(())
     }
 
-    /// Take the lock of `role`, or fail with `Busy`.
+    /// Take the lock of `role`, or fail with `Busy` once it has been held
+    /// by someone else for [`LOCK_WAIT`].
     pub fn lock(&self, role: Role) -> Result<()> {
-        let Err(e) = sys::lock_byte(&self.file, role as u64) else {
-            return Ok(());
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        let e = loop {
+            match sys::lock_byte(&self.file, role as u64) {
+                Ok(()) => return Ok(()),
+                Err(e)
+                    if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES))
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => break e,
+            }
         };
         if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) {
             return Err(Error::Busy {
