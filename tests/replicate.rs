@@ -119,7 +119,11 @@ fn check_replica(s: &Setup) {
 #[test]
 fn converges_with_the_in_process_shipper_under_fio_verify() {
     let Some(s) = setup(&[]) else { return };
-    let mut sp = Splitter::start(s.dir.path(), &s.disk, &strs(&ship_args(&s)));
+    // A fixed level: the adaptive choice may send a loaded machine's
+    // batches stored, and this test checks that compressed ones arrive.
+    let mut args = ship_args(&s);
+    args.extend(["--zstd-level".into(), "1".into()]);
+    let mut sp = Splitter::start(s.dir.path(), &s.disk, &strs(&args));
     fio(&sp.uri(), s.dir.path(), 30, "12m");
     wait_converged(&s.ring, &s.target, DISK, 60);
     assert!(sp.terminate().success(), "{}", sp.log_text());
@@ -138,7 +142,9 @@ fn converges_with_the_in_process_shipper_under_fio_verify() {
 fn converges_with_the_shipper_daemon() {
     let Some(s) = setup(&[]) else { return };
     let mut sp = Splitter::start(s.dir.path(), &s.disk, &strs(&ring_args(&s)));
-    let args = shipper_args(&s.ring, &s.disk, &s.target.addr, DISK, &s.shp);
+    let mut args = shipper_args(&s.ring, &s.disk, &s.target.addr, DISK, &s.shp);
+    // Sealed on the shipper's own thread, at a stronger level.
+    args.extend(["--compress-threads", "0", "--zstd-level", "3"].map(String::from));
     let mut sh = Proc::spawn("shipper", &args, &s.dir.path().join("shipper.log"));
     fio(&sp.uri(), s.dir.path(), 15, "12m");
     // The largest write the splitter takes travels as one record.
@@ -779,4 +785,84 @@ fn max_rate_limits_the_bandwidth_on_the_wire() {
         "12 MiB at 4 MiB/s took only {took:?}"
     );
     assert_same(&disk, &target.replica(DISK));
+}
+
+/// Write `n` MiB of half-compressible data at `at` and flush.
+fn write_mixed(sp: &Splitter, at: u64, n: u64, seed: u64) {
+    let mut c = sp.client();
+    let mut buf = vec![0u8; MIB as usize];
+    for k in 0..n {
+        blockship::pattern(&mut buf[..MIB as usize / 2], seed + k);
+        c.write(at + k * MIB, &buf, false).unwrap();
+    }
+    c.flush().unwrap();
+}
+
+#[test]
+fn the_compression_in_force_and_its_reason_are_in_status_and_metrics() {
+    let Some(s) = setup(&[]) else { return };
+    // Fixed by --zstd-level 0: stored, and said so.
+    let mut args = ship_args(&s);
+    args.extend(
+        [
+            "--zstd-level",
+            "0",
+            "--compress-threads",
+            "2",
+            "--metrics",
+            "127.0.0.1:0",
+        ]
+        .map(String::from),
+    );
+    let mut sp = Splitter::start(s.dir.path(), &s.disk, &strs(&args));
+    write_mixed(&sp, 0, 16, 1);
+    wait_converged(&s.ring, &s.target, DISK, 60);
+    let rs = ring_status(&s.ring);
+    assert_eq!(rs["shipper"]["compression"]["codec"], "stored", "{rs}");
+    assert_eq!(rs["shipper"]["compression"]["reason"], "fixed", "{rs}");
+    let m = http_get(&metrics_addr(&sp.log_text()), "/metrics");
+    assert!(
+        m.contains("blockship_shipper_compression_level{disk=\"db\"} 0"),
+        "{m}"
+    );
+    assert!(
+        m.contains("blockship_shipper_compression_reason{disk=\"db\",reason=\"fixed\"} 1"),
+        "{m}"
+    );
+    let text = run(Command::new(blockship::bin("splitter"))
+        .args(["ring", "status", "--ring"])
+        .arg(&s.ring));
+    let text = String::from_utf8_lossy(&text.stdout).to_string();
+    assert!(text.contains("compression:      stored (fixed)"), "{text}");
+    assert!(sp.terminate().success(), "{}", sp.log_text());
+    let st = s.target.disk_status(DISK).unwrap();
+    let (wire, plain) = (
+        st["bytes_on_wire"].as_u64().unwrap(),
+        st["bytes_before_compression"].as_u64().unwrap(),
+    );
+    assert!(wire >= plain, "stored batches: {st}");
+    // Adaptive (no --zstd-level): a choice with a reason that is not
+    // "fixed", whatever this machine's load makes it.
+    let mut sp = Splitter::start(s.dir.path(), &s.disk, &strs(&ship_args(&s)));
+    write_mixed(&sp, 32 * MIB, 32, 2);
+    wait_converged(&s.ring, &s.target, DISK, 60);
+    let rs = ring_status(&s.ring);
+    let c = &rs["shipper"]["compression"];
+    let codec = c["codec"].as_str().unwrap_or_default();
+    assert!(codec == "stored" || codec.starts_with("zstd-"), "{rs}");
+    let reasons = [
+        "starting",
+        "cpu-bound",
+        "cpu-idle",
+        "link-bound",
+        "link-bound-cpu-spare",
+        "incompressible",
+        "link-faster-than-zstd",
+    ];
+    assert!(
+        reasons.contains(&c["reason"].as_str().unwrap_or_default()),
+        "{rs}"
+    );
+    assert!(sp.terminate().success(), "{}", sp.log_text());
+    check_replica(&s);
 }

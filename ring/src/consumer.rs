@@ -61,12 +61,50 @@ pub struct Batch {
     /// allocated and initialised for the next read).
     data: Vec<u8>,
     used: usize,
+    /// Bytes left before each record's payload in `data` (see
+    /// [`Batch::with_header_room`]).
+    room: usize,
 }
 
 impl Batch {
     /// An empty batch.
     pub fn new() -> Batch {
         Batch::default()
+    }
+
+    /// An empty batch that leaves `room` bytes before each record's payload
+    /// in its buffer, for a caller that writes its own header for each
+    /// record there and then uses the buffer as it is ([`Batch::bytes_mut`]):
+    /// the shipper's wire records, so that a payload is copied once, out of
+    /// the shared mapping, on its way from the ring to the socket.
+    pub fn with_header_room(room: usize) -> Batch {
+        Batch {
+            room,
+            ..Batch::default()
+        }
+    }
+
+    /// The batch's bytes: for each record, the header room then its payload,
+    /// back to back.
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.data[..self.used]
+    }
+
+    /// Where record `i`'s header room starts in [`Batch::bytes_mut`].
+    pub fn room_at(&self, i: usize) -> Option<usize> {
+        self.metas.get(i).map(|m| m.start - self.room)
+    }
+
+    /// Take the batch's bytes out (their length is what
+    /// [`Batch::bytes_mut`] covers), leaving `replacement` as the buffer for
+    /// the next read; the batch is empty afterwards. A replacement that was
+    /// such a buffer before keeps its initialised bytes, so reading into it
+    /// again does not clear it first.
+    pub fn take_bytes(&mut self, replacement: Vec<u8>) -> Vec<u8> {
+        let mut bytes = std::mem::replace(&mut self.data, replacement);
+        bytes.truncate(self.used);
+        self.clear();
+        bytes
     }
 
     /// Number of records.
@@ -181,7 +219,10 @@ impl Consumer {
         let head = self.rf.get(live::HEAD);
         let mut n = 0;
         while self.read_pos < head && n < max_records && (n == 0 || out.used < max_bytes) {
-            let start = out.used;
+            let start = out.used + out.room;
+            if out.room > 0 && out.data.len() < start {
+                out.data.resize(start, 0);
+            }
             match self
                 .rf
                 .read_record(self.read_pos, self.read_seq, &mut out.data, start)

@@ -37,6 +37,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 //   5056  sync_total        disk bytes the running pass covers
 //   5120  sync_started_ns   when the running pass started, ns since the epoch
 //   5184  sync_data_bytes   disk bytes resyncs sent as data, cumulative
+// and the shipper's compression (informational; 0: not reported, what a
+// shipper from before these fields leaves):
+//   5248  ship_codec        what batches are sent as now: 1 stored, 2 + N zstd level N
+//   5312  ship_codec_reason why (the shipper's `compress::Reason` codes: 1 fixed,
+//                           2 starting, 3 cpu-bound, 4 cpu-idle, 5 link-bound,
+//                           6 link-bound-cpu-spare, 7 incompressible,
+//                           8 link-faster-than-zstd)
 /// File offsets of the control fields.
 pub(crate) mod off {
     pub const SHIP_ACKED_SEQ: usize = 4288;
@@ -54,6 +61,8 @@ pub(crate) mod off {
     pub const SYNC_TOTAL: usize = 5056;
     pub const SYNC_STARTED_NS: usize = 5120;
     pub const SYNC_DATA_BYTES: usize = 5184;
+    pub const SHIP_CODEC: usize = 5248;
+    pub const SHIP_CODEC_REASON: usize = 5312;
 }
 
 /// Where a shipper's connection stands (`ship_state`).
@@ -225,6 +234,10 @@ pub struct ShipProgress {
     pub sync_started_ns: u64,
     /// Disk bytes resyncs sent as data, cumulative.
     pub sync_data_bytes: u64,
+    /// What batches are sent as now (`ship_codec`; 0: not reported).
+    pub codec: u64,
+    /// Why (`ship_codec_reason`; 0: not reported).
+    pub codec_reason: u64,
 }
 
 /// A shipper's progress, read from the ring file.
@@ -284,6 +297,8 @@ impl<'a, W: Words + ?Sized> ControlPage<'a, W> {
         self.set(off::SYNC_TOTAL, p.sync_total);
         self.set(off::SYNC_STARTED_NS, p.sync_started_ns);
         self.set(off::SYNC_DATA_BYTES, p.sync_data_bytes);
+        self.set(off::SHIP_CODEC, p.codec);
+        self.set(off::SHIP_CODEC_REASON, p.codec_reason);
         self.set(off::SHIP_PID, pid);
         self.set(off::SHIP_UPDATED_NS, now_ns);
     }
@@ -301,6 +316,8 @@ impl<'a, W: Words + ?Sized> ControlPage<'a, W> {
             sync_total: self.get(off::SYNC_TOTAL),
             sync_started_ns: self.get(off::SYNC_STARTED_NS),
             sync_data_bytes: self.get(off::SYNC_DATA_BYTES),
+            codec: self.get(off::SHIP_CODEC),
+            codec_reason: self.get(off::SHIP_CODEC_REASON),
         }
     }
 
@@ -497,6 +514,8 @@ mod tests {
             sync_total: 0x88,
             sync_started_ns: 0x99,
             sync_data_bytes: 0xaa,
+            codec: 3,
+            codec_reason: 5,
         };
         page.publish(&p, 4242, 1_000_000_000);
         page.set_verify_done(5);
@@ -508,7 +527,7 @@ mod tests {
                 repair: true
             }
         );
-        let want: [(usize, u64); 15] = [
+        let want: [(usize, u64); 17] = [
             (4288, 0x11),
             (4352, 3),
             (4416, 0x33),
@@ -524,6 +543,8 @@ mod tests {
             (5056, 0x88),
             (5120, 0x99),
             (5184, 0xaa),
+            (5248, 3),
+            (5312, 5),
         ];
         let bytes = h.bytes();
         for (i, &(off, v)) in want.iter().enumerate() {

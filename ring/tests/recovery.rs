@@ -365,3 +365,39 @@ fn marks_carry_their_kind_and_a_ring_opens_as_producer_without_its_disk() {
         ]
     );
 }
+
+#[test]
+fn a_batch_with_header_room_lays_records_out_for_the_caller_and_hands_its_buffer_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ring");
+    let (p, _) = producer(&path).unwrap();
+    for i in 0..5 {
+        write(&p, i);
+    }
+    p.append(Change::Trim {
+        offset: 0,
+        len: 4096,
+    })
+    .unwrap();
+    let mut c = Consumer::open(&path).unwrap();
+    let mut b = ring::Batch::with_header_room(40);
+    assert_eq!(c.read(100, usize::MAX, &mut b).unwrap(), 6);
+    // 40 bytes of room, then each payload, back to back.
+    let mut at = 0;
+    for i in 0..6 {
+        assert_eq!(b.room_at(i), Some(at));
+        at += 40 + b.get(i).unwrap().payload.len();
+    }
+    assert_eq!(b.bytes_mut().len(), at);
+    let bytes = b.take_bytes(Vec::new());
+    assert_eq!(bytes.len(), at);
+    assert_eq!(&bytes[40..1040], &[0u8; 1000][..]);
+    assert_eq!(&bytes[1080..2080], &[1u8; 1000][..]);
+    assert!(b.is_empty());
+    // The handed-back buffer is read into again.
+    write(&p, 7);
+    assert_eq!(c.read(100, usize::MAX, &mut b).unwrap(), 1);
+    assert_eq!(b.get(0).unwrap().payload, &[7u8; 1000][..]);
+    let again = b.take_bytes(bytes);
+    assert_eq!(again.len(), 1040);
+}

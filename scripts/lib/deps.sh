@@ -86,6 +86,14 @@ BS_DEPS_REPLICATE=(
   cmd:numfmt:coreutils
 )
 
+# What scripts/bench/replicate --churn adds: qemu's mirror and its target.
+# shellcheck disable=SC2034
+BS_DEPS_MIRROR=(
+  cmd:qemu-storage-daemon:qemu-utils
+  cmd:nbdkit:nbdkit
+  cmd:python3:python3
+)
+
 # What scripts/bench/wan-link uses (iperf3 and python3 for `wan-link check`).
 # shellcheck disable=SC2034
 BS_DEPS_WAN=(

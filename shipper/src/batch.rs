@@ -1,168 +1,141 @@
-//! A ring batch into a wire batch: records encoded back to back, then one
-//! zstd frame of them, or the plain bytes when zstd does not shrink them by
-//! at least 3% (random or already compressed data is sent stored).
+//! A ring batch into a batch's plain wire records (then sealed by
+//! [`crate::compress`]).
+//!
+//! The consumer reads each payload out of the ring's shared mapping into a
+//! [`Batch`] that leaves a wire record header's room before it
+//! ([`Batch::with_header_room`]); the headers are written into that room and
+//! the buffer is taken out as the batch's plain bytes. So a payload is
+//! copied once between the ring and TLS, not twice. Only when some records
+//! must be skipped (already applied at the target, after a reconnect) are
+//! the others copied into a new buffer.
 
 use ring::{Batch, Kind};
-use wire::frame::{BatchHeader, Codec};
+use wire::records::RECORD_HEADER_LEN;
 use wire::{RecordKind, WireRecord};
 
-use crate::error::{Error, Result};
-
-/// Bytes of a large batch compressed first to see whether it compresses.
-const SAMPLE: usize = 64 << 10;
-
-/// `packed` bytes are at least 3% fewer than `plain`.
-fn shrinks(packed: usize, plain: usize) -> bool {
-    packed < plain - plain / 32
+/// A ring batch for [`encode`]: payloads read with a wire header's room.
+pub fn ring_batch() -> Batch {
+    Batch::with_header_room(RECORD_HEADER_LEN)
 }
 
-/// Reusable buffers and compressor for building batches.
-pub struct Encoder {
-    plain: Vec<u8>,
-    packed: Vec<u8>,
-    zstd: Option<zstd::bulk::Compressor<'static>>,
-}
-
-impl std::fmt::Debug for Encoder {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Encoder").finish()
-    }
-}
-
-/// A built batch, borrowed from the encoder.
+/// A batch's records as plain wire records.
 #[derive(Debug)]
-pub struct Built<'a> {
-    /// The batch header.
-    pub header: BatchHeader,
-    /// The payload after the header.
-    pub payload: &'a [u8],
+pub struct Plain {
+    /// The records, back to back.
+    pub bytes: Vec<u8>,
+    /// First and last sequence.
+    pub first: u64,
+    /// Last sequence.
+    pub last: u64,
+    /// Records.
+    pub count: u32,
     /// Capture time of the first record.
     pub first_time_ns: u64,
 }
 
-impl Encoder {
-    /// An encoder compressing at `level` (0: never compress).
-    pub fn new(level: i32) -> Result<Encoder> {
-        let zstd = if level == 0 {
-            None
-        } else {
-            Some(zstd::bulk::Compressor::new(level).map_err(Error::Zstd)?)
-        };
-        Ok(Encoder {
-            plain: Vec::new(),
-            packed: Vec::new(),
-            zstd,
-        })
-    }
+/// What [`encode`] made.
+#[derive(Debug)]
+pub enum Encoded {
+    /// Records to send.
+    Plain(Plain),
+    /// Every record was already applied; the spare buffer back.
+    Empty(Vec<u8>),
+}
 
-    /// Encode the records of `batch` (not empty), skipping those at or below
-    /// `skip_through` (already applied at the target). `None` when every
-    /// record was skipped.
-    pub fn build(&mut self, batch: &Batch, skip_through: u64) -> Result<Option<Built<'_>>> {
-        self.plain.clear();
-        let (mut first, mut last, mut count, mut first_time) = (0, 0, 0u32, 0);
-        for r in batch.iter() {
-            if r.seq <= skip_through {
-                continue;
-            }
-            let kind = match r.kind {
-                Kind::Write => RecordKind::Write,
-                Kind::Trim => RecordKind::Trim,
-                Kind::Zero => RecordKind::Zero,
-                Kind::Mark => RecordKind::Mark,
-                Kind::Pad => continue,
+fn wire_kind(k: Kind) -> Option<RecordKind> {
+    match k {
+        Kind::Write => Some(RecordKind::Write),
+        Kind::Trim => Some(RecordKind::Trim),
+        Kind::Zero => Some(RecordKind::Zero),
+        Kind::Mark => Some(RecordKind::Mark),
+        Kind::Pad => None,
+    }
+}
+
+fn wire_record<'a>(r: &ring::Record<'a>, kind: RecordKind) -> WireRecord<'a> {
+    WireRecord {
+        seq: r.seq,
+        kind,
+        offset: r.offset,
+        len: r.len,
+        // The first record sent after a skip may follow a gap only if the
+        // ring says so; the target checks against its applied seq.
+        after_gap: r.after_gap,
+        full_pass: false,
+        time_ns: r.time_ns,
+        payload: r.payload,
+    }
+}
+
+/// Encode the records of `batch` (read into a [`ring_batch`]) above
+/// `skip_through` as wire records. `spare` becomes the batch's buffer for
+/// its next read (in place) or holds the copies (when records are skipped).
+pub fn encode(batch: &mut Batch, skip_through: u64, mut spare: Vec<u8>) -> Encoded {
+    let Some(first) = batch.get(0) else {
+        return Encoded::Empty(spare);
+    };
+    let first_time_ns = first.time_ns;
+    if first.seq > skip_through {
+        // In place: every record goes.
+        let (first, mut last, mut count) = (first.seq, first.seq, 0u32);
+        for i in 0..batch.len() {
+            let (Some(r), Some(at)) = (batch.get(i), batch.room_at(i)) else {
+                break;
             };
-            if count == 0 {
-                first = r.seq;
-                first_time = r.time_ns;
+            let mut h = [0u8; RECORD_HEADER_LEN];
+            // The ring never hands out padding as a record.
+            if let Some(kind) = wire_kind(r.kind) {
+                wire_record(&r, kind).encode_header(&mut h);
             }
-            WireRecord {
-                seq: r.seq,
-                kind,
-                offset: r.offset,
-                len: r.len,
-                // The first record sent after a skip may follow a gap only
-                // if the ring says so; the target checks against its applied seq.
-                after_gap: r.after_gap,
-                full_pass: false,
-                time_ns: r.time_ns,
-                payload: r.payload,
-            }
-            .encode(&mut self.plain);
             last = r.seq;
             count += 1;
+            batch.bytes_mut()[at..at + RECORD_HEADER_LEN].copy_from_slice(&h);
+        }
+        return Encoded::Plain(Plain {
+            bytes: batch.take_bytes(spare),
+            first,
+            last,
+            count,
+            first_time_ns,
+        });
+    }
+    spare.clear();
+    let (mut first, mut last, mut count, mut first_time) = (0, 0, 0u32, 0);
+    for r in batch.iter() {
+        let Some(kind) = wire_kind(r.kind) else {
+            continue;
+        };
+        if r.seq <= skip_through {
+            continue;
         }
         if count == 0 {
-            return Ok(None);
+            first = r.seq;
+            first_time = r.time_ns;
         }
-        self.finish(first, last, count, first_time).map(Some)
+        wire_record(&r, kind).encode(&mut spare);
+        last = r.seq;
+        count += 1;
     }
-
-    /// The plain-records buffer, cleared, for a caller that encodes its own
-    /// records (the resync) before [`Encoder::finish`].
-    pub fn plain_mut(&mut self) -> &mut Vec<u8> {
-        self.plain.clear();
-        &mut self.plain
+    batch.clear();
+    if count == 0 {
+        return Encoded::Empty(spare);
     }
-
-    /// Compress the plain records (when worth it) and make the batch header.
-    pub fn finish(
-        &mut self,
-        first: u64,
-        last: u64,
-        count: u32,
-        first_time: u64,
-    ) -> Result<Built<'_>> {
-        // The batch reader bounds plain bytes well below 4 GiB.
-        let plain_len = u32::try_from(self.plain.len())
-            .map_err(|_| Error::Invalid("batch larger than 4 GiB".into()))?;
-        let plain_crc = crc32c::crc32c(&self.plain);
-        let mut codec = Codec::Stored;
-        if let Some(z) = &mut self.zstd {
-            let bound = zstd::zstd_safe::compress_bound(self.plain.len());
-            self.packed.clear();
-            self.packed.reserve(bound);
-            // A large batch of data that does not compress (random,
-            // encrypted, already compressed) is recognised from a sample,
-            // so it does not cost a full zstd pass.
-            let worth_it = self.plain.len() < 4 * SAMPLE
-                || z.compress_to_buffer(&self.plain[..SAMPLE], &mut self.packed)
-                    .is_ok_and(|n| shrinks(n, SAMPLE));
-            self.packed.clear();
-            if worth_it {
-                if let Ok(n) = z.compress_to_buffer(&self.plain, &mut self.packed) {
-                    if shrinks(n, self.plain.len()) {
-                        codec = Codec::Zstd;
-                    }
-                }
-            }
-        }
-        let payload: &[u8] = if codec == Codec::Zstd {
-            &self.packed
-        } else {
-            &self.plain
-        };
-        Ok(Built {
-            header: BatchHeader {
-                first_seq: first,
-                last_seq: last,
-                count,
-                codec,
-                plain_len,
-                plain_crc,
-            },
-            payload,
-            first_time_ns: first_time,
-        })
-    }
+    Encoded::Plain(Plain {
+        bytes: spare,
+        first,
+        last,
+        count,
+        first_time_ns: first_time,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use wire::frame::BatchHeader;
     use wire::RecordIter;
 
-    fn ring_batch(data: &[u8]) -> (tempfile::TempDir, Batch) {
+    fn ring_with(data: &[u8]) -> (tempfile::TempDir, ring::Consumer) {
         let d = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let disk = ring::DiskIdentity {
             size: 64 << 20,
@@ -188,62 +161,63 @@ mod tests {
             })
             .unwrap_or_else(|e| panic!("{e}"));
         }
-        let mut c = ring::Consumer::open(&d.path().join("r")).unwrap_or_else(|e| panic!("{e}"));
-        let mut b = Batch::new();
-        c.read(1 << 16, 64 << 20, &mut b)
-            .unwrap_or_else(|e| panic!("{e}"));
-        (d, b)
+        p.append(ring::Change::Mark {
+            name: "m",
+            app: false,
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        let c = ring::Consumer::open(&d.path().join("r")).unwrap_or_else(|e| panic!("{e}"));
+        (d, c)
     }
 
-    fn decode(built: &Built<'_>) -> Vec<u8> {
-        match built.header.codec {
-            Codec::Stored => built.payload.to_vec(),
-            Codec::Zstd => zstd::bulk::decompress(built.payload, built.header.plain_len as usize)
-                .unwrap_or_else(|e| panic!("{e}")),
+    fn payloads(p: &Plain) -> (Vec<u64>, Vec<u8>) {
+        let h = BatchHeader {
+            first_seq: p.first,
+            last_seq: p.last,
+            count: p.count,
+            codec: wire::frame::Codec::Stored,
+            plain_len: u32::try_from(p.bytes.len()).unwrap_or(0),
+            plain_crc: crc32c::crc32c(&p.bytes),
+        };
+        let (mut seqs, mut data) = (Vec::new(), Vec::new());
+        for r in RecordIter::new(h, &p.bytes) {
+            let r = r.unwrap_or_else(|e| panic!("{e}"));
+            seqs.push(r.seq);
+            if r.kind == RecordKind::Write {
+                data.extend_from_slice(r.payload);
+            }
         }
+        (seqs, data)
     }
 
     #[test]
-    fn compressible_batches_shrink_random_ones_go_stored_and_both_round_trip() {
-        let text: Vec<u8> = (0..(1 << 20))
-            .map(|i| b"blockship replicates "[i % 21])
-            .collect();
-        let mut random = vec![0u8; 1 << 20];
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        for b in random.iter_mut() {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            *b = x.to_le_bytes()[0];
-        }
-        for (data, want) in [(&text, Codec::Zstd), (&random, Codec::Stored)] {
-            let (_d, batch) = ring_batch(data);
-            let mut e = Encoder::new(1).unwrap_or_else(|e| panic!("{e}"));
-            let built = e
-                .build(&batch, 0)
-                .unwrap_or_else(|e| panic!("{e}"))
-                .unwrap_or_else(|| panic!("empty"));
-            assert_eq!(built.header.codec, want);
-            let plain = decode(&built);
-            built
-                .header
-                .check_plain(&plain)
-                .unwrap_or_else(|e| panic!("{e}"));
-            let mut got = Vec::new();
-            for r in RecordIter::new(built.header, &plain) {
-                got.extend_from_slice(r.unwrap_or_else(|e| panic!("{e}")).payload);
-            }
-            assert_eq!(&got, data);
-            // Records at or below the applied sequence are not sent again.
-            let built = e
-                .build(&batch, 10)
-                .unwrap_or_else(|e| panic!("{e}"))
-                .unwrap_or_else(|| panic!("empty"));
-            assert_eq!(built.header.first_seq, 11);
-            assert!(e
-                .build(&batch, 16)
-                .unwrap_or_else(|e| panic!("{e}"))
-                .is_none());
-        }
+    fn in_place_and_copied_encodings_are_the_same_records() {
+        let data: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8).collect();
+        let (_d, mut c) = ring_with(&data);
+        let mut b = ring_batch();
+        c.read(1 << 16, 64 << 20, &mut b)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let Encoded::Plain(p) = encode(&mut b, 0, Vec::new()) else {
+            panic!("empty")
+        };
+        assert_eq!((p.first, p.last, p.count), (1, 17, 17));
+        let (seqs, got) = payloads(&p);
+        assert_eq!(seqs, (1..=17).collect::<Vec<_>>());
+        assert_eq!(got, data);
+        // The same records, some already applied: copied, the rest only.
+        c.rewind();
+        c.read(1 << 16, 64 << 20, &mut b)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let Encoded::Plain(q) = encode(&mut b, 10, p.bytes) else {
+            panic!("empty")
+        };
+        assert_eq!((q.first, q.last, q.count), (11, 17, 7));
+        let (seqs, got) = payloads(&q);
+        assert_eq!(seqs, (11..=17).collect::<Vec<_>>());
+        assert_eq!(got, data[10 * 65536..]);
+        c.rewind();
+        c.read(1 << 16, 64 << 20, &mut b)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(encode(&mut b, 17, q.bytes), Encoded::Empty(_)));
     }
 }

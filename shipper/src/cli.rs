@@ -16,9 +16,18 @@ pub struct ShipArgs {
     /// TLS folder with ca.pem, cert.pem, key.pem (from `nbd-target pki issue`).
     #[arg(long, value_name = "DIR")]
     pub tls: Option<PathBuf>,
-    /// zstd level for batches (0: never compress; 1 is fast and usually enough).
-    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(i32).range(0..=19))]
-    pub zstd_level: i32,
+    /// Fix the zstd level of batches (0: never compress). Without it the
+    /// shipper adapts, batch by batch: stored while the link has room and
+    /// the CPU is busy, zstd-1 when the link is the bottleneck (or the CPU
+    /// idle), zstd-3 when the link is the bottleneck and the CPU has room.
+    /// `ring status` and the metrics say what it chose and why.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(0..=19))]
+    pub zstd_level: Option<i32>,
+    /// Threads compressing batches while the shipper reads, sends and
+    /// resyncs (0: compress on the shipper's own thread). Default: one per
+    /// core, at most 4.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(0..=64))]
+    pub compress_threads: Option<u16>,
     /// Limit the bandwidth used on the wire, bytes per second (K, M, G suffixes), e.g. 10M.
     #[arg(long, value_name = "RATE", value_parser = parse_size)]
     pub max_rate: Option<u64>,
@@ -52,6 +61,9 @@ impl ShipArgs {
             .ok_or("--tls is required to ship (a folder made by `nbd-target pki issue`)")?;
         let mut c = ShipConfig::new(ring, target, disk_id, tls);
         c.zstd_level = self.zstd_level;
+        if let Some(n) = self.compress_threads {
+            c.compress_threads = usize::from(n);
+        }
         c.max_rate = self.max_rate;
         c.batch_bytes =
             usize::try_from(self.batch_size.clamp(64 << 10, 16 << 20)).unwrap_or(4 << 20);

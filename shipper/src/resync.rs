@@ -493,11 +493,12 @@ impl Resync {
         self.ready.as_ref().map(|(b, _, _)| b.seq)
     }
 
-    /// Hand over the prepared batch: its plain records go to `plain`; it is
-    /// batch `batch_no` of the connection.
+    /// Hand over the prepared batch: its plain records are swapped into
+    /// `plain` (whose buffer the next batch is prepared in); it is batch
+    /// `batch_no` of the connection.
     pub fn take_ready(&mut self, plain: &mut Vec<u8>, batch_no: u64) -> Option<SyncBatch> {
         let (b, dirty, marks) = self.ready.take()?;
-        plain.extend_from_slice(&self.ready_plain);
+        std::mem::swap(plain, &mut self.ready_plain);
         self.inflight.push_back(Sent {
             batch: batch_no,
             dirty,

@@ -15,8 +15,11 @@ use wire::frame::*;
 // carries lag and waiting counts to the target.
 use wire::timing::{CONNECT_TIMEOUT, HEARTBEAT_EVERY, HELLO_TIMEOUT, PEER_TIMEOUT};
 
+use crate::batch::Encoded;
+use crate::compress::policy::Spent;
 use crate::error::{Error, Result};
 use crate::pace::Pacer;
+use crate::pipeline::{Meta, Ready};
 use crate::ship::Shipper;
 
 /// How often progress is published in the ring file.
@@ -45,23 +48,23 @@ impl Window {
     }
 }
 
-/// Send one built batch and account for it (window, pacer, counters).
-/// `first_time_ns`: capture time of its first ring record (0: a resync batch).
+/// Send one sealed batch and account for it (window, pacer, counters).
+/// Returns its bytes on the wire.
 fn send_batch(
     link: &mut Link,
     w: &mut Window,
     pacer: &mut Pacer,
     stats: &crate::stats::Stats,
-    b: &crate::batch::Built<'_>,
-    first_time_ns: u64,
-) -> std::io::Result<()> {
-    let frame_len = (FRAME_HEADER_LEN + BATCH_HEADER_LEN + b.payload.len()) as u64;
+    b: &Ready,
+) -> std::io::Result<u64> {
+    let payload = b.payload();
+    let frame_len = (FRAME_HEADER_LEN + BATCH_HEADER_LEN + payload.len()) as u64;
     let plain = u64::from(b.header.plain_len);
-    link.send_parts(FrameType::Batch, &[&b.header.encode(), b.payload])?;
+    link.send_parts(FrameType::Batch, &[&b.header.encode(), payload])?;
     w.sent += 1;
     w.inflight.push_back(InFlight {
         plain,
-        first_time_ns,
+        first_time_ns: b.meta.first_time_ns,
         batch: w.sent,
     });
     w.bytes += plain;
@@ -69,7 +72,7 @@ fn send_batch(
     stats.plain_bytes.fetch_add(plain, Ordering::Relaxed);
     stats.wire_bytes.fetch_add(frame_len, Ordering::Relaxed);
     stats.batches.fetch_add(1, Ordering::Relaxed);
-    Ok(())
+    Ok(frame_len)
 }
 
 struct InFlight {
@@ -253,7 +256,10 @@ pub(crate) fn run(sh: &mut Shipper) -> Result<()> {
     let mut rate_mark = (Instant::now(), sh.stats.plain_bytes.load(Ordering::Relaxed));
     let mut drain_deadline: Option<Instant> = None;
     let mut last_heartbeat = Instant::now();
+    sh.pipe.reset();
+    sh.stats.set_compression(sh.pipe.policy.current());
     loop {
+        let turn = Instant::now();
         if drain_deadline.is_none() && sh.stop.load(Ordering::Relaxed) {
             drain_deadline = Some(Instant::now() + sh.cfg.drain_timeout);
         }
@@ -306,90 +312,36 @@ pub(crate) fn run(sh: &mut Shipper) -> Result<()> {
             }
             link.consume(&rx);
         }
-        // Send while the window has room.
+        // Send sealed batches in order while the link takes them, and fill
+        // the pipeline from the ring (and the resync) while it has room.
+        sh.pipe.poll(Duration::ZERO)?;
         loop {
             // Nothing new while ciphertext still waits for the socket: the
             // window bounds what is unacknowledged, this bounds memory.
-            if w.bytes >= sh.cfg.window_bytes || !pacer.wait().is_zero() || link.wants_write() {
-                break;
-            }
-            let unread = sh.consumer.unread_bytes();
-            if unread == 0 {
-                waiting_since = None;
-                break;
-            }
-            let since = *waiting_since.get_or_insert_with(Instant::now);
-            if !w.inflight.is_empty()
-                && unread < sh.cfg.batch_bytes as u64
-                && since.elapsed() < sh.cfg.batch_delay
-                && drain_deadline.is_none()
-            {
-                break;
-            }
-            // Not past the tag of a resync batch waiting to go in between.
-            let stop = sh
-                .resync
-                .as_ref()
-                .and_then(|r| r.ready_tag())
-                .unwrap_or(u64::MAX);
-            let n = sh
-                .consumer
-                .read_below(MAX_RECORDS, sh.cfg.batch_bytes, stop, &mut sh.batch)?;
-            if n == 0 {
-                break;
-            }
-            waiting_since = None;
-            let last = sh.batch.last_seq().unwrap_or(0);
-            let Some(b) = sh.encoder.build(&sh.batch, applied)? else {
-                // Everything in it was already applied at the target.
-                sh.consumer.release(last)?;
-                continue;
-            };
-            send_batch(
-                &mut link,
-                &mut w,
-                &mut pacer,
-                &sh.stats,
-                &b,
-                b.first_time_ns,
-            )
-            .map_err(|e| lerr(LinkError::Io(e)))?;
-            sh.stats
-                .sent_seq
-                .store(b.header.last_seq, Ordering::Relaxed);
-            link.pump().map_err(&lerr)?;
-        }
-        // A prepared resync batch enters the stream once every ring record
-        // below its tag was sent; then the next one is prepared.
-        if let Some(r) = &mut sh.resync {
-            // Every ring record below the tag was sent: the next unread
-            // record (if any) is at or above it. (Not `next_seq() >= tag`:
-            // after a gap in the sequence that may never happen.)
-            let ready = r.ready_tag().is_some_and(|t| {
-                sh.consumer.next_seq() >= t
-                    || sh.consumer.unread_bytes() == 0
-                    || sh.consumer.peek_seq().is_none_or(|s| s >= t)
-            });
-            if ready
-                && w.bytes < sh.cfg.window_bytes
-                && pacer.wait().is_zero()
-                && !link.wants_write()
-            {
-                let plain = sh.encoder.plain_mut();
-                if let Some(sb) = r.take_ready(plain, w.sent + 1) {
-                    let b = sh
-                        .encoder
-                        .finish(sb.seq, sb.seq, sb.count, ring::wall_clock_ns())?;
-                    // Resync batches hold no ring records: no capture time,
-                    // acknowledged by batch count.
-                    send_batch(&mut link, &mut w, &mut pacer, &sh.stats, &b, 0)
-                        .map_err(|e| lerr(LinkError::Io(e)))?;
-                    link.pump().map_err(&lerr)?;
+            while w.bytes < sh.cfg.window_bytes && pacer.wait().is_zero() && !link.wants_write() {
+                let Some(b) = sh.pipe.pop_ready()? else { break };
+                let wire = send_batch(&mut link, &mut w, &mut pacer, &sh.stats, &b)
+                    .map_err(|e| lerr(LinkError::Io(e)))?;
+                sh.pipe.policy.sent(wire);
+                if b.meta.first_time_ns != 0 {
+                    sh.stats
+                        .sent_seq
+                        .store(b.header.last_seq, Ordering::Relaxed);
                 }
+                sh.pipe.recycle(b);
+                link.pump().map_err(&lerr)?;
             }
-            if drain_deadline.is_none() && w.bytes < sh.cfg.window_bytes && r.has_work(&sh.consumer)
-            {
-                r.prepare(&sh.consumer, sh.cfg.batch_bytes as u64, &sh.stats)?;
+            if sh.pipe.is_full() || w.bytes >= sh.cfg.window_bytes {
+                break;
+            }
+            if !fill(
+                sh,
+                &w,
+                applied,
+                &mut waiting_since,
+                drain_deadline.is_some(),
+            )? {
+                break;
             }
         }
         // Progress, lag, heartbeats.
@@ -478,11 +430,130 @@ pub(crate) fn run(sh: &mut Shipper) -> Result<()> {
                 format!("nothing heard for {} s", PEER_TIMEOUT.as_secs()),
             ))));
         }
-        let t = if link.wants_write() {
+        let link_full =
+            w.bytes >= sh.cfg.window_bytes || !pacer.wait().is_zero() || link.wants_write();
+        let spent = if sh.consumer.unread_bytes() == 0 && sh.pipe.is_empty() {
+            Spent::Idle
+        } else if link_full {
+            Spent::Blocked
+        } else {
+            Spent::Busy
+        };
+        let t = if sh.pipe.sealing() {
+            Duration::from_millis(1)
+        } else if link.wants_write() {
             Duration::from_millis(10)
         } else {
             Duration::from_millis(1).max(pacer.wait().min(Duration::from_millis(50)))
         };
         link.wait(t).map_err(|e| lerr(LinkError::Io(e)))?;
+        sh.pipe.policy.spent(spent, turn.elapsed());
+        if let Some((old, new, why)) = sh.pipe.policy.tick() {
+            log::info!(
+                "compression: {} instead of {} ({}: {})",
+                new.name(),
+                old.name(),
+                why.name(),
+                why.explain()
+            );
+        }
+        sh.stats.set_compression(sh.pipe.policy.current());
     }
+}
+
+/// Put the next batch into the pipeline: a prepared resync batch whose
+/// turn it is, or records from the ring. False when there is none now.
+fn fill(
+    sh: &mut Shipper,
+    w: &Window,
+    applied: u64,
+    waiting_since: &mut Option<Instant>,
+    draining: bool,
+) -> Result<bool> {
+    // The number the next batch pushed gets on this connection: batches
+    // leave the pipeline in order, and all of them are sent.
+    let batch_no = w.sent + sh.pipe.len() as u64 + 1;
+    if let Some(r) = &mut sh.resync {
+        if !draining
+            && r.ready_tag().is_none()
+            && w.bytes < sh.cfg.window_bytes
+            && r.has_work(&sh.consumer)
+        {
+            // Read, hashed (and, for a copy, encoded) here while the
+            // compression threads seal the batches before it.
+            r.prepare(&sh.consumer, sh.cfg.batch_bytes as u64, &sh.stats)?;
+        }
+        // A prepared resync batch enters the stream once every ring record
+        // below its tag was read (and so queued before it): the next unread
+        // record (if any) is at or above it. (Not `next_seq() >= tag`:
+        // after a gap in the sequence that may never happen.)
+        let ready = r.ready_tag().is_some_and(|t| {
+            sh.consumer.next_seq() >= t
+                || sh.consumer.unread_bytes() == 0
+                || sh.consumer.peek_seq().is_none_or(|s| s >= t)
+        });
+        if ready {
+            let mut plain = sh.pipe.spare();
+            plain.clear();
+            if let Some(sb) = r.take_ready(&mut plain, batch_no) {
+                // Resync batches hold no ring records: no capture time,
+                // acknowledged by batch count.
+                sh.pipe.push(
+                    plain,
+                    Meta {
+                        first: sb.seq,
+                        last: sb.seq,
+                        count: sb.count,
+                        first_time_ns: 0,
+                    },
+                )?;
+                return Ok(true);
+            }
+            sh.pipe.give_back(plain);
+        }
+    }
+    let unread = sh.consumer.unread_bytes();
+    if unread == 0 {
+        *waiting_since = None;
+        return Ok(false);
+    }
+    let since = *waiting_since.get_or_insert_with(Instant::now);
+    if (!w.inflight.is_empty() || !sh.pipe.is_empty())
+        && unread < sh.cfg.batch_bytes as u64
+        && since.elapsed() < sh.cfg.batch_delay
+        && !draining
+    {
+        return Ok(false);
+    }
+    // Not past the tag of a resync batch waiting to go in between.
+    let stop = sh
+        .resync
+        .as_ref()
+        .and_then(|r| r.ready_tag())
+        .unwrap_or(u64::MAX);
+    let n = sh
+        .consumer
+        .read_below(MAX_RECORDS, sh.cfg.batch_bytes, stop, &mut sh.batch)?;
+    if n == 0 {
+        return Ok(false);
+    }
+    *waiting_since = None;
+    let last = sh.batch.last_seq().unwrap_or(0);
+    match crate::batch::encode(&mut sh.batch, applied, sh.pipe.spare()) {
+        Encoded::Empty(spare) => {
+            // Everything in it was already applied at the target.
+            sh.consumer.release(last)?;
+            sh.pipe.give_back(spare);
+        }
+        Encoded::Plain(p) => sh.pipe.push(
+            p.bytes,
+            Meta {
+                first: p.first,
+                last: p.last,
+                count: p.count,
+                first_time_ns: p.first_time_ns.max(1),
+            },
+        )?,
+    }
+    Ok(true)
 }

@@ -10,8 +10,8 @@ use blockdev::FileDisk;
 use ring::{Batch, Consumer, LinkState};
 use rustls::pki_types::ServerName;
 
-use crate::batch::Encoder;
 use crate::error::{Error, Result};
+use crate::pipeline::Pipeline;
 use crate::stats::Stats;
 
 /// How a shipper runs.
@@ -27,8 +27,11 @@ pub struct ShipConfig {
     pub disk_id: String,
     /// TLS folder (ca.pem, cert.pem, key.pem).
     pub tls_dir: PathBuf,
-    /// zstd level (0: never compress).
-    pub zstd_level: i32,
+    /// A fixed zstd level (0: never compress); None: adaptive
+    /// ([`crate::compress::policy`]).
+    pub zstd_level: Option<i32>,
+    /// Threads compressing batches (0: on the shipper's thread).
+    pub compress_threads: usize,
     /// Most record bytes per batch.
     pub batch_bytes: usize,
     /// How long a partial batch may wait for more records while others are in flight.
@@ -52,7 +55,8 @@ impl ShipConfig {
             target,
             disk_id,
             tls_dir,
-            zstd_level: 1,
+            zstd_level: None,
+            compress_threads: default_compress_threads(),
             batch_bytes: 4 << 20,
             batch_delay: Duration::from_millis(2),
             window_bytes: 256 << 20,
@@ -63,6 +67,12 @@ impl ShipConfig {
     }
 }
 
+/// Compression threads by default: one per core the process may use, at
+/// most four (a batch stream does not feed more).
+pub fn default_compress_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
+}
+
 /// A shipper attached to a ring, ready to run.
 pub struct Shipper {
     pub(crate) cfg: ShipConfig,
@@ -71,7 +81,7 @@ pub struct Shipper {
     pub(crate) server_name: ServerName<'static>,
     pub(crate) stats: Arc<Stats>,
     pub(crate) stop: Arc<AtomicBool>,
-    pub(crate) encoder: Encoder,
+    pub(crate) pipe: Pipeline,
     pub(crate) batch: Batch,
     pub(crate) resync: Option<crate::resync::Resync>,
 }
@@ -124,7 +134,7 @@ impl Shipper {
             }
             None => None,
         };
-        let encoder = Encoder::new(cfg.zstd_level)?;
+        let pipe = Pipeline::new(cfg.zstd_level, cfg.compress_threads)?;
         let resync = match disk {
             Some(disk) => Some(crate::resync::Resync::open(
                 disk,
@@ -142,8 +152,8 @@ impl Shipper {
             server_name,
             stats: Arc::new(Stats::default()),
             stop: Arc::new(AtomicBool::new(false)),
-            encoder,
-            batch: Batch::new(),
+            pipe,
+            batch: crate::batch::ring_batch(),
             resync,
         })
     }

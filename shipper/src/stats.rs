@@ -6,6 +6,8 @@ use std::sync::Mutex;
 
 use ring::{LinkState, ShipProgress, SyncPhase};
 
+use crate::compress::{Choice, Reason};
+
 /// Live counters of one shipper.
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -51,6 +53,10 @@ pub struct Stats {
     sync_phase: AtomicU64,
     /// When the running pass started (ns since the epoch).
     pub sync_started_ns: AtomicU64,
+    /// What batches are sent as now ([`crate::compress::Choice::code`]).
+    codec: AtomicU64,
+    /// Why ([`crate::compress::Reason::code`]).
+    codec_reason: AtomicU64,
     /// The last error, for status.
     pub last_error: Mutex<String>,
 }
@@ -81,7 +87,25 @@ impl Stats {
             sync_total: total,
             sync_started_ns: self.sync_started_ns.load(Ordering::Relaxed),
             sync_data_bytes: self.sync_data_bytes.load(Ordering::Relaxed),
+            codec: self.codec.load(Ordering::Relaxed),
+            codec_reason: self.codec_reason.load(Ordering::Relaxed),
         }
+    }
+
+    /// Record the compression in force.
+    pub fn set_compression(&self, (c, r): (Choice, Reason)) {
+        self.codec.store(c.code(), Ordering::Relaxed);
+        self.codec_reason.store(r.code(), Ordering::Relaxed);
+    }
+
+    /// The compression in force, once a connection reported it.
+    pub fn compression(&self) -> Option<(Choice, Option<Reason>)> {
+        Choice::from_code(self.codec.load(Ordering::Relaxed)).map(|c| {
+            (
+                c,
+                Reason::from_code(self.codec_reason.load(Ordering::Relaxed)),
+            )
+        })
     }
 
     /// Set the link state.
@@ -207,6 +231,24 @@ impl Stats {
             &l,
             f64::from(u8::from(self.state() == LinkState::Connected)),
         );
+        if let Some((c, why)) = self.compression() {
+            t.sample(
+                "blockship_shipper_compression_level",
+                "gauge",
+                "zstd level batches are sent at now (0: stored).",
+                &l,
+                f64::from(c.level()),
+            );
+            for r in Reason::ALL {
+                t.sample(
+                    "blockship_shipper_compression_reason",
+                    "gauge",
+                    "1 for the reason the compression in force was chosen.",
+                    &[("disk", disk), ("reason", r.name())],
+                    f64::from(u8::from(why == Some(r))),
+                );
+            }
+        }
         t.sample(
             "blockship_shipper_throughput_bytes_per_second",
             "gauge",

@@ -172,11 +172,29 @@ pub fn status_json(path: &Path, st: &ring::Status, now: u64) -> serde_json::Valu
             "bytes_on_wire": sh.progress.wire_bytes,
             "compression_ratio": if sh.progress.wire_bytes > 0 { sh.progress.plain_bytes as f64 / sh.progress.wire_bytes as f64 } else { 1.0 },
             "throughput_bytes_per_second": sh.progress.rate,
+            "compression": compression_json(&sh.progress),
             "updated_seconds_ago": now.saturating_sub(sh.updated_ns) as f64 / 1e9,
             "pid": sh.pid,
             "resync": resync_json(&sh.progress, now),
         })),
     })
+}
+
+/// What the shipper sends batches as and why, from the published codes.
+fn compression(p: &ring::ShipProgress) -> Option<(String, &'static str)> {
+    use shipper::compress::{Choice, Reason};
+    let c = Choice::from_code(p.codec)?;
+    Some((
+        c.name(),
+        Reason::from_code(p.codec_reason).map_or("unknown", Reason::name),
+    ))
+}
+
+fn compression_json(p: &ring::ShipProgress) -> serde_json::Value {
+    match compression(p) {
+        Some((codec, reason)) => serde_json::json!({ "codec": codec, "reason": reason }),
+        None => serde_json::Value::Null,
+    }
 }
 
 /// `ring status` as text.
@@ -231,6 +249,9 @@ pub fn status_text(path: &Path, st: &ring::Status, now: u64) -> String {
             if p.wire_bytes > 0 { p.plain_bytes as f64 / p.wire_bytes as f64 } else { 1.0 },
             p.rate as f64 / 1e6
         );
+        if let Some((codec, reason)) = compression(p) {
+            let _ = writeln!(out, "compression:      {codec} ({reason})");
+        }
         if let Some(line) = resync_line(p, now) {
             let _ = writeln!(out, "resync:           {line}");
         }

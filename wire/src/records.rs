@@ -111,10 +111,16 @@ pub struct WireRecord<'a> {
 impl WireRecord<'_> {
     /// Append the encoding to `out`.
     pub fn encode(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.seq.to_le_bytes());
-        out.extend_from_slice(&self.offset.to_le_bytes());
-        out.extend_from_slice(&self.len.to_le_bytes());
-        out.push(self.kind as u8);
+        let mut h = [0u8; RECORD_HEADER_LEN];
+        self.encode_header(&mut h);
+        out.extend_from_slice(&h);
+        out.extend_from_slice(self.payload);
+    }
+
+    /// The record's 40-byte header alone, for a caller whose buffer already
+    /// holds the payload right after it (the shipper reads ring payloads
+    /// into place; see `ring::Batch::with_header_room`).
+    pub fn encode_header(&self, h: &mut [u8; RECORD_HEADER_LEN]) {
         let mut flags = 0;
         if self.after_gap {
             flags |= RECORD_AFTER_GAP;
@@ -122,17 +128,20 @@ impl WireRecord<'_> {
         if self.full_pass {
             flags |= RECORD_FULL_PASS;
         }
-        out.push(flags);
-        out.extend_from_slice(&[0, 0]);
-        out.extend_from_slice(&self.time_ns.to_le_bytes());
+        h[0..8].copy_from_slice(&self.seq.to_le_bytes());
+        h[8..16].copy_from_slice(&self.offset.to_le_bytes());
+        h[16..20].copy_from_slice(&self.len.to_le_bytes());
+        h[20] = self.kind as u8;
+        h[21] = flags;
+        h[22..24].copy_from_slice(&[0, 0]);
+        h[24..32].copy_from_slice(&self.time_ns.to_le_bytes());
         // Payloads come from ring records, at most 64 MiB.
-        out.extend_from_slice(
+        h[32..36].copy_from_slice(
             &u32::try_from(self.payload.len())
                 .unwrap_or(u32::MAX)
                 .to_le_bytes(),
         );
-        out.extend_from_slice(&[0, 0, 0, 0]);
-        out.extend_from_slice(self.payload);
+        h[36..40].copy_from_slice(&[0, 0, 0, 0]);
     }
 
     /// Bytes this record takes in a batch.
