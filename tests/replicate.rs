@@ -790,9 +790,9 @@ fn max_rate_limits_the_bandwidth_on_the_wire() {
 /// Write `n` MiB of half-compressible data at `at` and flush.
 fn write_mixed(sp: &Splitter, at: u64, n: u64, seed: u64) {
     let mut c = sp.client();
-    let mut buf = vec![0u8; MIB as usize];
+    let mut buf = vec![0u8; 1 << 20];
     for k in 0..n {
-        blockship::pattern(&mut buf[..MIB as usize / 2], seed + k);
+        blockship::pattern(&mut buf[..1 << 19], seed + k);
         c.write(at + k * MIB, &buf, false).unwrap();
     }
     c.flush().unwrap();
