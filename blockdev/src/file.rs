@@ -37,6 +37,8 @@ pub struct FileDisk {
     size: u64,
     kind: DiskKind,
     read_only: bool,
+    /// Aligned writes around the page cache ([`FileDisk::use_direct_writes`]).
+    direct: Option<crate::direct::DirectWriter>,
 }
 
 /// `BLKGETSIZE64` = `_IOR(0x12, 114, size_t)`.
@@ -167,7 +169,20 @@ impl FileDisk {
             size,
             kind,
             read_only,
+            direct: None,
         })
+    }
+
+    /// Write aligned extents around the page cache from now on
+    /// ([`crate::direct`]): for a disk written once and read rarely (a
+    /// replica). Err (and nothing changes) when the file system does not
+    /// take direct I/O, saying why.
+    pub fn use_direct_writes(&mut self) -> std::result::Result<(), String> {
+        if self.read_only {
+            return Err("opened read-only".into());
+        }
+        self.direct = Some(crate::direct::DirectWriter::open(&self.path)?);
+        Ok(())
     }
 
     /// Size in bytes.
@@ -321,7 +336,12 @@ pub(crate) fn fallocate(fd: RawFd, mode: libc::c_int, offset: u64, len: u64) -> 
 }
 
 /// pwritev2(2) of one buffer with `flags` (RWF_DSYNC for FUA).
-fn pwritev2(fd: RawFd, buf: &[u8], offset: u64, flags: libc::c_int) -> io::Result<usize> {
+pub(crate) fn pwritev2(
+    fd: RawFd,
+    buf: &[u8],
+    offset: u64,
+    flags: libc::c_int,
+) -> io::Result<usize> {
     let iov = libc::iovec {
         iov_base: buf.as_ptr() as *mut libc::c_void,
         iov_len: buf.len(),
@@ -363,6 +383,11 @@ impl Backend for FileDisk {
     }
 
     fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
+        if let Some(d) = &self.direct {
+            if d.write(offset, data, fua)? {
+                return Ok(());
+            }
+        }
         let flags = if fua { libc::RWF_DSYNC } else { 0 };
         let mut done = 0usize;
         while done < data.len() {

@@ -12,6 +12,8 @@
 //!   recovery point): 4 KiB blocks in an unnamed sparse file, discarded on
 //!   drop, with an optional cap (ENOSPC when full); or durable (failover:
 //!   a named file and its [`overlay_map`], flushed like a disk).
+//! - [`direct`] — writes around the page cache (a second `O_DIRECT`
+//!   descriptor, a staging buffer): [`FileDisk::use_direct_writes`].
 //! - [`marker`] — the disk marker (an xattr): a protected disk's stable
 //!   identity, its ring, and where a failed-over copy began.
 //! - [`server`] — the one NBD transmission server: listeners, a bounded
@@ -32,6 +34,7 @@
 
 pub mod backend;
 pub mod capture;
+pub mod direct;
 mod error;
 pub mod file;
 pub mod marker;

@@ -87,12 +87,20 @@ impl ReplicaSpec {
                 // Locked like a splitter locks its disk: a replica seeded in
                 // place (the original disk file) is never written by a
                 // splitter and the target at once.
-                let disk = FileDisk::open(p, false).map_err(|e| {
+                let mut disk = FileDisk::open(p, false).map_err(|e| {
                     Error::Invalid(format!(
                         "replica {}: {e} (in use by another process: a splitter serving it, or a failover command?)",
                         p.display()
                     ))
                 })?;
+                // Written once, read rarely: aligned extents go around the
+                // page cache (blockdev::direct says why).
+                if let Err(why) = disk.use_direct_writes() {
+                    log::debug!(
+                        "replica {}: writes through the page cache ({why})",
+                        p.display()
+                    );
+                }
                 Ok(ReplicaWriter {
                     disk: Box::new(disk),
                     path: p.clone(),

@@ -322,7 +322,7 @@ pub(crate) fn run(sh: &mut Shipper) -> Result<()> {
                 let Some(b) = sh.pipe.pop_ready()? else { break };
                 let wire = send_batch(&mut link, &mut w, &mut pacer, &sh.stats, &b)
                     .map_err(|e| lerr(LinkError::Io(e)))?;
-                sh.pipe.policy.sent(wire);
+                sh.pipe.policy.sent(wire, u64::from(b.header.plain_len));
                 if b.meta.first_time_ns != 0 {
                     sh.stats
                         .sent_seq

@@ -324,17 +324,7 @@ pub(crate) struct Shared {
 /// The disk opened again with O_DIRECT, if a 512-byte aligned direct read
 /// of its first sector works (else buffered I/O, and why).
 fn open_direct(path: &Path, read_only: bool) -> Result<OwnedFd, String> {
-    use std::os::unix::fs::{FileExt, OpenOptionsExt};
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(!read_only)
-        .custom_flags(libc::O_DIRECT | libc::O_CLOEXEC)
-        .open(path)
-        .map_err(|e| format!("opening it with O_DIRECT: {e}"))?;
-    let mut buf = libublk::helpers::IoBuf::<u8>::new(4096);
-    f.read_at(&mut buf.as_mut_slice()[..512], 0)
-        .map_err(|e| format!("a 512-byte direct read: {e}"))?;
-    Ok(OwnedFd::from(f))
+    crate::direct::open(path, read_only).map(OwnedFd::from)
 }
 
 /// Serve `disk` as a ublk device until SIGINT/SIGTERM (the device is then

@@ -15,10 +15,19 @@
 //!
 //! The choice:
 //! - data that does not compress (ratio ≥ 0.97): stored;
-//! - the link is known to be the bottleneck: compress when that moves more
-//!   plain bytes through it, `min(compression rate, link rate / ratio)`
-//!   above 1.15 × the link rate; a stronger level when the link stays the
-//!   bottleneck with at least 30% of the CPU idle; stored otherwise;
+//! - the link is known to be the bottleneck: the model says compress when
+//!   that moves more plain bytes through it, `min(compression rate, link
+//!   rate / ratio)` above 1.15 × the link rate; a stronger level when the
+//!   link stays the bottleneck with at least 30% of the CPU idle; stored
+//!   otherwise. But "the link" is whatever stops the shipper from sending:
+//!   the network, or a recovery site busy writing (on one machine, or a
+//!   slow replica disk), where compressing only adds work at both ends. So
+//!   the model is only the first guess: while the link is the bottleneck
+//!   the policy **measures** the plain bytes per second each choice
+//!   (stored, zstd-1, zstd-3 when the CPU has room) actually moves,
+//!   probing each one for a half-second window when its figure is missing
+//!   or older than 30 s, and keeps the best (a cheaper one unless a
+//!   dearer one moves 5% more);
 //! - otherwise the link has room: stored while the CPU is busy (less than
 //!   15% idle, or the shipper itself behind), zstd-1 when it is idle (at
 //!   least 35%; between the two the choice stays).
@@ -38,6 +47,37 @@ const LINK_MEMORY: Duration = Duration::from_secs(30);
 const DEFAULT_ZSTD_RATE: f64 = 150e6;
 /// The stronger level.
 const STRONG: i32 = 3;
+/// How long a measured throughput of a choice is believed.
+const MEASURE_MEMORY: Duration = Duration::from_secs(30);
+/// The choices measured against each other while the link is the
+/// bottleneck, cheapest first.
+const CANDIDATES: [Choice; 3] = [Choice::Stored, Choice::Zstd(1), Choice::Zstd(STRONG)];
+
+fn candidate(c: Choice) -> Option<usize> {
+    CANDIDATES.iter().position(|&x| x == c)
+}
+
+fn link_reason(c: Choice) -> Reason {
+    match c {
+        Choice::Stored => Reason::LinkFasterThanZstd,
+        Choice::Zstd(l) if l >= STRONG => Reason::LinkBoundCpuSpare,
+        Choice::Zstd(_) => Reason::LinkBound,
+    }
+}
+
+/// Among measured plain rates (cheapest first), the best: a dearer choice
+/// only when it moves 5% more than the best cheaper one.
+fn best(rates: &[Option<f64>]) -> Option<usize> {
+    let mut best: Option<(usize, f64)> = None;
+    for (i, r) in rates.iter().enumerate() {
+        if let Some(r) = *r {
+            if best.is_none_or(|(_, b)| r > 1.05 * b) {
+                best = Some((i, r));
+            }
+        }
+    }
+    best.map(|b| b.0)
+}
 
 /// How the shipper's loop spent a stretch of time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,6 +168,14 @@ pub struct Policy {
     blocked: Duration,
     busy: Duration,
     wire: u64,
+    plain: u64,
+    /// Plain bytes per second each of [`CANDIDATES`] moved while the link
+    /// was the bottleneck, and when.
+    measured: [Option<(f64, Instant)>; 3],
+    /// The choice in force is a probe (one window), not a decision.
+    probing: bool,
+    /// The last choice decided (not probed), for the log.
+    decided: Choice,
     cpu_mark: Option<(u64, u64)>,
     link: Option<(f64, Instant)>,
     ratio: Option<f64>,
@@ -153,6 +201,10 @@ impl Policy {
             blocked: Duration::ZERO,
             busy: Duration::ZERO,
             wire: 0,
+            plain: 0,
+            measured: [None; 3],
+            probing: false,
+            decided: fixed.unwrap_or(Choice::Zstd(1)),
             cpu_mark: cpu_times(),
             link: None,
             ratio: None,
@@ -175,9 +227,10 @@ impl Policy {
         }
     }
 
-    /// `n` bytes went on the wire.
-    pub fn sent(&mut self, n: u64) {
-        self.wire += n;
+    /// A batch of `plain` record bytes went on the wire as `wire` bytes.
+    pub fn sent(&mut self, wire: u64, plain: u64) {
+        self.wire += wire;
+        self.plain += plain;
     }
 
     /// What zstd did: `input` plain bytes into `output`, in `ns`.
@@ -233,7 +286,23 @@ impl Policy {
                 self.link = None;
             }
         }
-        let (choice, reason) = decide(&Inputs {
+        // What the choice in force moved, when the link or the CPU held it
+        // back (not when the writer gave it little to move), and always
+        // what a probe moved.
+        if (self.probing || blocked >= 0.4 || busy >= 0.5) && self.link.is_some() {
+            if let Some(i) = candidate(self.choice) {
+                let rate = self.plain as f64 / secs;
+                let old = self.measured[i].filter(|m| m.1.elapsed() < MEASURE_MEMORY);
+                // A probe's one window replaces; a running choice averages.
+                let r = if self.probing {
+                    rate
+                } else {
+                    ema(old.map(|m| m.0), rate, 0.5)
+                };
+                self.measured[i] = Some((r, Instant::now()));
+            }
+        }
+        let (mut choice, mut reason) = decide(&Inputs {
             current: self.choice,
             blocked,
             busy,
@@ -242,15 +311,41 @@ impl Policy {
             zstd_rate: self.zstd_rate.unwrap_or(DEFAULT_ZSTD_RATE) * self.threads as f64,
             cpu_idle,
         });
+        self.probing = false;
+        if self.link.is_some() && reason != Reason::Incompressible {
+            // The link is the bottleneck: measurements decide, the model's
+            // choice is what gets measured first.
+            let spare = cpu_idle.unwrap_or(0.0) >= 0.3;
+            let fresh = |m: &Option<(f64, Instant)>| {
+                m.filter(|m| m.1.elapsed() < MEASURE_MEMORY).map(|m| m.0)
+            };
+            let rates: Vec<Option<f64>> = self.measured.iter().map(fresh).collect();
+            // zstd-3 is a candidate with CPU to spare, or once it proved best.
+            let allowed = |i: usize| i < 2 || spare || rates[2].is_some();
+            let missing = (0..CANDIDATES.len()).find(|&i| allowed(i) && rates[i].is_none());
+            let model_first = candidate(choice).filter(|&i| rates[i].is_none());
+            if let Some(i) = model_first.or(missing) {
+                choice = CANDIDATES[i];
+                self.probing = true;
+            } else if let Some(i) = best(&rates) {
+                choice = CANDIDATES[i];
+            }
+            reason = link_reason(choice);
+        }
         self.window_start = Instant::now();
         self.blocked = Duration::ZERO;
         self.busy = Duration::ZERO;
         self.wire = 0;
-        let old = self.choice;
-        let changed = choice != old || reason != self.reason;
+        self.plain = 0;
         self.choice = choice;
         self.reason = reason;
-        (changed && choice != old).then_some((old, choice, reason))
+        // Probes are not news; a decision that differs from the last is.
+        let old = self.decided;
+        if self.probing || choice == old {
+            return None;
+        }
+        self.decided = choice;
+        Some((old, choice, reason))
     }
 }
 
@@ -376,24 +471,80 @@ mod tests {
         assert!(!p.wants_probe());
     }
 
+    /// One window of the policy: blocked, `plain` bytes moved in it.
+    fn window(p: &mut Policy, plain: u64) {
+        p.window_start -= Duration::from_secs(1);
+        p.spent(Spent::Blocked, Duration::from_millis(900));
+        p.sent(plain / 2, plain);
+        let _ = p.tick();
+    }
+
+    #[test]
+    fn while_the_link_holds_it_back_the_choice_that_moves_most_wins() {
+        // A recovery site that writes slower when it must also decompress:
+        // zstd-1 moves 300 MB/s, stored 340; the model would compress.
+        let mut p = Policy::new(None, 2);
+        p.zstd(1 << 20, 1 << 19, 1_000_000);
+        let mut seen = Vec::new();
+        for _ in 0..8 {
+            let c = p.current().0;
+            seen.push(c);
+            let moved = match c {
+                Choice::Stored => 340_000_000,
+                Choice::Zstd(1) => 300_000_000,
+                _ => 200_000_000,
+            };
+            window(&mut p, moved);
+        }
+        assert!(
+            seen.contains(&Choice::Stored) && seen.contains(&Choice::Zstd(1)),
+            "{seen:?}"
+        );
+        assert_eq!(p.current(), (Choice::Stored, Reason::LinkFasterThanZstd));
+        // A slow network: zstd-1 moves twice what stored does.
+        let mut p = Policy::new(None, 2);
+        p.zstd(1 << 20, 1 << 19, 1_000_000);
+        for _ in 0..8 {
+            let moved = match p.current().0 {
+                Choice::Stored => 117_000_000,
+                Choice::Zstd(1) => 234_000_000,
+                _ => 150_000_000,
+            };
+            window(&mut p, moved);
+        }
+        assert_eq!(p.current().0, Choice::Zstd(1), "{:?}", p.measured);
+        // Stale figures are measured again: a probe, then back.
+        for m in p.measured.iter_mut().flatten() {
+            m.1 -= MEASURE_MEMORY;
+        }
+        window(&mut p, 234_000_000);
+        assert!(p.probing, "{:?}", p.measured);
+    }
+
+    #[test]
+    fn best_prefers_the_cheaper_within_five_percent() {
+        assert_eq!(best(&[Some(100.0), Some(104.0), None]), Some(0));
+        assert_eq!(best(&[Some(100.0), Some(110.0), Some(112.0)]), Some(1));
+        assert_eq!(best(&[None, Some(110.0), Some(120.0)]), Some(2));
+        assert_eq!(best(&[None, None, None]), None);
+    }
+
     #[test]
     fn the_link_rate_is_learned_while_blocked_and_forgotten_later() {
         let mut p = Policy::new(None, 1);
         p.window_start -= Duration::from_secs(1);
         p.spent(Spent::Blocked, Duration::from_millis(800));
-        p.sent(100_000_000);
+        p.sent(100_000_000, 200_000_000);
         p.zstd(1 << 20, 1 << 19, 2_000_000);
         let _ = p.tick();
         let r = p.link.map(|l| l.0).unwrap_or(0.0);
         assert!((90e6..110e6).contains(&r), "{r}");
-        // zstd-3 when this machine happens to be idle.
+        // The link regime: zstd-1 was measured, another choice is probed next.
+        assert!(p.probing, "{:?}", p.measured);
         assert!(
             matches!(
-                p.current(),
-                (
-                    Choice::Zstd(_),
-                    Reason::LinkBound | Reason::LinkBoundCpuSpare
-                )
+                p.current().1,
+                Reason::LinkBound | Reason::LinkBoundCpuSpare | Reason::LinkFasterThanZstd
             ),
             "{:?}",
             p.current()

@@ -1,0 +1,184 @@
+//! Writes around the page cache: a disk file opened a second time with
+//! `O_DIRECT`, and a page-aligned staging buffer.
+//!
+//! Why: a write through the page cache copies the data into page-cache
+//! pages, and on a virtual machine whose free memory goes back to the host
+//! (a balloon, free page reporting) every *new* page-cache page costs a
+//! fault in the host as well: here, 450 MB/s into a new file against 1.6
+//! GB/s rewriting cached pages and 1.9 GB/s of direct writes. The recovery
+//! site writes each replica once and reads it rarely; its page cache only
+//! costs. Writes whose offset and length are multiples of [`ALIGN`] go
+//! direct (copied into the staging buffer first unless their memory is
+//! aligned already); any other write, and every write once the file system
+//! refused a direct one, goes through the page cache as before. The kernel
+//! keeps the two coherent (a direct write writes back and drops cached
+//! pages of its range); `fdatasync` on either descriptor covers both, since
+//! it syncs the inode.
+//!
+//! Not for the protected disk under the splitter: its readers expect the
+//! page cache there (and ublk opens its own direct descriptor, [`open`]).
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+/// Alignment of direct writes: offset, length and memory.
+pub const ALIGN: usize = 4096;
+/// Bytes staged and written per call.
+const STAGE: usize = 4 << 20;
+
+/// `path` opened again with `O_DIRECT`, if a 512-byte aligned direct read
+/// of its first sector works (else why not).
+pub fn open(path: &Path, read_only: bool) -> Result<File, String> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .custom_flags(libc::O_DIRECT | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| format!("opening it with O_DIRECT: {e}"))?;
+    let mut probe = memmap2::MmapMut::map_anon(ALIGN)
+        .map_err(|e| format!("a buffer for a direct read: {e}"))?;
+    f.read_at(&mut probe[..512], 0)
+        .map_err(|e| format!("a 512-byte direct read: {e}"))?;
+    Ok(f)
+}
+
+/// A direct descriptor and its staging buffer.
+pub struct DirectWriter {
+    file: File,
+    stage: Mutex<memmap2::MmapMut>,
+    refused: AtomicBool,
+}
+
+impl std::fmt::Debug for DirectWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DirectWriter")
+            .field("refused", &self.refused.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+fn aligned(x: usize) -> bool {
+    x.is_multiple_of(ALIGN)
+}
+
+impl DirectWriter {
+    /// Open `path` for direct writes (see [`open`]).
+    pub fn open(path: &Path) -> Result<DirectWriter, String> {
+        let file = open(path, false)?;
+        let stage = memmap2::MmapMut::map_anon(STAGE)
+            .map_err(|e| format!("a {STAGE}-byte staging buffer: {e}"))?;
+        Ok(DirectWriter {
+            file,
+            stage: Mutex::new(stage),
+            refused: AtomicBool::new(false),
+        })
+    }
+
+    /// Write `data` at `offset` around the page cache (with `RWF_DSYNC`
+    /// for `fua`). `Ok(false)`: not done, write it buffered (not aligned,
+    /// or the file system refuses direct writes).
+    pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<bool> {
+        let Ok(off) = usize::try_from(offset) else {
+            return Ok(false);
+        };
+        if self.refused.load(Ordering::Relaxed)
+            || data.is_empty()
+            || !aligned(off)
+            || !aligned(data.len())
+        {
+            return Ok(false);
+        }
+        let flags = if fua { libc::RWF_DSYNC } else { 0 };
+        let r = if aligned(data.as_ptr() as usize) {
+            write_all(self.file.as_raw_fd(), data, offset, flags)
+        } else {
+            // A poisoned lock only means a panic elsewhere mid-copy: the
+            // buffer holds no state beyond the call that fills it.
+            let mut stage = self
+                .stage
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut done = 0;
+            let mut r = Ok(());
+            while done < data.len() && r.is_ok() {
+                let n = (data.len() - done).min(STAGE);
+                stage[..n].copy_from_slice(&data[done..done + n]);
+                r = write_all(
+                    self.file.as_raw_fd(),
+                    &stage[..n],
+                    offset + done as u64,
+                    flags,
+                );
+                done += n;
+            }
+            r
+        };
+        match r {
+            Ok(()) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                // Opened O_DIRECT, but the file system will not take these.
+                if !self.refused.swap(true, Ordering::Relaxed) {
+                    log::info!("direct writes refused ({e}); writing through the page cache");
+                }
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+fn write_all(
+    fd: std::os::fd::RawFd,
+    buf: &[u8],
+    offset: u64,
+    flags: libc::c_int,
+) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let n = crate::file::pwritev2(fd, &buf[done..], offset + done as u64, flags)?;
+        if n == 0 {
+            return Err(io::Error::from(io::ErrorKind::WriteZero));
+        }
+        done += n;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aligned_writes_go_direct_others_are_left_to_the_caller() {
+        // /var/tmp: usually a disk file system (tmpfs refuses O_DIRECT).
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap_or_else(|e| panic!("{e}"));
+        let p = dir.path().join("disk");
+        std::fs::write(&p, vec![0u8; 1 << 20]).unwrap_or_else(|e| panic!("{e}"));
+        let Ok(w) = DirectWriter::open(&p) else {
+            return; // no direct I/O here: nothing to test
+        };
+        let data: Vec<u8> = (0..8192u32).map(|i| (i % 253) as u8).collect();
+        // Unaligned memory (offset 1 in the vector): staged.
+        let mut v = vec![0u8; 8193];
+        v[1..].copy_from_slice(&data);
+        assert!(w
+            .write(4096, &v[1..], false)
+            .unwrap_or_else(|e| panic!("{e}")));
+        assert!(w
+            .write(65536, &data, true)
+            .unwrap_or_else(|e| panic!("{e}")));
+        assert!(!w.write(100, &data, false).unwrap_or_else(|e| panic!("{e}")));
+        assert!(!w
+            .write(4096, &data[..100], false)
+            .unwrap_or_else(|e| panic!("{e}")));
+        let back = std::fs::read(&p).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(&back[4096..4096 + 8192], &data[..]);
+        assert_eq!(&back[65536..65536 + 8192], &data[..]);
+        assert!(back[..4096].iter().all(|&b| b == 0));
+    }
+}
