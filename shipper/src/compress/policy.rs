@@ -30,7 +30,8 @@
 //!   dearer one moves 5% more);
 //! - otherwise the link has room: stored while the CPU is busy (less than
 //!   15% idle, or the shipper itself behind), zstd-1 when it is idle (at
-//!   least 35%; between the two the choice stays).
+//!   least 35%; between the two the choice stays, and a change made for
+//!   the CPU stands at least 3 s).
 //!
 //! The machine's idle CPU comes from `/proc/stat`. `--zstd-level N` fixes
 //! the choice instead.
@@ -47,6 +48,8 @@ const LINK_MEMORY: Duration = Duration::from_secs(30);
 const DEFAULT_ZSTD_RATE: f64 = 150e6;
 /// The stronger level.
 const STRONG: i32 = 3;
+/// How long a change made for the CPU's sake stands before the next one.
+const CPU_DWELL: Duration = Duration::from_secs(3);
 /// How long a measured throughput of a choice is believed.
 const MEASURE_MEMORY: Duration = Duration::from_secs(30);
 /// The choices measured against each other while the link is the
@@ -176,6 +179,8 @@ pub struct Policy {
     probing: bool,
     /// The last choice decided (not probed), for the log.
     decided: Choice,
+    /// When the choice in force was made.
+    since: Instant,
     cpu_mark: Option<(u64, u64)>,
     link: Option<(f64, Instant)>,
     ratio: Option<f64>,
@@ -205,6 +210,7 @@ impl Policy {
             measured: [None; 3],
             probing: false,
             decided: fixed.unwrap_or(Choice::Zstd(1)),
+            since: Instant::now() - CPU_DWELL,
             cpu_mark: cpu_times(),
             link: None,
             ratio: None,
@@ -312,6 +318,12 @@ impl Policy {
             cpu_idle,
         });
         self.probing = false;
+        // The CPU's idle share swings with the writer: a change made for
+        // the CPU's sake stands for a while, so the choice does not flap.
+        let cpu_reason = matches!(reason, Reason::CpuBound | Reason::CpuIdle);
+        if cpu_reason && choice != self.choice && self.since.elapsed() < CPU_DWELL {
+            (choice, reason) = (self.choice, self.reason);
+        }
         if self.link.is_some() && reason != Reason::Incompressible {
             // The link is the bottleneck: measurements decide, the model's
             // choice is what gets measured first.
@@ -337,6 +349,9 @@ impl Policy {
         self.busy = Duration::ZERO;
         self.wire = 0;
         self.plain = 0;
+        if choice != self.choice {
+            self.since = Instant::now();
+        }
         self.choice = choice;
         self.reason = reason;
         // Probes are not news; a decision that differs from the last is.
