@@ -26,7 +26,7 @@
 //!   the policy **measures** the plain bytes per second each choice
 //!   (stored, zstd-1, zstd-3 when the CPU has room) actually moves,
 //!   probing each one for a half-second window when its figure is missing
-//!   or older than 30 s, and keeps the best (a cheaper one unless a
+//!   or older than 60 s, and keeps the best (a cheaper one unless a
 //!   dearer one moves 5% more);
 //! - otherwise the link has room: stored while the CPU is busy (less than
 //!   15% idle, or the shipper itself behind), zstd-1 when it is idle (at
@@ -51,7 +51,7 @@ const STRONG: i32 = 3;
 /// How long a change made for the CPU's sake stands before the next one.
 const CPU_DWELL: Duration = Duration::from_secs(3);
 /// How long a measured throughput of a choice is believed.
-const MEASURE_MEMORY: Duration = Duration::from_secs(30);
+const MEASURE_MEMORY: Duration = Duration::from_secs(60);
 /// The choices measured against each other while the link is the
 /// bottleneck, cheapest first.
 const CANDIDATES: [Choice; 3] = [Choice::Stored, Choice::Zstd(1), Choice::Zstd(STRONG)];
