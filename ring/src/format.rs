@@ -91,7 +91,7 @@ pub(crate) mod hdr {
 //   4224  durable_tail  consumer: a tail known durable; space below it is reusable
 // and, after the cursors, the consumer page's control fields (the shipper's
 // progress, the verify handshake, the resync phase): not part of the
-// journal, laid out in `control` (4288..5192).
+// journal, laid out in `control` (4288..5320).
 /// Byte offsets of the live header fields.
 pub(crate) mod live {
     pub const HEAD: usize = 512;

@@ -31,6 +31,7 @@ pub struct Meta {
 struct Entry {
     id: u64,
     meta: Meta,
+    choice: Choice,
     done: Option<(Vec<u8>, Vec<u8>, Sealed)>,
 }
 
@@ -41,6 +42,8 @@ pub struct Ready {
     pub header: BatchHeader,
     /// Where it came from.
     pub meta: Meta,
+    /// What the policy had chosen when it was pushed.
+    pub choice: Choice,
     plain: Vec<u8>,
     packed: Vec<u8>,
     packed_len: usize,
@@ -154,6 +157,7 @@ impl Pipeline {
         self.queue.push_back(Entry {
             id,
             meta,
+            choice,
             done: None,
         });
         match &self.pool {
@@ -167,17 +171,29 @@ impl Pipeline {
     }
 
     fn finished(&mut self, d: Done) -> Result<()> {
+        let Some(i) = self.queue.iter().position(|e| e.id == d.id) else {
+            // A job of an earlier connection (reset since): whatever came
+            // of it, it is not this connection's.
+            self.recycle_buf(d.plain);
+            self.recycle_buf(d.packed);
+            return Ok(());
+        };
         let sealed = d.sealed?;
         self.policy
             .zstd(sealed.zstd_in, sealed.zstd_out, sealed.zstd_ns);
-        match self.queue.iter_mut().find(|e| e.id == d.id) {
-            Some(e) => e.done = Some((d.plain, d.packed, sealed)),
-            None => {
-                self.recycle_buf(d.plain);
-                self.recycle_buf(d.packed);
-            }
+        if let Some(e) = self.queue.get_mut(i) {
+            e.done = Some((d.plain, d.packed, sealed));
         }
         Ok(())
+    }
+
+    /// Capture time of the oldest ring record in the pipeline (read from
+    /// the ring, not yet sent), for the lag.
+    pub fn oldest_time_ns(&self) -> Option<u64> {
+        self.queue
+            .iter()
+            .map(|e| e.meta.first_time_ns)
+            .find(|&t| t != 0)
     }
 
     /// Take in what the threads finished, waiting at most `wait` for the
@@ -209,6 +225,7 @@ impl Pipeline {
         }
         let Some(Entry {
             meta,
+            choice,
             done: Some((plain, packed, s)),
             ..
         }) = self.queue.pop_front()
@@ -227,6 +244,7 @@ impl Pipeline {
                 plain_crc: s.plain_crc,
             },
             meta,
+            choice,
             plain,
             packed,
             packed_len: s.packed_len,

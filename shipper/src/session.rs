@@ -322,7 +322,9 @@ pub(crate) fn run(sh: &mut Shipper) -> Result<()> {
                 let Some(b) = sh.pipe.pop_ready()? else { break };
                 let wire = send_batch(&mut link, &mut w, &mut pacer, &sh.stats, &b)
                     .map_err(|e| lerr(LinkError::Io(e)))?;
-                sh.pipe.policy.sent(wire, u64::from(b.header.plain_len));
+                sh.pipe
+                    .policy
+                    .sent(wire, u64::from(b.header.plain_len), b.choice);
                 if b.meta.first_time_ns != 0 {
                     sh.stats
                         .sent_seq
@@ -347,6 +349,8 @@ pub(crate) fn run(sh: &mut Shipper) -> Result<()> {
         // Progress, lag, heartbeats.
         let oldest = match w.inflight.iter().find(|f| f.first_time_ns != 0) {
             Some(f) => f.first_time_ns,
+            // Batches read and not yet sent (sealing, or paced).
+            None if sh.pipe.oldest_time_ns().is_some() => sh.pipe.oldest_time_ns().unwrap_or(1),
             None if sh.consumer.unread_bytes() == 0 => 0,
             None => sh.stats.oldest_pending_ns.load(Ordering::Relaxed).max(1),
         };
@@ -398,7 +402,8 @@ pub(crate) fn run(sh: &mut Shipper) -> Result<()> {
                 .map_err(|e| lerr(LinkError::Io(e)))?;
         }
         if let Some(d) = drain_deadline {
-            let done = w.inflight.is_empty() && sh.consumer.unread_bytes() == 0;
+            let done =
+                w.inflight.is_empty() && sh.pipe.is_empty() && sh.consumer.unread_bytes() == 0;
             if done || Instant::now() >= d {
                 if !done {
                     log::warn!(
@@ -432,12 +437,17 @@ pub(crate) fn run(sh: &mut Shipper) -> Result<()> {
         }
         let link_full =
             w.bytes >= sh.cfg.window_bytes || !pacer.wait().is_zero() || link.wants_write();
-        let spent = if sh.consumer.unread_bytes() == 0 && sh.pipe.is_empty() {
+        // Busy: the shipper itself is behind (a batch's worth waits, or
+        // the threads are sealing); waiting out --batch-delay is idle.
+        let waiting = sh.consumer.unread_bytes();
+        let spent = if waiting == 0 && sh.pipe.is_empty() {
             Spent::Idle
         } else if link_full {
             Spent::Blocked
-        } else {
+        } else if sh.pipe.sealing() || waiting >= sh.cfg.batch_bytes as u64 {
             Spent::Busy
+        } else {
+            Spent::Idle
         };
         let t = if sh.pipe.sealing() {
             Duration::from_millis(1)

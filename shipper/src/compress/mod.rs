@@ -252,11 +252,12 @@ impl Zstd {
         };
         let level = match choice {
             Choice::Zstd(l) => l,
-            Choice::Stored if probe && plain.len() >= SAMPLE => {
+            Choice::Stored if probe && !plain.is_empty() => {
+                let sample = &plain[..plain.len().min(SAMPLE)];
                 let t = Instant::now();
-                let n = self.compress(1, &plain[..SAMPLE], packed)?;
+                let n = self.compress(1, sample, packed)?;
                 s.zstd_ns = elapsed_ns(t);
-                (s.zstd_in, s.zstd_out) = (SAMPLE, n.unwrap_or(SAMPLE));
+                (s.zstd_in, s.zstd_out) = (sample.len(), n.unwrap_or(sample.len()));
                 return Ok(s);
             }
             Choice::Stored => return Ok(s),

@@ -210,7 +210,9 @@ impl Policy {
             measured: [None; 3],
             probing: false,
             decided: fixed.unwrap_or(Choice::Zstd(1)),
-            since: Instant::now() - CPU_DWELL,
+            since: Instant::now()
+                .checked_sub(CPU_DWELL)
+                .unwrap_or_else(Instant::now),
             cpu_mark: cpu_times(),
             link: None,
             ratio: None,
@@ -233,10 +235,15 @@ impl Policy {
         }
     }
 
-    /// A batch of `plain` record bytes went on the wire as `wire` bytes.
-    pub fn sent(&mut self, wire: u64, plain: u64) {
+    /// A batch of `plain` record bytes, sealed as `choice`, went on the
+    /// wire as `wire` bytes. Only batches of the choice in force count
+    /// toward what it moves (a probe's window also sends batches sealed
+    /// before it).
+    pub fn sent(&mut self, wire: u64, plain: u64, choice: Choice) {
         self.wire += wire;
-        self.plain += plain;
+        if choice == self.choice {
+            self.plain += plain;
+        }
     }
 
     /// What zstd did: `input` plain bytes into `output`, in `ns`.
@@ -244,18 +251,31 @@ impl Policy {
         if input == 0 {
             return;
         }
-        self.ratio = Some(ema(self.ratio, output as f64 / input as f64, 0.3));
+        let r = output as f64 / input as f64;
+        // Data changes kind at once (a file of text after one of random
+        // bytes): a sample far from the average replaces it.
+        self.ratio = Some(match self.ratio {
+            Some(old) if (r - old).abs() <= 0.2 => ema(Some(old), r, 0.3),
+            _ => r,
+        });
         if ns > 0 {
             let rate = input as f64 * 1e9 / ns as f64;
             self.zstd_rate = Some(ema(self.zstd_rate, rate, 0.3));
         }
     }
 
-    /// Whether the next stored batch should carry a probe (one a second).
+    /// Whether the next stored batch should carry a probe: every batch
+    /// while stored because the data did not compress (so compressible
+    /// data is noticed within a batch), one a second otherwise.
     pub fn wants_probe(&mut self) -> bool {
+        let every = if self.reason == Reason::Incompressible {
+            Duration::ZERO
+        } else {
+            Duration::from_secs(1)
+        };
         if self.fixed.is_some()
             || self.choice != Choice::Stored
-            || self.last_probe.elapsed() < Duration::from_secs(1)
+            || self.last_probe.elapsed() < every
         {
             return false;
         }
@@ -322,7 +342,13 @@ impl Policy {
         // the CPU's sake stands for a while, so the choice does not flap.
         let cpu_reason = matches!(reason, Reason::CpuBound | Reason::CpuIdle);
         if cpu_reason && choice != self.choice && self.since.elapsed() < CPU_DWELL {
-            (choice, reason) = (self.choice, self.reason);
+            // Kept: say why it is what it is now.
+            choice = self.choice;
+            reason = if choice == Choice::Stored {
+                Reason::CpuBound
+            } else {
+                Reason::CpuIdle
+            };
         }
         if self.link.is_some() && reason != Reason::Incompressible {
             // The link is the bottleneck: measurements decide, the model's
@@ -490,7 +516,7 @@ mod tests {
     fn window(p: &mut Policy, plain: u64) {
         p.window_start -= Duration::from_secs(1);
         p.spent(Spent::Blocked, Duration::from_millis(900));
-        p.sent(plain / 2, plain);
+        p.sent(plain / 2, plain, p.current().0);
         let _ = p.tick();
     }
 
@@ -549,7 +575,7 @@ mod tests {
         let mut p = Policy::new(None, 1);
         p.window_start -= Duration::from_secs(1);
         p.spent(Spent::Blocked, Duration::from_millis(800));
-        p.sent(100_000_000, 200_000_000);
+        p.sent(100_000_000, 200_000_000, p.current().0);
         p.zstd(1 << 20, 1 << 19, 2_000_000);
         let _ = p.tick();
         let r = p.link.map(|l| l.0).unwrap_or(0.0);
