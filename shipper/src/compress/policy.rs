@@ -171,7 +171,10 @@ pub struct Policy {
     blocked: Duration,
     busy: Duration,
     wire: u64,
+    /// Plain bytes of batches of the choice in force sent after the first
+    /// one in this window, and when that first one went.
     plain: u64,
+    first_sent: Option<Instant>,
     /// Plain bytes per second each of [`CANDIDATES`] moved while the link
     /// was the bottleneck, and when.
     measured: [Option<(f64, Instant)>; 3],
@@ -207,6 +210,7 @@ impl Policy {
             busy: Duration::ZERO,
             wire: 0,
             plain: 0,
+            first_sent: None,
             measured: [None; 3],
             probing: false,
             decided: fixed.unwrap_or(Choice::Zstd(1)),
@@ -242,7 +246,13 @@ impl Policy {
     pub fn sent(&mut self, wire: u64, plain: u64, choice: Choice) {
         self.wire += wire;
         if choice == self.choice {
-            self.plain += plain;
+            // Timed from the first such batch: the window's start went to
+            // batches sealed before it.
+            if self.first_sent.is_none() {
+                self.first_sent = Some(Instant::now());
+            } else {
+                self.plain += plain;
+            }
         }
     }
 
@@ -315,9 +325,14 @@ impl Policy {
         // What the choice in force moved, when the link or the CPU held it
         // back (not when the writer gave it little to move), and always
         // what a probe moved.
-        if (self.probing || blocked >= 0.4 || busy >= 0.5) && self.link.is_some() {
+        let timed = self.first_sent.map_or(0.0, |t| t.elapsed().as_secs_f64());
+        if (self.probing || blocked >= 0.4 || busy >= 0.5)
+            && self.link.is_some()
+            && self.plain > 0
+            && timed > 0.05
+        {
             if let Some(i) = candidate(self.choice) {
-                let rate = self.plain as f64 / secs;
+                let rate = self.plain as f64 / timed;
                 let old = self.measured[i].filter(|m| m.1.elapsed() < MEASURE_MEMORY);
                 // A probe's one window replaces; a running choice averages.
                 let r = if self.probing {
@@ -375,6 +390,7 @@ impl Policy {
         self.busy = Duration::ZERO;
         self.wire = 0;
         self.plain = 0;
+        self.first_sent = None;
         if choice != self.choice {
             self.since = Instant::now();
         }
@@ -516,7 +532,11 @@ mod tests {
     fn window(p: &mut Policy, plain: u64) {
         p.window_start -= Duration::from_secs(1);
         p.spent(Spent::Blocked, Duration::from_millis(900));
-        p.sent(plain / 2, plain, p.current().0);
+        // The first batch starts the clock; the rest count, over 0.9 s.
+        let c = p.current().0;
+        p.sent(0, 0, c);
+        p.first_sent = p.first_sent.map(|t| t - Duration::from_millis(900));
+        p.sent(plain / 2, plain * 9 / 10, c);
         let _ = p.tick();
     }
 
