@@ -385,6 +385,7 @@ mod tests {
                     "acked_seq",
                     "bytes_before_compression",
                     "bytes_on_wire",
+                    "compression",
                     "compression_ratio",
                     "pid",
                     "resync",
