@@ -111,8 +111,8 @@ impl DirectWriter {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             let mut done = 0;
-            let mut r = Ok(());
-            while done < data.len() && r.is_ok() {
+            let mut r = Ok(true);
+            while done < data.len() && matches!(r, Ok(true)) {
                 let n = (data.len() - done).min(STAGE);
                 stage[..n].copy_from_slice(&data[done..done + n]);
                 r = write_all(
@@ -126,7 +126,7 @@ impl DirectWriter {
             r
         };
         match r {
-            Ok(()) => Ok(true),
+            Ok(whole) => Ok(whole),
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                 // Opened O_DIRECT, but the file system will not take these.
                 if !self.refused.swap(true, Ordering::Relaxed) {
@@ -139,21 +139,27 @@ impl DirectWriter {
     }
 }
 
+/// Write all of `buf`; false when a short write left the rest unaligned
+/// (the caller then writes the whole extent through the page cache, which
+/// is safe: writing the same bytes again).
 fn write_all(
     fd: std::os::fd::RawFd,
     buf: &[u8],
     offset: u64,
     flags: libc::c_int,
-) -> io::Result<()> {
+) -> io::Result<bool> {
     let mut done = 0;
     while done < buf.len() {
+        if !aligned(done) {
+            return Ok(false);
+        }
         let n = crate::file::pwritev2(fd, &buf[done..], offset + done as u64, flags)?;
         if n == 0 {
             return Err(io::Error::from(io::ErrorKind::WriteZero));
         }
         done += n;
     }
-    Ok(())
+    Ok(true)
 }
 
 #[cfg(test)]

@@ -305,4 +305,40 @@ mod tests {
             assert_eq!(sent, (0..20).collect::<Vec<_>>(), "{threads} threads");
         }
     }
+
+    #[test]
+    fn after_a_reset_jobs_of_the_old_connection_are_never_sent() {
+        let mut p = Pipeline::new(Some(1), 2).unwrap_or_else(|e| panic!("{e}"));
+        let meta = |n| Meta {
+            first: n,
+            last: n,
+            count: 1,
+            first_time_ns: n,
+        };
+        let big: Vec<u8> = (0..(4u32 << 20)).map(|i| (i % 7) as u8).collect();
+        p.push(big.clone(), meta(1))
+            .unwrap_or_else(|e| panic!("{e}"));
+        p.push(big, meta(2)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(p.oldest_time_ns(), Some(1));
+        p.reset();
+        assert!(p.is_empty() && p.oldest_time_ns().is_none());
+        p.push(vec![3u8; 4096], meta(3))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut sent = Vec::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !p.is_empty() && std::time::Instant::now() < deadline {
+            p.poll(std::time::Duration::from_millis(50))
+                .unwrap_or_else(|e| panic!("{e}"));
+            while let Some(r) = p.pop_ready().unwrap_or_else(|e| panic!("{e}")) {
+                sent.push(r.header.first_seq);
+                p.recycle(r);
+            }
+        }
+        // Let the old jobs come back too: they are dropped, not queued.
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        p.poll(std::time::Duration::ZERO)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(sent, vec![3]);
+        assert!(p.pop_ready().unwrap_or_else(|e| panic!("{e}")).is_none());
+    }
 }
