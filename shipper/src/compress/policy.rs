@@ -4,7 +4,7 @@
 //! (blocked on the link with a batch ready, busy with data waiting, or
 //! idle), the bytes it put on the wire, and what zstd did to the batches it
 //! compressed (or to a 64 KiB probe taken every second while sending
-//! stored). From that it keeps three estimates:
+//! stored, every batch while the data did not compress). From that it keeps three estimates:
 //! - the **link rate**: wire bytes per second while the link was the
 //!   bottleneck (blocked at least 40% of the time: the window full, the
 //!   socket not taking more, or `--max-rate`), forgotten after 30 s without
