@@ -512,6 +512,13 @@ fn after_an_acknowledged_commit_nothing_the_journal_recovers_from_is_only_in_mem
     };
     for round in 0..3 {
         s.scribble(40 + round, 150, 0, 32 * MIB);
+        // And one large write: the replica takes it O_DIRECT
+        // (blockdev::direct), beside the small ones in its page cache.
+        let mut big = vec![0u8; 1 << 20];
+        blockship::pattern(&mut big, 90 + round);
+        let mut c = s.sp().client();
+        c.write(8 * MIB, &big, false).unwrap();
+        c.flush().unwrap();
         s.converge();
         // Everything is acknowledged: a power cut now must lose nothing the
         // journal, the replica or the state need.

@@ -14,7 +14,10 @@
 //! goes through the page cache as before. The kernel keeps the two
 //! coherent (a direct write writes back and drops cached pages of its
 //! range); `fdatasync` on either descriptor covers both, since it syncs the
-//! inode.
+//! inode, and it still flushes the device's volatile cache when the direct
+//! writes left no dirty page behind (the target's commit is that
+//! `fdatasync`; `tests/points.rs` checks no replica page is left only in
+//! memory after an acknowledged commit, large direct writes included).
 //!
 //! Not for the protected disk under the splitter: its readers expect the
 //! page cache there (and ublk opens its own direct descriptor, [`open`]).

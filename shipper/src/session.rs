@@ -349,10 +349,12 @@ pub(crate) fn run(sh: &mut Shipper) -> Result<()> {
         // Progress, lag, heartbeats.
         let oldest = match w.inflight.iter().find(|f| f.first_time_ns != 0) {
             Some(f) => f.first_time_ns,
-            // Batches read and not yet sent (sealing, or paced).
-            None if sh.pipe.oldest_time_ns().is_some() => sh.pipe.oldest_time_ns().unwrap_or(1),
-            None if sh.consumer.unread_bytes() == 0 => 0,
-            None => sh.stats.oldest_pending_ns.load(Ordering::Relaxed).max(1),
+            // Then batches read and not yet sent (sealing, or paced).
+            None => match sh.pipe.oldest_time_ns() {
+                Some(t) => t,
+                None if sh.consumer.unread_bytes() == 0 => 0,
+                None => sh.stats.oldest_pending_ns.load(Ordering::Relaxed).max(1),
+            },
         };
         sh.stats.oldest_pending_ns.store(oldest, Ordering::Relaxed);
         if last_publish.elapsed() >= PUBLISH_EVERY {

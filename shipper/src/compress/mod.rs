@@ -59,7 +59,8 @@ impl Choice {
     pub fn from_code(c: u64) -> Option<Choice> {
         match c {
             1 => Some(Choice::Stored),
-            3..=24 => i32::try_from(c - 2).ok().map(Choice::Zstd),
+            // Levels 1..=19 (`--zstd-level`'s range).
+            3..=21 => i32::try_from(c - 2).ok().map(Choice::Zstd),
             _ => None,
         }
     }
